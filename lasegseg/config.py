@@ -1,0 +1,280 @@
+"""One trial config with one flat dotted view.
+
+The same flat dict (``model.decoder=multiscale``, ``optim.lr=3e-4``, ``seed=2`` …) is what a sweep searches,
+what MLflow logs as params, what a checkpoint's ``config.json`` stores and what an export reloads. Unknown keys
+and wrong types are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lasegseg.errors import ConfigError
+
+PATCH_SIZE = 14
+MODES = ("frozen", "finetune", "lora")
+LAYOUTS = ("auto", "msd", "lasc2018", "lascarqs", "generic")
+AMP_CHOICES = ("auto", "bf16", "off")
+
+
+@dataclass
+class DataConfig:
+    """Dataset, preprocessing, splits and few-shot subset.
+
+    Args:
+        path: dataset folder (any supported layout).
+        layout: ``auto`` or one of the layouts in :mod:`lasegseg.data.layouts`.
+        image_size: square slice size fed to the model; a multiple of the patch size (14).
+        clip_low, clip_high: intensity percentiles mapped to 0 and 1.
+        split_seed: seeds the patient-level train/val/test split; the test set depends on nothing else.
+        val_fraction, test_fraction: share of patients held out for validation and test.
+        patients: few-shot subset by training patient count (0 = all).
+        fraction: few-shot subset by share of training slices, in (0, 1].
+        cache_dir: where the Arrow slice cache lives ("" = ``$LASEGSEG_CACHE`` or ``~/.cache/lasegseg``).
+    """
+
+    path: str = ""
+    layout: str = "auto"
+    image_size: int = 448
+    clip_low: float = 0.5
+    clip_high: float = 99.5
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    patients: int = 0
+    fraction: float = 1.0
+    cache_dir: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, decoder and training mode.
+
+    Args:
+        backbone: ``tiny``, ``dinov2-small|base|large|giant``, a hub id, a local directory, or ``none``
+            (the MONAI UNet baseline, decoder ``unet``).
+        registers: use the with-registers DINOv2 variant for the named sizes.
+        decoder: a name from the decoder registry.
+        mode: ``frozen`` (no backbone gradients), ``finetune`` (end to end) or ``lora``.
+        backbone_lr_mult: backbone learning rate = ``optim.lr * backbone_lr_mult`` in finetune mode.
+        lora_rank, lora_alpha, lora_dropout: peft LoRA settings for ``mode=lora``.
+        decoder_width: channel width of the decoder.
+    """
+
+    backbone: str = "tiny"
+    registers: bool = False
+    decoder: str = "multiscale"
+    mode: str = "finetune"
+    backbone_lr_mult: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    decoder_width: int = 64
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay (per step)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    """Epochs, batch size and numerics of one trial."""
+
+    epochs: int = 40
+    batch_size: int = 16
+    amp: str = "auto"
+    eval_every: int = 1
+
+
+@dataclass
+class Config:
+    """A whole trial."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat dotted view: ``{"data.image_size": 448, …, "seed": 0}``."""
+        return to_flat(self)
+
+    def replace(self, **flat: Any) -> Config:
+        """A copy with flat keys (dots may be written as ``__``) replaced and checked."""
+        return from_flat({**self.to_flat(), **{k.replace("__", "."): v for k, v in flat.items()}})
+
+
+def _fields() -> dict[str, type]:
+    """Every flat key and its Python type, in declaration order."""
+    out: dict[str, type] = {}
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            for sub in dataclasses.fields(f.default_factory):
+                out[f"{f.name}.{sub.name}"] = _TYPES[sub.type]
+        else:
+            out[f.name] = _TYPES[f.type]
+    return out
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, int: int, float: float, str: str, bool: bool}
+
+
+def config_keys() -> dict[str, type]:
+    """The flat keys a config accepts, with their types."""
+    return dict(_FIELDS)
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in _FIELDS:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        out[key] = obj
+    return out
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Check ``value`` against the type of ``key``; strings (from a CLI or MLflow params) are parsed."""
+    if key not in _FIELDS:
+        raise ConfigError(f"unknown config key '{key}' (valid keys: {', '.join(_FIELDS)})")
+    typ = _FIELDS[key]
+    if isinstance(value, str) and typ is not str:
+        return _parse(key, value, typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _parse(key: str, text: str, typ: type) -> Any:
+    text = text.strip()
+    if typ is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+    else:
+        try:
+            value = typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+            if typ is float and not math.isfinite(value):
+                raise ValueError
+            return value
+        except ValueError:
+            pass
+    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {text!r}")
+
+
+def from_flat(flat: dict[str, Any], *, validate: bool = True) -> Config:
+    """Build a config from a (possibly partial) flat dict; missing keys keep their defaults."""
+    cfg = Config()
+    for key, value in flat.items():
+        value = coerce(key, value)
+        obj: Any = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "seed=2"]`` → typed flat dict; each item must be ``key=value``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        out[key.strip()] = coerce(key.strip(), value)
+    return out
+
+
+def validate_config(cfg: Config) -> None:
+    """Value checks that need no heavy imports; names of backbones/decoders are checked by their registries."""
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    checks = [
+        (d.layout in LAYOUTS, "data.layout", f"must be one of {', '.join(LAYOUTS)}, got '{d.layout}'"),
+        (
+            d.image_size > 0 and d.image_size % PATCH_SIZE == 0,
+            "data.image_size",
+            f"must be a positive multiple of the patch size {PATCH_SIZE}, got {d.image_size}",
+        ),
+        (0 <= d.clip_low < d.clip_high <= 100, "data.clip_low/clip_high", "must satisfy 0 <= low < high <= 100"),
+        (0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}"),
+        (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
+        (
+            d.val_fraction + d.test_fraction < 1,
+            "data.val_fraction + data.test_fraction",
+            "must leave patients for training",
+        ),
+        (d.patients >= 0, "data.patients", f"must be >= 0 (0 = all), got {d.patients}"),
+        (0 < d.fraction <= 1, "data.fraction", f"must be in (0, 1], got {d.fraction}"),
+        (
+            d.patients == 0 or d.fraction == 1.0,
+            "data.patients/data.fraction",
+            "choose a few-shot subset by patient count or by fraction, not both",
+        ),
+        (m.mode in MODES, "model.mode", f"must be one of {', '.join(MODES)}, got '{m.mode}'"),
+        (m.backbone_lr_mult > 0, "model.backbone_lr_mult", f"must be > 0, got {m.backbone_lr_mult}"),
+        (m.lora_rank >= 1, "model.lora_rank", f"must be >= 1, got {m.lora_rank}"),
+        (0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"),
+        (m.decoder_width >= 4, "model.decoder_width", f"must be >= 4, got {m.decoder_width}"),
+        (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
+        (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}"),
+        (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}"),
+        (t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}"),
+        (t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}"),
+        (t.amp in AMP_CHOICES, "train.amp", f"must be one of {', '.join(AMP_CHOICES)}, got '{t.amp}'"),
+        (t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {message}")
+
+
+def run_name(cfg: Config) -> str:
+    """A readable, deterministic name such as ``multiscale·finetune·p5·s2``."""
+    if cfg.data.patients:
+        subset = f"p{cfg.data.patients}"
+    elif cfg.data.fraction < 1:
+        subset = f"f{cfg.data.fraction:g}"
+    else:
+        subset = "all"
+    backbone = "" if cfg.model.backbone in ("tiny", "none") else f"{cfg.model.backbone.rsplit('/', 1)[-1]}·"
+    mode = "" if cfg.model.backbone == "none" else f"·{cfg.model.mode}"
+    return f"{backbone}{cfg.model.decoder}{mode}·{subset}·lr{cfg.optim.lr:g}·s{cfg.seed}"
+
+
+def config_hash(flat: dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
+    """A short stable hash of a flat config (``exclude`` e.g. ``("seed",)`` to name a cell)."""
+    payload = json.dumps({k: v for k, v in sorted(flat.items()) if k not in exclude}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+_FIELDS = _fields()

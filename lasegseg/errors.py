@@ -1,0 +1,23 @@
+"""Errors that carry a one-line, user-facing message.
+
+Every check on user input raises one of these with a message naming the file or config key at fault;
+the CLI prints the message alone (no traceback) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class LasegsegError(Exception):
+    """Base class for errors caused by user input rather than by a bug."""
+
+
+class ConfigError(LasegsegError, ValueError):
+    """A config key is unknown, has the wrong type or an invalid value."""
+
+
+class DataError(LasegsegError):
+    """A dataset, volume or cache file is missing, corrupt or inconsistent."""
+
+
+class ModelError(LasegsegError):
+    """A model folder, backbone or checkpoint cannot be loaded."""
