@@ -1,0 +1,218 @@
+"""``lasegseg`` command line. Heavy imports (torch, monai, ray, mlflow) live inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lasegseg.errors import LasegsegError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from lasegseg.data.phantom import write_phantom
+
+    paths = write_phantom(Path(args.out), cases=args.cases, seed=args.seed, layout=args.layout)
+    print(f"wrote {args.cases} phantom cases ({args.layout} layout) to {args.out} [{len(paths)} files]")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from lasegseg.data.validate import validate_dataset
+
+    cases, problems = validate_dataset(Path(args.data), layout=args.layout)
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {args.data}", file=sys.stderr)
+        return 1
+    print(f"{args.data}: {len(cases)} cases OK")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from lasegseg.config import from_flat, parse_overrides
+
+    flat = {
+        "data.path": str(Path(args.data).resolve()),
+        "data.layout": args.layout,
+        "model.backbone": args.backbone,
+        "model.decoder": args.decoder,
+        "model.mode": args.mode,
+        "data.image_size": args.image_size,
+        "train.epochs": args.epochs,
+        "optim.lr": args.lr,
+        "train.batch_size": args.batch_size,
+        "seed": args.seed,
+        "data.patients": args.patients,
+        "data.fraction": args.fraction,
+    }
+    flat = {k: v for k, v in flat.items() if v is not None}
+    flat.update(parse_overrides(args.set))
+    return from_flat(flat)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    cfg = _train_config(args)
+    if not Path(cfg.data.path).is_dir():
+        raise LasegsegError(f"{args.data}: dataset folder does not exist")
+    from lasegseg.models.segmenter import check_model_config
+    from lasegseg.train.trial import prepare_data, run_trial
+
+    check_model_config(cfg.model)
+    data = prepare_data(cfg)
+    results = run_trial(cfg, out, data=data, device=args.device, progress=not args.quiet)
+    print(
+        f"{results['run_name']}: val Dice {results['val_dice']:.4f} (epoch {results['best_epoch'] + 1}); "
+        f"test Dice {results['test_dice_mean']:.4f} ± {results['test_dice_std']:.4f}, "
+        f"IoU {results['test_iou_mean']:.4f} ± {results['test_iou_std']:.4f}, "
+        f"HD95 {results['test_hd95_mean']:.2f} mm → {out}"
+    )
+    return 0
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    from lasegseg.errors import DataError
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.name.endswith(VOLUME_SUFFIXES) and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"{path}: no .nii.gz/.nii/.nrrd volumes in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from lasegseg.errors import DataError
+    from lasegseg.export.predict import output_path_for, predict_file
+    from lasegseg.train.checkpoint import load_model
+    from lasegseg.train.trial import pick_device
+
+    files = _expand_inputs(args.inputs)
+    out = Path(args.out)
+    single = len(files) == 1 and out.name.endswith(VOLUME_SUFFIXES)
+    if len(files) > 1 and out.name.endswith(VOLUME_SUFFIXES):
+        raise DataError(f"{out}: several inputs need an output folder, not a file name")
+    device = pick_device(args.device)
+    model, cfg, _ = load_model(Path(args.model), map_location=device)
+    model.to(device)
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    iterator = files
+    if len(files) > 1 and not args.quiet:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(files, desc="predict", unit="vol")
+    for path in iterator:
+        rows.append(
+            predict_file(
+                model, cfg, path, output_path_for(path, out, single), device=device,
+                batch_size=args.batch_size, largest_cc=args.largest_cc, flip_tta=args.tta,
+            )
+        )  # fmt: skip
+    csv_path = out.with_name(out.name.split(".")[0] + "_volumes.csv") if single else out / "volumes.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["input", "output", "la_volume_ml"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(f"{row['output']}: LA volume {row['la_volume_ml']:.2f} mL")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lasegseg", description="DINOv2 left-atrium segmentation: data, training, sweeps and prediction."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    layouts = ("msd", "lasc2018", "lascarqs", "generic")
+
+    p = sub.add_parser("phantom", help="write a seeded synthetic LA phantom dataset")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--cases", type=_positive_int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=layouts, default="msd")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("check", help="validate a dataset; exit 1 listing every bad case")
+    p.add_argument("data")
+    p.add_argument("--layout", default="auto", help=f"auto (default) or one of: {', '.join(layouts)}")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="train one model (one trial) and test it")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", required=True, help="run folder (model/, metrics.json, per_patient.csv)")
+    p.add_argument("--layout", default=None, help=f"auto (default) or one of: {', '.join(layouts)}")
+    p.add_argument("--backbone", default=None, help="tiny, dinov2-small|base|large|giant, a hub id or dir, none")
+    p.add_argument("--decoder", default=None, help="decoder name (linear, conv, multiscale, unetr; unet baseline)")
+    p.add_argument("--mode", default=None, help="frozen, finetune or lora")
+    p.add_argument("--image-size", type=int, default=None, help="slice size, a multiple of 14 (default 448)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--patients", type=int, default=None, help="few-shot: number of training patients")
+    group.add_argument("--fraction", type=float, default=None, help="few-shot: share of training slices (0, 1]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, repeatable")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment volumes with a trained model folder")
+    p.add_argument("model", help="model folder (config.json + model.safetensors)")
+    p.add_argument("inputs", nargs="+", help=".nii.gz/.nii/.nrrd files or folders of them")
+    p.add_argument("--out", required=True, help="mask file (one input) or output folder")
+    p.add_argument("--largest-cc", action="store_true", help="keep only the largest connected component")
+    p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LasegsegError as exc:
+        print(f"lasegseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lasegseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"lasegseg {args.command}: error: out of memory", file=sys.stderr)
+        return 2
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

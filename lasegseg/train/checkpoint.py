@@ -1,0 +1,233 @@
+"""Model folders and resumable training state, without pickle.
+
+A model folder is ``model.safetensors`` + ``config.json`` (format tag, the flat trial config, the backbone
+fingerprint and the SHA-256 of the weights). Loading verifies the hash, rebuilds the model from the config
+and reads tensors with safetensors only — a pickled or tampered file is refused.
+
+Training state (for resume) is a folder too: the current weights, the optimizer state flattened into
+safetensors, and a JSON with the epoch, scheduler step, best metrics and RNG states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lasegseg.config import Config, from_flat
+from lasegseg.errors import ModelError
+
+MODEL_FORMAT = "lasegseg-model-v1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary folder beside ``final``; pass it to :func:`commit_dir` once complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` with the completed ``tmp`` so a reader never sees a half-written folder."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, default=_json_default)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_model(seg: torch.nn.Module, cfg: Config, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a self-contained model folder atomically; returns ``folder``."""
+    from safetensors.torch import save_file
+
+    from lasegseg.models.segmenter import state_for_checkpoint
+
+    folder = Path(folder)
+    tmp = atomic_dir(folder)
+    try:
+        save_file(_contiguous(state_for_checkpoint(seg)), str(tmp / WEIGHTS), metadata={"format": MODEL_FORMAT})
+        meta = {
+            "format": MODEL_FORMAT,
+            "config": cfg.to_flat(),
+            "backbone_fingerprint": _fingerprint(seg),
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            **(extra or {}),
+        }
+        write_json_atomic(tmp / CONFIG, meta)
+        commit_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _fingerprint(seg: torch.nn.Module) -> str | None:
+    from lasegseg.models.backbones import fingerprint
+
+    backbone = getattr(seg, "backbone", None)
+    return fingerprint(backbone) if backbone is not None else None
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a model folder, with clear errors for missing or foreign folders."""
+    folder = Path(folder)
+    cfg_path = folder / CONFIG
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model folder does not exist")
+    if not cfg_path.is_file():
+        raise ModelError(f"{cfg_path}: missing (not a lasegseg model folder)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or not isinstance(meta.get("config"), dict):
+        raise ModelError(f"{cfg_path}: not a {MODEL_FORMAT} config")
+    return meta
+
+
+def load_model(folder: Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild a segmenter from a model folder; refuses missing, tampered or non-safetensors weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state
+
+    folder = Path(folder)
+    meta = read_model_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{weights}: missing")
+    if sha256_file(weights) != meta.get("weights_sha256"):
+        raise ModelError(f"{weights}: SHA-256 does not match config.json (file altered or replaced)")
+    try:
+        cfg = from_flat(meta["config"])
+    except Exception as exc:
+        raise ModelError(f"{folder / CONFIG}: {exc}") from None
+    seg = build_segmenter(cfg.model)
+    expected = meta.get("backbone_fingerprint")
+    if expected is not None and _fingerprint(seg) != expected:
+        raise ModelError(
+            f"{folder / CONFIG}: backbone '{cfg.model.backbone}' loaded here differs from the one trained with"
+        )
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{weights}: not a readable safetensors file ({exc})") from None
+    load_checkpoint_state(seg, state)
+    seg.eval()
+    return seg, cfg, meta
+
+
+# ---- resumable training state -------------------------------------------------------------------------------
+
+
+def save_train_state(
+    folder: Path,
+    seg: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scalars: dict[str, Any],
+    best_state: dict[str, torch.Tensor] | None,
+) -> Path:
+    """Everything needed to continue a trial bit-for-bit: weights, optimizer moments, counters, RNG."""
+    from safetensors.torch import save_file
+
+    from lasegseg.models.segmenter import state_for_checkpoint
+
+    folder = Path(folder)
+    tmp = atomic_dir(folder)
+    try:
+        save_file(_contiguous(state_for_checkpoint(seg)), str(tmp / "current.safetensors"))
+        if best_state is not None:
+            save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
+        write_json_atomic(tmp / "state.json", {"scalars": scalars, "optimizer": opt_meta})
+        commit_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_train_state(
+    folder: Path, seg: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore what :func:`save_train_state` wrote; returns (scalars, best weights or None)."""
+    from safetensors.torch import load_file
+
+    from lasegseg.models.segmenter import load_checkpoint_state
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        load_checkpoint_state(seg, load_file(str(folder / "current.safetensors")))
+        _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+        torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+        best_path = folder / "best.safetensors"
+        best = load_file(str(best_path)) if best_path.is_file() else None
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder}: unreadable training checkpoint ({exc})") from None
+    return meta["scalars"], best
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

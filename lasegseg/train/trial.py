@@ -1,0 +1,247 @@
+"""One trial, end to end: fit → validate every epoch on whole volumes → best checkpoint → test metrics.
+
+Pure compute: no ray, no mlflow. A sweep drives it through ``on_epoch`` (report + checkpoint) and
+``resume_from`` (continue from a training-state folder written by a previous attempt).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lasegseg.config import Config, run_name
+from lasegseg.train import checkpoint as ckpt
+from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native
+from lasegseg.train.metrics import case_metrics, dice_iou, summarize
+
+EpochCallback = Callable[[int, dict[str, float], "Path | None"], None]
+
+
+@dataclass
+class TrialData:
+    """The cached slices and the patient split a trial trains and evaluates on."""
+
+    cache: Any
+    split: Any
+    train_rows: np.ndarray
+
+
+def open_cache(cfg: Config):
+    """The slice cache for ``cfg.data`` (built on first use, reused afterwards)."""
+    from lasegseg.data.cache import get_or_build_cache
+
+    d = cfg.data
+    return get_or_build_cache(
+        d.path, layout=d.layout, image_size=d.image_size, clip_low=d.clip_low, clip_high=d.clip_high,
+        cache_dir=d.cache_dir or None,
+    )  # fmt: skip
+
+
+def prepare_data(cfg: Config, cache: Any = None) -> TrialData:
+    """Open (or reuse) the cache, split patients, and pick this trial's few-shot training rows."""
+    from lasegseg.data.splits import select_training_rows, split_patients
+
+    if cache is None:
+        cache = open_cache(cfg)
+    if cache.image_size != cfg.data.image_size:
+        raise ValueError(f"cache image size {cache.image_size} != data.image_size {cfg.data.image_size}")
+    split = split_patients(cache.cases, cfg.data.split_seed, cfg.data.val_fraction, cfg.data.test_fraction)
+    rows = select_training_rows(cache, split, cfg.seed, patients=cfg.data.patients, fraction=cfg.data.fraction)
+    return TrialData(cache=cache, split=split, train_rows=np.asarray(rows))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at the last step."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def predict_case(model, cache, case_id: str, *, device, amp: str, batch_size: int) -> np.ndarray:
+    """Boolean (X, Y, Z) prediction of one cached case at its native resolution."""
+    rows = cache.rows_for([case_id])
+    rows = rows[np.argsort(cache.slice_index[rows], kind="stable")]
+    probs = predict_slices(model, cache.images[rows], batch_size=batch_size, device=device, amp=amp)
+    shape = cache.native_shape(case_id)
+    return probabilities_to_native(probs, (shape[0], shape[1])) >= 0.5
+
+
+def evaluate(
+    model, cache, case_ids: Sequence[str], *, device, amp: str, batch_size: int, full: bool = False
+) -> list[dict[str, Any]]:
+    """Per-patient 3D metrics at native resolution; ``full`` adds HD95 and per-slice Dice (test)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for cid in case_ids:
+        pred = predict_case(model, cache, cid, device=device, amp=amp, batch_size=batch_size)
+        ref = cache.native_label(cid)
+        if full:
+            rows.append({"case_id": cid, **case_metrics(pred, ref, cache.spacing(cid))})
+        else:
+            dice, iou = dice_iou(pred, ref)
+            rows.append({"case_id": cid, "dice": dice, "iou": iou})
+    model.train(was_training)
+    return rows
+
+
+def _loss_fn():
+    from monai.losses import DiceCELoss
+
+    # batch=True pools the Dice over the batch so slices without LA do not give 0/0 terms.
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+
+def run_trial(
+    cfg: Config,
+    out_dir: Path | None = None,
+    *,
+    data: TrialData | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+) -> dict[str, Any]:
+    """Train one model and return its metrics (also written to ``out_dir``).
+
+    Args:
+        cfg: the trial config (validated).
+        out_dir: where ``model/``, ``metrics.json`` and ``per_patient.csv`` go (written once, at the end).
+        data: pre-opened cache + split (a sweep shares one cache between trials).
+        device: torch device; default CUDA when available.
+        progress: show a progress bar over epochs.
+        on_epoch: called after every epoch with (epoch, metrics, training-state folder or None).
+        checkpoint_dir: write the resumable training state here after every epoch.
+        resume_from: a training-state folder to continue from.
+    """
+    from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, param_groups, state_for_checkpoint
+
+    device = pick_device(device)
+    data = data or prepare_data(cfg)
+    cache, split, train_rows = data.cache, data.split, data.train_rows
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    model = build_segmenter(cfg.model).to(device)
+    groups = param_groups(model, cfg.optim.lr, cfg.model.backbone_lr_mult, cfg.optim.weight_decay)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    loss_fn = _loss_fn()
+
+    bs = cfg.train.batch_size
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / bs))
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_val_dice": -1.0, "best_epoch": -1, "history": []}
+    best_weights: dict[str, torch.Tensor] | None = None
+    if resume_from is not None:
+        state, best_weights = ckpt.load_train_state(Path(resume_from), model, optimizer)
+
+    epochs = range(state["epoch"], cfg.train.epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc=run_name(cfg), unit="ep", leave=True)
+
+    images, labels = cache.images, cache.labels
+    model.train()
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = rng.permutation(train_rows)
+        losses = []
+        for start in range(0, len(order), bs):
+            idx = np.sort(order[start : start + bs])
+            x = torch.from_numpy(images[idx].astype(np.float32))[:, None].to(device, non_blocking=True)
+            y = torch.from_numpy(labels[idx].astype(np.int64))[:, None].to(device, non_blocking=True)
+            factor = lr_factor(state["step"], total_steps, warmup, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            with autocast_context(device, cfg.train.amp):
+                loss = loss_fn(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["step"] += 1
+            losses.append(float(loss.detach()))
+        metrics: dict[str, float] = {"train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[-1]["lr"]}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            val = evaluate(model, cache, split.val, device=device, amp=cfg.train.amp, batch_size=bs)
+            metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
+            metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
+            if metrics["val_dice"] > state["best_val_dice"]:
+                state["best_val_dice"], state["best_epoch"] = metrics["val_dice"], epoch
+                state["best_val_iou"] = metrics["val_iou"]
+                best_weights = {k: v.detach().cpu().clone() for k, v in state_for_checkpoint(model).items()}
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch, **metrics})
+        saved = None
+        if checkpoint_dir is not None:
+            saved = ckpt.save_train_state(Path(checkpoint_dir), model, optimizer, state, best_weights)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_dice=f"{metrics.get('val_dice', math.nan):.3f}")
+            bar.update(1)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, saved)
+    if bar is not None:
+        bar.close()
+
+    if best_weights is not None:
+        load_checkpoint_state(model, {k: v.to(device) for k, v in best_weights.items()})
+    test_rows = evaluate(model, cache, split.test, device=device, amp=cfg.train.amp, batch_size=bs, full=True)
+    for row in test_rows:
+        row["split"] = "test"
+    results: dict[str, Any] = {
+        "run_name": run_name(cfg),
+        "val_dice": state["best_val_dice"],
+        "val_iou": state.get("best_val_iou", math.nan),
+        "best_epoch": state["best_epoch"],
+        **summarize(test_rows, "test"),
+        "n_train_patients": len({cache.case_names[i] for i in np.unique(cache.case_ids[train_rows])})
+        if hasattr(cache, "case_names")
+        else None,
+        "n_train_slices": len(train_rows),
+        "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
+        "per_patient": test_rows,
+        "history": state["history"],
+    }
+    if out_dir is not None:
+        write_outputs(Path(out_dir), model, cfg, results)
+    return results
+
+
+def write_outputs(out_dir: Path, model, cfg: Config, results: dict[str, Any]) -> None:
+    """``model/`` (safetensors + config.json), ``metrics.json`` and ``per_patient.csv``, each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})
+    rows = results["per_patient"]
+    fields = ["case_id", "split", "dice", "iou", "hd95", "slice_dice"]
+    tmp = out_dir / ".per_patient.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out_dir / "per_patient.csv")
+    ckpt.write_json_atomic(out_dir / "metrics.json", {"config": cfg.to_flat(), **results})
