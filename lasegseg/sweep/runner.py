@@ -1,0 +1,197 @@
+"""The sweep driver: check everything, build the cache once, run the trials on Ray Tune, aggregate.
+
+``python sweeps/fewshot.py`` starts a local Ray; under ``ray job submit`` (RAY_ADDRESS set) it joins the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lasegseg.errors import ConfigError, DataError, LasegsegError
+
+log = logging.getLogger("lasegseg.sweep")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "sweeps" / "configs" / "demo.yaml"
+STATE_FILE = "sweep_state.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fewshot.py",
+        description="Run a few-shot / hyperparameter sweep of DINOv2 LA segmenters on Ray Tune, tracked in MLflow.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: sweeps/configs/demo.yaml)")
+    p.add_argument("--data", default=None, help="dataset folder (default: data.path of the YAML, else a phantom)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the sweep's name)")
+    p.add_argument("--storage-path", default=None, help="sweep output root, local path or URI (default: ./runs)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: only unfinished trials run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as the cluster fits)")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed, e.g. 0.25")
+    p.add_argument("--max-failures", type=int, default=None, help="retries of a failing trial from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="check the sweep and list its trials, run nothing")
+    return p
+
+
+def _sweep_dir(storage: str, name: str) -> Path:
+    return (Path(storage).expanduser() / name).resolve()
+
+
+def _resolve_data(args, spec, sweep_dir: Path) -> str:
+    """The dataset folder: --data, else the YAML's data.path, else a seeded phantom made for the demo."""
+    path = args.data or spec.base.get("data.path") or ""
+    if path:
+        if not Path(path).is_dir():
+            raise DataError(f"{path}: dataset folder does not exist")
+        return str(Path(path).resolve())
+    from lasegseg.data.phantom import write_phantom
+
+    phantom = sweep_dir / "phantom"
+    if not (phantom / "dataset.json").is_file():
+        print(f"no --data given: writing a 12-case phantom to {phantom}")
+        write_phantom(phantom, cases=12, seed=0, layout="msd")
+    return str(phantom)
+
+
+def _check_pool(spec, trials: list[dict[str, Any]], cache) -> None:
+    """Refuse few-shot sizes larger than the training pool before any trial starts."""
+    from lasegseg.data.splits import split_patients
+
+    for flat in trials:
+        split = split_patients(cache.cases, flat["data.split_seed"], flat["data.val_fraction"], flat["data.test_fraction"])
+        if flat["data.patients"] > len(split.train):
+            raise ConfigError(
+                f"config key 'data.patients' asks for {flat['data.patients']} patients but the training pool "
+                f"has {len(split.train)}"
+            )
+
+
+def _init_ray(env: dict[str, str], cpus: float | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": env}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    else:
+        # A private local cluster: dashboard off (nothing listens for browsers), token auth as Ray sets it up.
+        ray.init(
+            include_dashboard=False, runtime_env=runtime_env, num_cpus=int(cpus) if cpus else None,
+            log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except LasegsegError as exc:
+        print(f"fewshot.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewshot.py: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from lasegseg.config import parse_overrides
+    from lasegseg.sweep.spec import load_spec
+
+    overrides = parse_overrides(args.set)
+    spec = load_spec(args.config, overrides=overrides)
+    res = spec.resources
+    for flag, attr in (("cpus_per_trial", "cpus_per_trial"), ("gpus_per_trial", "gpus_per_trial"),
+                       ("max_concurrent", "max_concurrent"), ("max_failures", "max_failures")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 0:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+            setattr(res, attr, value)
+    name = args.experiment or spec.name
+    storage = args.storage_path or os.environ.get("LASEGSEG_STORAGE", "runs")
+    sweep_dir = _sweep_dir(storage, name)
+    data_path = _resolve_data(args, spec, sweep_dir)
+    spec.base["data.path"] = data_path
+    trials = spec.trials()
+    print(f"sweep '{name}': {len(trials)} trials" + (f" after screening {len(spec.screening_cells())} cells" if spec.screen else ""))
+    if args.dry_run:
+        from lasegseg.config import from_flat, run_name
+
+        for flat in trials:
+            print("  " + run_name(from_flat(flat)))
+        return 0
+
+    from lasegseg.sweep import tracking
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(sweep_dir)
+    tracking.check_reachable(tracking_uri)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state_path = sweep_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if args.resume and not state:
+        raise LasegsegError(f"{state_path}: nothing to resume (no earlier sweep named '{name}' under {storage})")
+    if not args.resume and state.get("status") == "running":
+        print(f"note: an earlier run of '{name}' did not finish; starting a new sweep (use --resume to continue it)")
+
+    # Decode once, driver side: every trial memory-maps this cache instead of reading NIfTI again.
+    from lasegseg.config import from_flat
+    from lasegseg.train.trial import open_cache
+
+    cache = open_cache(from_flat(trials[0]))
+    _check_pool(spec, trials, cache)
+
+    artifact_root = None if tracking_uri.startswith(("http://", "https://")) else (sweep_dir / "mlartifacts").as_uri()
+    experiment_id = tracking.ensure_experiment(tracking_uri, name, artifact_location=artifact_root)
+    if args.resume:
+        parent_run_id = state["parent_run_id"]
+        tracking.client(tracking_uri).update_run(parent_run_id, status="RUNNING")
+    else:
+        parent_run_id = tracking.start_parent(
+            tracking_uri, experiment_id, name,
+            params={"sweep.config": args.config, "sweep.trials": len(trials), "data.path": data_path,
+                    **{f"sweep.set.{k}": v for k, v in overrides.items()}},
+            tags={"lasegseg.sweep_dir": str(sweep_dir)},
+        )  # fmt: skip
+        tracking.client(tracking_uri).log_artifact(parent_run_id, args.config)
+    state = {"status": "running", "parent_run_id": parent_run_id, "experiment_id": experiment_id,
+             "tracking_uri": tracking_uri, "name": name}  # fmt: skip
+    state_path.write_text(json.dumps(state, indent=2))
+
+    from lasegseg.sweep.tune_runner import run_stages
+
+    env = {**tracking.tracking_env(tracking_uri), "LASEGSEG_CACHE": os.environ.get("LASEGSEG_CACHE", "")}
+    env = {k: v for k, v in env.items() if v}
+    _init_ray(env, None)
+    ctx = {
+        "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+        "cache_path": str(cache.path), "threads": max(1, int(res.cpus_per_trial)),
+    }  # fmt: skip
+    outcome = run_stages(spec, ctx, sweep_dir, resume=args.resume)
+
+    from lasegseg.sweep.aggregate import aggregate, format_table
+
+    client = tracking.client(tracking_uri)
+    failed = outcome["failed"]
+    try:
+        summary = aggregate(tracking_uri, name, sweep_dir, parent_run_id=parent_run_id)
+        print(format_table(summary))
+    except LasegsegError as exc:
+        print(f"aggregation: {exc}", file=sys.stderr)
+        summary = None
+    client.set_terminated(parent_run_id, "FINISHED" if summary is not None else "FAILED")
+    state["status"] = "finished"
+    state_path.write_text(json.dumps(state, indent=2))
+    print(f"results: {sweep_dir}  (MLflow: {tracking_uri}, experiment '{name}', parent run {parent_run_id})")
+    if failed:
+        print(f"{len(failed)} trial(s) failed: " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0 if summary is not None else 1

@@ -1,0 +1,275 @@
+"""Sweep definitions (YAML) → the explicit list of trial configs, checked before any trial starts.
+
+A sweep file::
+
+    name: demo                      # MLflow experiment and output folder name
+    base: {train.epochs: 20}        # flat config keys fixed for every trial
+    grid:                           # full cross product; every key is a flat config key
+      model.decoder: [linear, multiscale]
+      model.mode: [frozen, finetune]
+    fewshot:                        # one axis whose values set one or more keys at once
+      - {data.patients: 2}
+      - {data.fraction: 0.25}
+    baselines:                      # cells outside the grid (crossed with fewshot and seeds)
+      - {model.backbone: none, model.decoder: unet}
+    seeds: [0, 1, 2]
+    screen:                         # optional stage 1: learning rate per (backbone, decoder, mode) cell
+      search: optuna                # Optuna TPE through Ray Tune's OptunaSearch
+      low: 1.0e-5
+      high: 1.0e-2
+      trials: 8
+      scheduler: asha               # early stopping is allowed here only
+      set: {train.epochs: 10}       # overrides for screening trials
+    resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: 2, max_failures: 1}
+
+Unknown keys, wrong types, empty axes and invalid values are refused with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lasegseg.config import Config, coerce, from_flat
+from lasegseg.errors import ConfigError
+
+MAX_TRIALS = 5000
+TOP_KEYS = {"name", "description", "base", "grid", "fewshot", "baselines", "seeds", "screen", "resources"}
+SCREEN_KEYS = {"search", "low", "high", "trials", "scheduler", "set", "grace_period"}
+RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
+CELL_KEYS = ("model.backbone", "model.registers", "model.decoder", "model.mode")
+
+
+@dataclass
+class Screen:
+    """Stage 1: Optuna TPE over ``optim.lr`` per (backbone, decoder, mode) cell."""
+
+    low: float
+    high: float
+    trials: int = 8
+    scheduler: str = "asha"
+    grace_period: int = 2
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0
+    max_failures: int = 1
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    fewshot: list[dict[str, Any]]
+    baselines: list[dict[str, Any]]
+    seeds: list[int]
+    screen: Screen | None
+    resources: Resources
+    source: str = ""
+
+    def trials(self, lr_by_cell: dict[tuple, float] | None = None) -> list[dict[str, Any]]:
+        """Every trial as a full, validated flat config (stage 2 when ``lr_by_cell`` is given)."""
+        cells: list[dict[str, Any]] = []
+        keys = list(self.grid)
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            cells.append(dict(zip(keys, values)))
+        cells.extend(dict(b) for b in self.baselines)
+        out, seen = [], set()
+        for cell, shot, seed in itertools.product(cells, self.fewshot or [{}], self.seeds):
+            flat = {**Config().to_flat(), **self.base, **cell, **shot, "seed": seed}
+            if lr_by_cell is not None:
+                flat["optim.lr"] = lr_by_cell[cell_key(flat)]
+            cfg = _checked(flat, f"trial {cell} {shot} seed={seed}")
+            key = tuple(sorted(cfg.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
+        return out
+
+    def screening_cells(self) -> list[dict[str, Any]]:
+        """One base config per (backbone, decoder, mode) cell, on all training data, first seed."""
+        if self.screen is None:
+            return []
+        cells = {}
+        for flat in self.trials(lr_by_cell=None):
+            cells.setdefault(cell_key(flat), flat)
+        out = []
+        for flat in cells.values():
+            screen = {**flat, "data.patients": 0, "data.fraction": 1.0, "seed": self.seeds[0]}
+            out.append(_checked({**screen, **self.screen.overrides}, "screen.set"))
+        return out
+
+
+def cell_key(flat: dict[str, Any]) -> tuple:
+    """The (backbone, registers, decoder, mode) cell a learning rate is screened for."""
+    return tuple(flat[k] for k in CELL_KEYS)
+
+
+def _checked(flat: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return from_flat(flat).to_flat()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"sweep key '{where}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _flat_map(value: Any, where: str) -> dict[str, Any]:
+    out = {}
+    for key, item in _mapping(value, where).items():
+        try:
+            out[str(key)] = coerce(str(key), item)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep key '{where}': {exc}") from None
+    return out
+
+
+def _unknown(mapping: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(mapping) - allowed)
+    if extra:
+        raise ConfigError(f"unknown sweep key '{where}{extra[0]}' (valid: {', '.join(sorted(allowed))})")
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Check a loaded YAML document and build the sweep; ``overrides`` (``--set``) win over base and grid."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a sweep file must be a YAML mapping")
+    _unknown(raw, TOP_KEYS, "")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
+        raise ConfigError(f"sweep key 'name' must be a plain non-empty name, got {name!r}")
+    base = _flat_map(raw.get("base"), "base")
+    grid: dict[str, list[Any]] = {}
+    for key, values in _mapping(raw.get("grid"), "grid").items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep key 'grid.{key}' must be a non-empty list")
+        try:
+            grid[str(key)] = [coerce(str(key), v) for v in values]
+        except ConfigError as exc:
+            raise ConfigError(f"sweep key 'grid.{key}': {exc}") from None
+    fewshot = _list_of_maps(raw.get("fewshot"), "fewshot")
+    baselines = _list_of_maps(raw.get("baselines"), "baselines")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"sweep key 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"sweep key 'seeds' has duplicates: {seeds}")
+    for key, value in (overrides or {}).items():
+        value = coerce(key, value)
+        base[key] = value
+        grid.pop(key, None)
+        for items in (fewshot, baselines):
+            for item in items:
+                item.pop(key, None)
+    fewshot = [f for f in fewshot if f] or []
+    spec = SweepSpec(
+        name=name.strip(),
+        base=base,
+        grid=grid,
+        fewshot=_dedupe(fewshot),
+        baselines=baselines,
+        seeds=seeds,
+        screen=_screen(raw.get("screen"), grid),
+        resources=_resources(raw.get("resources")),
+        source=source,
+    )
+    n = _count(spec)
+    if n > MAX_TRIALS:
+        raise ConfigError(f"{source}: the sweep expands to {n} trials, more than the limit of {MAX_TRIALS}")
+    if n == 0:
+        raise ConfigError(f"{source}: the sweep has no trials")
+    spec.trials()  # every trial config must validate now, before anything starts
+    return spec
+
+
+def _dedupe(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def _count(spec: SweepSpec) -> int:
+    cells = 1
+    for values in spec.grid.values():
+        cells *= len(values)
+    return (cells + len(spec.baselines)) * max(1, len(spec.fewshot)) * len(spec.seeds)
+
+
+def _list_of_maps(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"sweep key '{where}' must be a non-empty list of mappings")
+    return [_flat_map(item, f"{where}[{i}]") for i, item in enumerate(value)]
+
+
+def _screen(value: Any, grid: dict[str, list[Any]]) -> Screen | None:
+    if value is None:
+        return None
+    raw = _mapping(value, "screen")
+    _unknown(raw, SCREEN_KEYS, "screen.")
+    if raw.get("search", "optuna") != "optuna":
+        raise ConfigError(f"sweep key 'screen.search' must be 'optuna', got {raw.get('search')!r}")
+    if "optim.lr" in grid:
+        raise ConfigError("sweep key 'screen': the learning rate is either a grid (grid.optim.lr) or screened, not both")
+    try:
+        low, high = float(raw["low"]), float(raw["high"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("sweep keys 'screen.low' and 'screen.high' must be numbers") from None
+    if not 0 < low < high:
+        raise ConfigError(f"sweep keys 'screen.low/high' must satisfy 0 < low < high, got {low}, {high}")
+    trials = raw.get("trials", 8)
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"sweep key 'screen.trials' must be an integer >= 1, got {trials!r}")
+    scheduler = raw.get("scheduler", "asha")
+    if scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"sweep key 'screen.scheduler' must be 'asha' or 'fifo', got {scheduler!r}")
+    grace = raw.get("grace_period", 2)
+    if not isinstance(grace, int) or grace < 1:
+        raise ConfigError(f"sweep key 'screen.grace_period' must be an integer >= 1, got {grace!r}")
+    return Screen(low, high, trials, scheduler, grace, _flat_map(raw.get("set"), "screen.set"))
+
+
+def _resources(value: Any) -> Resources:
+    raw = _mapping(value, "resources")
+    _unknown(raw, RESOURCE_KEYS, "resources.")
+    res = Resources()
+    for key, item in raw.items():
+        typ = int if key in ("max_concurrent", "max_failures") else float
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or (typ is int and not float(item).is_integer()):
+            raise ConfigError(f"sweep key 'resources.{key}' expects a {typ.__name__}, got {item!r}")
+        if item < 0:
+            raise ConfigError(f"sweep key 'resources.{key}' must be >= 0, got {item}")
+        setattr(res, key, typ(item))
+    return res
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and check a sweep YAML file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read sweep file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_spec(raw, source=str(path), overrides=overrides)

@@ -1,0 +1,86 @@
+"""The Ray Tune function trainable: one lasegseg trial inside a Ray worker, tracked in its own MLflow run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+RUN_FILE = "mlflow_run.json"
+
+
+def _open_shared_cache(ctx: dict[str, Any], cfg):
+    """The driver-built cache, memory-mapped (no NIfTI is read); rebuilt locally only if this node lacks it."""
+    from lasegseg.data.cache import SliceCache
+    from lasegseg.train.trial import open_cache
+
+    path = ctx.get("cache_path")
+    if path and Path(path).is_dir():
+        return SliceCache.open(Path(path))
+    return open_cache(cfg)
+
+
+def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Train one trial; report every epoch with a checkpoint; record success or failure in MLflow.
+
+    Args:
+        config: ``{"trial": flat config}`` (grid stage) plus ``"optim.lr"`` when Optuna samples the rate.
+        ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_path, threads.
+    """
+    import torch
+    from ray import tune
+
+    from lasegseg.config import from_flat, run_name
+    from lasegseg.sweep.tracking import TrialTracker
+    from lasegseg.train.trial import prepare_data, run_trial
+
+    flat = dict(config["trial"])
+    if "optim.lr" in config:
+        flat["optim.lr"] = float(config["optim.lr"])
+    if ctx.get("threads"):
+        torch.set_num_threads(int(ctx["threads"]))
+    tune_ctx = tune.get_context()
+    trial_dir = Path(tune_ctx.get_trial_dir())
+    tracker = None
+    try:
+        cfg = from_flat(flat)
+        flat = cfg.to_flat()
+        tracker = TrialTracker(
+            ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], tune_ctx.get_trial_id(),
+            run_name(cfg), flat, stage=ctx.get("stage", "trial"),
+        )  # fmt: skip
+        work = Path(tempfile.mkdtemp(prefix="lasegseg-trial-"))
+        resume_dir, known_run = None, None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            resume_dir = Path(checkpoint.to_directory(str(work / "restored")))
+            if (resume_dir / RUN_FILE).is_file():
+                known_run = json.loads((resume_dir / RUN_FILE).read_text())["run_id"]
+        run_id = tracker.start(known_run)
+        if resume_dir is not None:
+            state = json.loads((resume_dir / "state.json").read_text())["scalars"]
+            tracker.log_history(state.get("history", []))
+
+        def on_epoch(epoch: int, metrics: dict[str, float], saved: Path | None) -> None:
+            if saved is not None:
+                (saved / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+            tracker.log_epoch(epoch, metrics)
+            report = {**metrics, "epoch": epoch, "done": False}
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
+
+        data = prepare_data(cfg, cache=_open_shared_cache(ctx, cfg))
+        out = trial_dir / "result"
+        results = run_trial(
+            cfg, out, data=data, on_epoch=on_epoch, checkpoint_dir=work / "state", resume_from=resume_dir
+        )
+        tracker.finish(results, artifact_dir=out)
+        final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tune.report({**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
+        shutil.rmtree(work, ignore_errors=True)
+    except Exception as exc:
+        if tracker is not None:
+            tracker.fail(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise

@@ -1,0 +1,140 @@
+"""Ray Tune stages: optional learning-rate screening (Optuna TPE + ASHA) and the seeded few-shot grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lasegseg.sweep.spec import SweepSpec, cell_key
+
+
+def _trainable(ctx: dict[str, Any], res):
+    from ray import tune
+
+    from lasegseg.sweep.trainable import run_tune_trial
+
+    resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(run_tune_trial, ctx=ctx), resources)
+
+
+def _trial_name(trial) -> str:
+    from lasegseg.config import from_flat, run_name
+
+    flat = dict(trial.config["trial"])
+    if "optim.lr" in trial.config:
+        flat["optim.lr"] = float(trial.config["optim.lr"])
+    return f"{run_name(from_flat(flat, validate=False))}·{trial.trial_id}"
+
+
+def _dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _run_config(name: str, sweep_dir: Path, res):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(sweep_dir / "tune"),
+        failure_config=tune.FailureConfig(max_failures=res.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1,
+    )
+
+
+def _fit(tuner_factory, restore_path: Path, resume: bool, trainable):
+    from ray import tune
+
+    if resume and tune.Tuner.can_restore(str(restore_path)):
+        tuner = tune.Tuner.restore(str(restore_path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tuner_factory()
+    return tuner.fit()
+
+
+def screen_learning_rates(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bool) -> dict[tuple, float]:
+    """One Optuna TPE search over ``optim.lr`` per (backbone, decoder, mode) cell; returns the best rates."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    screen, res = spec.screen, spec.resources
+    chosen_path = sweep_dir / "screening.json"
+    chosen: dict[str, float] = json.loads(chosen_path.read_text()) if chosen_path.is_file() else {}
+    out: dict[tuple, float] = {}
+    for i, base in enumerate(spec.screening_cells()):
+        key = cell_key(base)
+        if json.dumps(key) in chosen:
+            out[key] = chosen[json.dumps(key)]
+            continue
+        trainable = _trainable({**ctx, "stage": "screen"}, res)
+        name = f"screen_{i}_{'_'.join(str(k) for k in key if k is not False)}".replace("/", "-")
+        epochs = base["train.epochs"]
+
+        def factory(base=base, trainable=trainable, name=name, epochs=epochs):
+            scheduler = (
+                ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1, grace_period=screen.grace_period)
+                if screen.scheduler == "asha"
+                else FIFOScheduler()
+            )
+            return tune.Tuner(
+                trainable,
+                param_space={"trial": base, "optim.lr": tune.loguniform(screen.low, screen.high)},
+                tune_config=tune.TuneConfig(
+                    metric="val_dice", mode="max", num_samples=screen.trials,
+                    search_alg=OptunaSearch(seed=base["seed"]), scheduler=scheduler,
+                    max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
+                    trial_dirname_creator=_dirname,
+                ),
+                run_config=_run_config(name, sweep_dir, res),
+            )  # fmt: skip
+
+        grid = _fit(factory, sweep_dir / "tune" / name, resume, trainable)
+        best = grid.get_best_result(metric="val_dice", mode="max", scope="all")
+        if best is None or best.config is None:
+            raise RuntimeError(f"screening of cell {key} produced no result")
+        out[key] = float(best.config["optim.lr"])
+        chosen[json.dumps(key)] = out[key]
+        chosen_path.write_text(json.dumps(chosen, indent=2))
+    return out
+
+
+def run_stages(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Screen (if asked), then run the full seeded grid without early stopping; returns failed trial names."""
+    from ray import tune
+
+    lr_by_cell = screen_learning_rates(spec, ctx, sweep_dir, resume) if spec.screen else None
+    if lr_by_cell:
+        from lasegseg.sweep.tracking import client
+
+        c = client(ctx["tracking_uri"])
+        for key, lr in lr_by_cell.items():
+            c.log_param(ctx["parent_run_id"], f"screen.lr.{'/'.join(map(str, key))}", f"{lr:.3g}")
+    trials = spec.trials(lr_by_cell=lr_by_cell)
+    res = spec.resources
+    trainable = _trainable({**ctx, "stage": "trial"}, res)
+
+    def factory():
+        return tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
+                trial_dirname_creator=_dirname,
+            ),
+            run_config=_run_config("grid", sweep_dir, res),
+        )  # fmt: skip
+
+    grid = _fit(factory, sweep_dir / "tune" / "grid", resume, trainable)
+    failed = [_result_name(r) for r in grid if r.error is not None]
+    return {"failed": failed, "n": len(grid)}
+
+
+def _result_name(result) -> str:
+    from lasegseg.config import from_flat, run_name
+
+    try:
+        return run_name(from_flat(result.config["trial"], validate=False))
+    except Exception:  # noqa: BLE001 - only used for a message
+        return str(result.path)

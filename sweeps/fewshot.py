@@ -1,0 +1,21 @@
+"""Few-shot / hyperparameter sweep entry point.
+
+    python sweeps/fewshot.py                                  # demo: phantom, tiny backbone, local Ray + MLflow
+    python sweeps/fewshot.py --config sweeps/configs/paper.yaml --data /data/MSD/Task02_Heart
+    ray job submit --working-dir . -- python sweeps/fewshot.py --config sweeps/configs/demo.yaml
+
+See ``python sweeps/fewshot.py --help`` for every flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Under `ray job submit --working-dir .` the project may not be installed on the head node; the working dir is.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lasegseg.sweep.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
