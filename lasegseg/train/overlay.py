@@ -1,0 +1,155 @@
+"""Qualitative figures: MRI slices with ground-truth and predicted LA contours (the reference paper's Figure 3).
+
+Arrays are in the canonical (X, Y, Z) orientation; a slice is shown transposed with ``origin="lower"`` so that the
+anatomy looks upright. matplotlib is imported inside the functions and used through ``Figure`` objects rendered
+by Agg, never through pyplot: no global backend switch, safe in threads and notebooks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TRUTH_COLOR = "#00ff00"
+PRED_COLOR = "#ff00ff"
+# Dyadic inch sizes keep the PNG's pixel size exact: a 448-px panel under a 64-px legend strip.
+PANEL_INCHES = 3.5
+LEGEND_INCHES = 0.5
+DPI = 128
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = DPI) -> Path:
+    """Save a matplotlib figure as PNG atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def pick_slices(truth_volume: np.ndarray, k: int = 3) -> list[int]:
+    """Choose ``k`` informative axial slices of an (X, Y, Z) mask, sorted by z.
+
+    The slice with the largest LA area comes first in priority, then the slices at the quartiles of the LA's
+    z extent (for ``k`` > 3 evenly spaced between them), then the next-largest slices. Without any LA voxel the
+    slices are spread evenly over the volume.
+    """
+    truth_volume = np.asarray(truth_volume)
+    if truth_volume.ndim != 3:
+        raise ValueError(f"pick_slices expects an (X, Y, Z) volume, got shape {truth_volume.shape}")
+    depth = truth_volume.shape[2]
+    k = min(k, depth)
+    if k <= 0:
+        return []
+    area = truth_volume.astype(bool).sum(axis=(0, 1))
+    present = np.flatnonzero(area)
+    if present.size == 0:
+        return sorted({int(round(z)) for z in np.linspace(0, depth - 1, k + 2)[1:-1]})
+
+    lo, hi = present[0], present[-1]
+    quantiles = np.linspace(0.25, 0.75, k - 1) if k > 2 else np.array([0.5])
+    # A quartile may fall in a gap of a non-contiguous mask: take the nearest slice that has LA.
+    targets = [int(np.argmax(area))] + [
+        int(present[np.argmin(np.abs(present - (lo + q * (hi - lo))))]) for q in quantiles
+    ]
+    by_area = [int(z) for z in present[np.argsort(-area[present], kind="stable")]]
+    chosen: list[int] = []
+    for z in targets + by_area + list(range(depth)):
+        if z not in chosen:
+            chosen.append(z)
+        if len(chosen) == k:
+            break
+    return sorted(chosen)
+
+
+def overlay_figure(
+    path: str | Path,
+    images: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    titles: Sequence[str],
+    *,
+    ncols: int | None = None,
+    panel_inches: float = PANEL_INCHES,
+    dpi: int = DPI,
+) -> Path:
+    """Write a grid PNG of grayscale 2D slices with ground-truth (green) and predicted (magenta) contours.
+
+    Args:
+        path: output PNG.
+        images: 2D float slices in (X, Y) orientation.
+        truths, preds: 2D boolean masks of the same shapes.
+        titles: one per panel, e.g. ``"la_004 z=17 Dice 0.91"``.
+        ncols: panels per row (default: up to 4).
+        panel_inches, dpi: each panel is ``panel_inches * dpi`` pixels square; a legend strip sits on top.
+
+    Returns:
+        ``path``; the image is ``ncols * panel_inches * dpi`` pixels wide.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    n = len(images)
+    if n == 0 or not (len(truths) == len(preds) == len(titles) == n):
+        raise ValueError(
+            f"overlay_figure needs equally many (>0) images, truths, preds and titles, got "
+            f"{len(images)}, {len(truths)}, {len(preds)}, {len(titles)}"
+        )
+    ncols = ncols or min(n, 4)
+    nrows = math.ceil(n / ncols)
+    width, height = ncols * panel_inches, nrows * panel_inches + LEGEND_INCHES
+    fig = Figure(figsize=(width, height), facecolor="white")
+    top = 1 - LEGEND_INCHES / height
+    for i, (image, truth, pred, title) in enumerate(zip(images, truths, preds, titles, strict=True)):
+        image, truth, pred = np.asarray(image, dtype=float), np.asarray(truth, bool), np.asarray(pred, bool)
+        if image.ndim != 2 or truth.shape != image.shape or pred.shape != image.shape:
+            raise ValueError(
+                f"panel {i}: image, truth and pred must be 2D of one shape, got "
+                f"{image.shape}, {truth.shape}, {pred.shape}"
+            )
+        row, col = divmod(i, ncols)
+        # Axes in figure fractions (not subplots) so the PNG's pixel size is exact and predictable.
+        pad = 0.02
+        ax = fig.add_axes(
+            (
+                (col + pad) / ncols,
+                top - (row + 1 - pad) * panel_inches / height,
+                (1 - 2 * pad) / ncols,
+                (1 - 2 * pad - 0.08) * panel_inches / height,
+            )
+        )
+        finite = image[np.isfinite(image)]
+        vmin, vmax = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
+        ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-6))
+        for mask, color in ((truth, TRUTH_COLOR), (pred, PRED_COLOR)):
+            if mask.any() and not mask.all():
+                ax.contour(mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
+        ax.set_anchor("N")  # a non-square slice hangs under its title instead of floating mid-panel
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    handles = [
+        Line2D([], [], color=TRUTH_COLOR, lw=2, label="ground truth"),
+        Line2D([], [], color=PRED_COLOR, lw=2, label="prediction"),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=2,
+        frameon=False,
+        fontsize=10,
+        bbox_to_anchor=(0.5, 1.0),
+        facecolor="white",
+    )
+    return save_figure(fig, path, dpi=dpi)
