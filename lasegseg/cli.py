@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lasegseg.models.segmenter import check_model_config
     from lasegseg.train.trial import prepare_data, run_trial
 
-    check_model_config(cfg.model)
+    check_model_config(cfg.model)  # names and combinations, before any data is read
     data = prepare_data(cfg)
     results = run_trial(cfg, out, data=data, device=args.device, progress=not args.quiet)
     print(
@@ -144,6 +144,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from lasegseg.sweep.aggregate import aggregate, format_table
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise LasegsegError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    out = Path(args.out or Path("runs") / args.experiment / "summary")
+    summary = aggregate(uri, args.experiment, out, parent_run_id=args.parent_run, log_to_parent=not args.no_log)
+    print(format_table(summary))
+    print(f"summary: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lasegseg", description="DINOv2 left-atrium segmentation: data, training, sweeps and prediction."
@@ -193,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("aggregate", help="mean/std/CI of test and val metrics over seeds, from MLflow alone")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<experiment>/summary)")
+    p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")
+    p.add_argument("--no-log", action="store_true", help="do not attach the summary to the sweep's MLflow run")
+    p.set_defaults(func=cmd_aggregate)
     return parser
 
 

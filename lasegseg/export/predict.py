@@ -13,11 +13,9 @@ from lasegseg.errors import DataError
 
 def preprocess_volume(image_canonical: np.ndarray, cfg: Config) -> np.ndarray:
     """Canonical (X, Y, Z) raw image → (Z, S, S) model input, exactly as the slice cache stores it."""
-    from lasegseg.data.preprocess import normalize_intensity, resize_slices
+    from lasegseg.data.preprocess import preprocess_image
 
-    norm = normalize_intensity(image_canonical, cfg.data.clip_low, cfg.data.clip_high)
-    resized = resize_slices(norm, cfg.data.image_size, order=1)
-    return np.ascontiguousarray(np.moveaxis(resized, -1, 0)).astype(np.float16)
+    return preprocess_image(image_canonical, cfg.data.image_size, cfg.data.clip_low, cfg.data.clip_high)
 
 
 def segment_canonical(

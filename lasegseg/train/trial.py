@@ -37,10 +37,13 @@ class TrialData:
 def open_cache(cfg: Config):
     """The slice cache for ``cfg.data`` (built on first use, reused afterwards)."""
     from lasegseg.data.cache import get_or_build_cache
+    from lasegseg.data.layouts import detect_layout
 
     d = cfg.data
+    # Resolve "auto" first so that auto-detected and explicitly named layouts share one cache.
+    layout = detect_layout(d.path) if d.layout == "auto" else d.layout
     return get_or_build_cache(
-        d.path, layout=d.layout, image_size=d.image_size, clip_low=d.clip_low, clip_high=d.clip_high,
+        d.path, layout=layout, image_size=d.image_size, clip_low=d.clip_low, clip_high=d.clip_high,
         cache_dir=d.cache_dir or None,
     )  # fmt: skip
 
@@ -219,22 +222,43 @@ def run_trial(
         "val_iou": state.get("best_val_iou", math.nan),
         "best_epoch": state["best_epoch"],
         **summarize(test_rows, "test"),
-        "n_train_patients": len({cache.case_names[i] for i in np.unique(cache.case_ids[train_rows])})
-        if hasattr(cache, "case_names")
-        else None,
+        "n_train_patients": int(np.unique(cache.case_codes[train_rows]).size),
         "n_train_slices": len(train_rows),
         "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
         "per_patient": test_rows,
         "history": state["history"],
     }
     if out_dir is not None:
-        write_outputs(Path(out_dir), model, cfg, results)
+        write_outputs(Path(out_dir), model, cfg, results, cache=cache, device=device)
     return results
 
 
-def write_outputs(out_dir: Path, model, cfg: Config, results: dict[str, Any]) -> None:
-    """``model/`` (safetensors + config.json), ``metrics.json`` and ``per_patient.csv``, each atomically."""
+def write_overlays(model, cache, rows: list[dict[str, Any]], path: Path, *, device, amp: str, k: int = 3) -> Path:
+    """Prediction and ground-truth contours on ``k`` slices of the test patients (as the paper's Figure 3)."""
+    from lasegseg.train.overlay import overlay_figure, pick_slices
+
+    model.eval()
+    images, truths, preds, titles = [], [], [], []
+    for row in rows[:2]:
+        cid = row["case_id"]
+        case_rows = cache.rows_for([cid])
+        case_rows = case_rows[np.argsort(cache.slice_index[case_rows], kind="stable")]
+        labels = np.moveaxis(np.asarray(cache.labels[case_rows]), 0, -1).astype(bool)
+        for z in pick_slices(labels, k=k):
+            image = np.asarray(cache.images[case_rows[z]], dtype=np.float32)
+            prob = predict_slices(model, image[None], batch_size=1, device=device, amp=amp)[0]
+            images.append(image)
+            truths.append(labels[..., z])
+            preds.append(prob >= 0.5)
+            titles.append(f"{cid} z={z} (3D Dice {row['dice']:.3f})")
+    return overlay_figure(path, images, truths, preds, titles)
+
+
+def write_outputs(out_dir: Path, model, cfg: Config, results: dict[str, Any], cache=None, device="cpu") -> None:
+    """``model/`` (safetensors + config.json), ``metrics.json``, ``per_patient.csv`` and ``overlays.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cache is not None and results["per_patient"]:
+        write_overlays(model, cache, results["per_patient"], out_dir / "overlays.png", device=device, amp=cfg.train.amp)
     ckpt.save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})
     rows = results["per_patient"]
     fields = ["case_id", "split", "dice", "iou", "hd95", "slice_dice"]

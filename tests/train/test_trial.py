@@ -1,0 +1,128 @@
+"""One trial end to end on a tiny phantom: outputs, determinism, reload, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lasegseg.config import Config
+from lasegseg.train.checkpoint import load_model
+from lasegseg.train.trial import TrialData, evaluate, lr_factor, prepare_data, run_trial
+
+
+def _cfg(phantom_dir, **flat):
+    base = {
+        "data.path": str(phantom_dir),
+        "data.image_size": 42,
+        "train.epochs": 2,
+        "train.batch_size": 16,
+        "model.decoder": "linear",
+        "model.mode": "frozen",
+        "optim.lr": 1e-3,
+    }
+    return Config().replace(**{**base, **flat})
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    cfg = _cfg(phantom_dir)
+    out = tmp_path_factory.mktemp("run")
+    seen = []
+    results = run_trial(cfg, out, on_epoch=lambda e, m, s: seen.append((e, m, s)))
+    return cfg, out, results, seen
+
+
+def test_outputs_and_metrics_file(trained):
+    cfg, out, results, seen = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("val_dice", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std", "test_hd95_mean"):
+        assert key in metrics and isinstance(metrics[key], float)
+    assert 0.0 <= metrics["test_dice_mean"] <= 1.0
+    assert metrics["config"] == cfg.to_flat()
+    assert [row["case_id"] for row in metrics["per_patient"]] == metrics["split"]["test"]
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    assert (out / "per_patient.csv").read_text().splitlines()[0].startswith("case_id,split,dice")
+    assert [e for e, _, _ in seen] == [0, 1]
+    assert all(s is None for _, _, s in seen)  # no checkpoint_dir given → no training state written
+    assert max(m["val_dice"] for _, m, _ in seen) == pytest.approx(results["val_dice"])
+
+
+def test_splits_are_patient_level_and_disjoint(trained):
+    _, _, results, _ = trained
+    split = results["split"]
+    sets = [set(split[k]) for k in ("train", "val", "test")]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert sum(map(len, sets)) == 6
+
+
+def test_reloaded_model_reproduces_the_reported_test_metrics(trained):
+    cfg, out, results, _ = trained
+    model, cfg2, _ = load_model(out / "model")
+    assert cfg2 == cfg
+    data = prepare_data(cfg2)
+    rows = evaluate(model, data.cache, data.split.test, device="cpu", amp="off", batch_size=8, full=True)
+    for ours, reported in zip(rows, results["per_patient"]):
+        assert ours["dice"] == pytest.approx(reported["dice"], abs=1e-6)
+
+
+def test_training_is_deterministic_on_cpu(phantom_dir):
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "conv", "model.mode": "finetune"})
+    a = run_trial(cfg)
+    b = run_trial(cfg)
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
+    assert a["test_dice_mean"] == b["test_dice_mean"]
+    c = run_trial(cfg.replace(seed=1))
+    assert c["history"][0]["train_loss"] != a["history"][0]["train_loss"]
+
+
+def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
+    cfg = _cfg(phantom_dir, **{"train.epochs": 3, "model.decoder": "conv", "model.mode": "finetune"})
+    full = run_trial(cfg)
+    states = tmp_path / "state"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, metrics, saved):
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(cfg, checkpoint_dir=states, on_epoch=stop_after_first)
+    resumed = run_trial(cfg, resume_from=states)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    for a, b in zip(full["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    assert resumed["test_dice_mean"] == pytest.approx(full["test_dice_mean"], abs=1e-6)
+
+
+def test_few_shot_rows_follow_the_config(phantom_dir):
+    data = prepare_data(_cfg(phantom_dir, **{"data.patients": 2}))
+    patients = np.unique(data.cache.case_codes[data.train_rows])
+    assert patients.size == 2
+    everything = prepare_data(_cfg(phantom_dir))
+    assert set(data.train_rows) < set(everything.train_rows)
+    assert isinstance(data, TrialData)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    values = [lr_factor(s, 100, 10, 0.01) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] == pytest.approx(0.01, abs=1e-3)
+    assert math.isclose(lr_factor(0, 10, 0, 0.0), 1.0)
+
+
+def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
+    from lasegseg.models.segmenter import build_segmenter
+
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1})
+    run_trial(cfg, tmp_path)
+    model, _, _ = load_model(tmp_path / "model")
+    fresh = build_segmenter(cfg.model)
+    for (name, a), (_, b) in zip(model.backbone.state_dict().items(), fresh.backbone.state_dict().items()):
+        assert torch.equal(a, b), name
