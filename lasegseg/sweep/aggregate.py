@@ -145,6 +145,11 @@ def _parse_params(params: dict[str, str], run_id: str) -> dict[str, Any]:
     return out
 
 
+def _final_metric(metrics: dict[str, float], name: str) -> float:
+    """A trial's final value: ``best_<name>`` where the per-epoch series shares the name (val_dice, val_iou)."""
+    return metrics.get(f"best_{name}", metrics.get(name, math.nan))
+
+
 def load_trials(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
     """One row per FINISHED trial run of ``experiment`` (optionally only the children of ``parent_run_id``).
 
@@ -177,7 +182,7 @@ def load_trials(tracking_uri: str, experiment: str, parent_run_id: str | None = 
                 "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
                 "cell": config_hash(flat, exclude=NOT_HYPERPARAMETERS),
                 **config,
-                **{m: run.data.metrics.get(m, math.nan) for m in TRIAL_METRICS},
+                **{m: _final_metric(run.data.metrics, m) for m in TRIAL_METRICS},
                 **{c: run.data.metrics[c] for c in EXTRA_CELL_COLUMNS if c in run.data.metrics},
             }
         )

@@ -167,7 +167,10 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str,
         raise ConfigError(f"sweep key 'seeds' must be a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"sweep key 'seeds' has duplicates: {seeds}")
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if "seed" in overrides:  # --set seed=N runs that one seed instead of the list
+        seeds = [coerce("seed", overrides.pop("seed"))]
+    for key, value in overrides.items():
         value = coerce(key, value)
         base[key] = value
         grid.pop(key, None)

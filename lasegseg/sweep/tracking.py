@@ -26,7 +26,7 @@ TRIAL_ID = "lasegseg.trial_id"
 CELL = "lasegseg.cell"
 EPOCH_METRICS = ("train_loss", "val_dice", "val_iou", "lr")
 FINAL_METRICS = (
-    "val_dice", "val_iou", "best_epoch", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std",
+    "best_epoch", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std",
     "test_hd95_mean", "test_hd95_std", "test_slice_dice_mean", "test_slice_dice_std", "n_train_slices",
     "n_train_patients",
 )  # fmt: skip
@@ -171,11 +171,20 @@ class TrialTracker:
             run_id = run.info.run_id
             log_params(c, run_id, self.flat)
         else:
-            retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run")
+            run = retry(lambda: c.get_run(run_id), "get run")
+            if run.info.status != "FINISHED":
+                retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run")
             history = retry(lambda: c.get_metric_history(run_id, "train_loss"), "read metric history")
             self.logged_steps = {m.step for m in history}
         self.run_id = run_id
         return run_id
+
+    def finished_results(self) -> dict[str, float] | None:
+        """The final metrics of this trial's run if it already finished (a resumed sweep must not redo it)."""
+        run = retry(lambda: self.client.get_run(self.run_id), "get run")
+        if run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics:
+            return dict(run.data.metrics)
+        return None
 
     def _find_existing(self) -> str | None:
         query = f"tags.`{TRIAL_ID}` = '{self.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
@@ -208,10 +217,14 @@ class TrialTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        # The per-epoch series already use the names val_dice/val_iou; the best epoch's values get their own
+        # names so that "latest value" readers (the UI's table, aggregation) see the final result.
+        final = {**{k: results.get(k) for k in FINAL_METRICS}, "best_val_dice": results.get("val_dice"),
+                 "best_val_iou": results.get("val_iou")}  # fmt: skip
         items = [
-            Metric(k, float(results[k]), now, 0)
-            for k in FINAL_METRICS
-            if isinstance(results.get(k), (int, float)) and math.isfinite(float(results[k]))
+            Metric(k, float(v), now, 0)
+            for k, v in final.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
         ]
         retry(lambda: self.client.log_batch(self.run_id, metrics=items), "log final metrics")
         if artifact_dir is not None:

@@ -19,7 +19,8 @@ def _open_shared_cache(ctx: dict[str, Any], cfg):
 
     path = ctx.get("cache_path")
     if path and Path(path).is_dir():
-        return SliceCache.open(Path(path))
+        # The driver verified the content hashes when it built or opened the cache; a size check suffices here.
+        return SliceCache.open(Path(path), verify="size")
     return open_cache(cfg)
 
 
@@ -60,6 +61,11 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             if (resume_dir / RUN_FILE).is_file():
                 known_run = json.loads((resume_dir / RUN_FILE).read_text())["run_id"]
         run_id = tracker.start(known_run)
+        finished = tracker.finished_results()
+        if finished is not None:
+            # The trial completed before the driver died but Tune never recorded it: report, do not retrain.
+            tune.report({**finished, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
+            return
         if resume_dir is not None:
             state = json.loads((resume_dir / "state.json").read_text())["scalars"]
             tracker.log_history(state.get("history", []))

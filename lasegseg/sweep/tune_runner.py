@@ -31,6 +31,29 @@ def _dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _progress_callback():
+    """One line per finished or failed trial instead of Tune's wide tables."""
+    from ray import tune
+
+    class Lines(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            if "test_dice_mean" in r:
+                print(
+                    f"  done   {trial.trial_id}  {_trial_name(trial).rsplit('·', 1)[0]}: val Dice "
+                    f"{r.get('val_dice', float('nan')):.3f}, test Dice {r['test_dice_mean']:.3f} "
+                    f"({r.get('time_total_s', 0):.0f} s)",
+                    flush=True,
+                )
+            else:
+                print(f"  ended  {trial.trial_id}  {_trial_name(trial).rsplit('·', 1)[0]} (stopped early)", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"  FAILED {trial.trial_id}  {_trial_name(trial).rsplit('·', 1)[0]}: see {trial.path}", flush=True)
+
+    return Lines()
+
+
 def _run_config(name: str, sweep_dir: Path, res):
     from ray import tune
 
@@ -39,7 +62,8 @@ def _run_config(name: str, sweep_dir: Path, res):
         storage_path=str(sweep_dir / "tune"),
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1,
+        callbacks=[_progress_callback()],
+        verbose=0,
     )
 
 
@@ -121,7 +145,7 @@ def run_stages(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bo
             param_space={"trial": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
-                trial_dirname_creator=_dirname,
+                trial_dirname_creator=_dirname, reuse_actors=True,
             ),
             run_config=_run_config("grid", sweep_dir, res),
         )  # fmt: skip
