@@ -18,7 +18,8 @@ TRAIN = ["--image-size", "42", "--epochs", "1", "--decoder", "linear", "--mode",
 
 
 def test_cli_start_up_imports_nothing_heavy():
-    code = "import sys, lasegseg.cli; print(sorted(m for m in ('torch','monai','ray','mlflow','transformers') if m in sys.modules))"
+    heavy = "('torch', 'monai', 'ray', 'mlflow', 'transformers')"
+    code = f"import sys, lasegseg.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

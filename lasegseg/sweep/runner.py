@@ -65,7 +65,9 @@ def _check_pool(spec, trials: list[dict[str, Any]], cache) -> None:
     from lasegseg.data.splits import split_patients
 
     for flat in trials:
-        split = split_patients(cache.cases, flat["data.split_seed"], flat["data.val_fraction"], flat["data.test_fraction"])
+        split = split_patients(
+            cache.cases, flat["data.split_seed"], flat["data.val_fraction"], flat["data.test_fraction"]
+        )
         if flat["data.patients"] > len(split.train):
             raise ConfigError(
                 f"config key 'data.patients' asks for {flat['data.patients']} patients but the training pool "
@@ -87,6 +89,14 @@ def _init_ray(env: dict[str, str], cpus: float | None) -> None:
             include_dashboard=False, runtime_env=runtime_env, num_cpus=int(cpus) if cpus else None,
             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
         )  # fmt: skip
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to open this sweep in the MLflow UI, in the model-training view (not the GenAI one)."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {tracking_uri.rstrip('/')}/{page}"
+    return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  then open http://127.0.0.1:5000/{page}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
     data_path = _resolve_data(args, spec, sweep_dir)
     spec.base["data.path"] = data_path
     trials = spec.trials()
-    print(f"sweep '{name}': {len(trials)} trials" + (f" after screening {len(spec.screening_cells())} cells" if spec.screen else ""))
+    print(
+        f"sweep '{name}': {len(trials)} trials"
+        + (f" after screening {len(spec.screening_cells())} cells" if spec.screen else "")
+    )
     if args.dry_run:
         from lasegseg.config import from_flat, run_name
 
@@ -132,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
 
     from lasegseg.sweep import tracking
 
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(sweep_dir)
+    tracking_uri = (
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(sweep_dir)
+    )
     tracking.check_reachable(tracking_uri)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state_path = sweep_dir / STATE_FILE
@@ -191,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     state["status"] = "finished"
     state_path.write_text(json.dumps(state, indent=2))
     print(f"results: {sweep_dir}  (MLflow: {tracking_uri}, experiment '{name}', parent run {parent_run_id})")
+    print(ui_hint(tracking_uri, experiment_id))
     if failed:
         print(f"{len(failed)} trial(s) failed: " + ", ".join(failed), file=sys.stderr)
         return 1

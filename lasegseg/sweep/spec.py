@@ -79,7 +79,7 @@ class SweepSpec:
         cells: list[dict[str, Any]] = []
         keys = list(self.grid)
         for values in itertools.product(*(self.grid[k] for k in keys)):
-            cells.append(dict(zip(keys, values)))
+            cells.append(dict(zip(keys, values, strict=True)))
         cells.extend(dict(b) for b in self.baselines)
         out, seen = [], set()
         for cell, shot, seed in itertools.product(cells, self.fewshot or [{}], self.seeds):
@@ -163,7 +163,11 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str,
     fewshot = _list_of_maps(raw.get("fewshot"), "fewshot")
     baselines = _list_of_maps(raw.get("baselines"), "baselines")
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise ConfigError(f"sweep key 'seeds' must be a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"sweep key 'seeds' has duplicates: {seeds}")
@@ -229,7 +233,9 @@ def _screen(value: Any, grid: dict[str, list[Any]]) -> Screen | None:
     if raw.get("search", "optuna") != "optuna":
         raise ConfigError(f"sweep key 'screen.search' must be 'optuna', got {raw.get('search')!r}")
     if "optim.lr" in grid:
-        raise ConfigError("sweep key 'screen': the learning rate is either a grid (grid.optim.lr) or screened, not both")
+        raise ConfigError(
+            "sweep key 'screen': the learning rate is either a grid (grid.optim.lr) or screened, not both"
+        )
     try:
         low, high = float(raw["low"]), float(raw["high"])
     except (KeyError, TypeError, ValueError):
@@ -254,7 +260,11 @@ def _resources(value: Any) -> Resources:
     res = Resources()
     for key, item in raw.items():
         typ = int if key in ("max_concurrent", "max_failures") else float
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or (typ is int and not float(item).is_integer()):
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, (int, float))
+            or (typ is int and not float(item).is_integer())
+        ):
             raise ConfigError(f"sweep key 'resources.{key}' expects a {typ.__name__}, got {item!r}")
         if item < 0:
             raise ConfigError(f"sweep key 'resources.{key}' must be >= 0, got {item}")

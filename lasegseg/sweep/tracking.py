@@ -99,9 +99,7 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
 
 def start_parent(tracking_uri: str, experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     c = client(tracking_uri)
-    run = retry(
-        lambda: c.create_run(experiment_id, run_name=name, tags={ROLE: "sweep", **tags}), "create sweep run"
-    )
+    run = retry(lambda: c.create_run(experiment_id, run_name=name, tags={ROLE: "sweep", **tags}), "create sweep run")
     run_id = run.info.run_id
     log_params(c, run_id, params)
     return run_id

@@ -111,6 +111,35 @@ def _loss_fn():
     return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
 
+def train_one_epoch(
+    model, optimizer, loss_fn, images: np.ndarray, labels: np.ndarray, order: np.ndarray, *, batch_size: int,
+    device: torch.device, amp: str, lr_at: Callable[[int], float] | None = None,
+) -> float:  # fmt: skip
+    """One pass over ``order`` (row indices of the cache); returns the mean loss.
+
+    Rows of a batch are read sorted (sequential pages of the memory map); the loss is accumulated on the device
+    so that no step waits for the GPU.
+    """
+    total = torch.zeros((), device=device)
+    steps = 0
+    for start in range(0, len(order), batch_size):
+        idx = np.sort(order[start : start + batch_size])
+        x = torch.from_numpy(images[idx].astype(np.float32))[:, None].to(device, non_blocking=True)
+        y = torch.from_numpy(labels[idx].astype(np.int64))[:, None].to(device, non_blocking=True)
+        if lr_at is not None:
+            factor = lr_at(steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        with autocast_context(device, amp):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        steps += 1
+    return float(total) / max(1, steps)
+
+
 def run_trial(
     cfg: Config,
     out_dir: Path | None = None,
@@ -173,22 +202,13 @@ def run_trial(
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(train_rows)
-        losses = []
-        for start in range(0, len(order), bs):
-            idx = np.sort(order[start : start + bs])
-            x = torch.from_numpy(images[idx].astype(np.float32))[:, None].to(device, non_blocking=True)
-            y = torch.from_numpy(labels[idx].astype(np.int64))[:, None].to(device, non_blocking=True)
-            factor = lr_factor(state["step"], total_steps, warmup, cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            with autocast_context(device, cfg.train.amp):
-                loss = loss_fn(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            state["step"] += 1
-            losses.append(float(loss.detach()))
-        metrics: dict[str, float] = {"train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[-1]["lr"]}
+        step0 = state["step"]
+        mean_loss = train_one_epoch(
+            model, optimizer, loss_fn, images, labels, order, batch_size=bs, device=device, amp=cfg.train.amp,
+            lr_at=lambda i, s0=step0: lr_factor(s0 + i, total_steps, warmup, cfg.optim.min_lr_ratio),
+        )  # fmt: skip
+        state["step"] = step0 + math.ceil(len(order) / bs)
+        metrics: dict[str, float] = {"train_loss": mean_loss, "lr": optimizer.param_groups[-1]["lr"]}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             val = evaluate(model, cache, split.val, device=device, amp=cfg.train.amp, batch_size=bs)
             metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))

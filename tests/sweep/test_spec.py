@@ -52,8 +52,10 @@ def test_screening_cells_are_one_per_backbone_decoder_mode_on_all_data():
     cells = spec.screening_cells()
     assert len(cells) == 4
     assert all(c["data.patients"] == 0 and c["data.fraction"] == 1.0 and c["train.epochs"] == 3 for c in cells)
-    lr = {("tiny", False, d, m): 0.01 * (i + 1) for i, (d, m) in enumerate(
-        [(d, m) for d in ("linear", "multiscale") for m in ("frozen", "finetune")])}
+    lr = {
+        ("tiny", False, d, m): 0.01 * (i + 1)
+        for i, (d, m) in enumerate([(d, m) for d in ("linear", "multiscale") for m in ("frozen", "finetune")])
+    }
     trials = spec.trials(lr_by_cell=lr)
     assert {(t["model.decoder"], t["model.mode"], t["optim.lr"]) for t in trials} == {
         (k[2], k[3], v) for k, v in lr.items()
@@ -93,9 +95,18 @@ def test_shipped_sweep_files_parse():
     assert len(trials) >= 8 and len(decoders) >= 2 and len(modes) >= 2 and len(sizes) >= 2 and len(demo.seeds) >= 2
     paper = load_spec(ROOT / "sweeps" / "configs" / "paper.yaml")
     assert paper.screen is not None and len(paper.seeds) >= 3
-    assert {t["data.image_size"] for t in paper.trials(lr_by_cell={c: 1e-4 for c in map(
-        lambda f: tuple(f[k] for k in ("model.backbone", "model.registers", "model.decoder", "model.mode")),
-        paper.trials())})} == {448}
+    assert {
+        t["data.image_size"]
+        for t in paper.trials(
+            lr_by_cell={
+                c: 1e-4
+                for c in map(
+                    lambda f: tuple(f[k] for k in ("model.backbone", "model.registers", "model.decoder", "model.mode")),
+                    paper.trials(),
+                )
+            }
+        )
+    } == {448}
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):

@@ -141,8 +141,8 @@ def _result_lines(trial_dir: Path) -> list[dict]:
 def _one_trial_yaml(tmp_path: Path, epochs: int) -> Path:
     cfg = tmp_path / "one.yaml"
     cfg.write_text(
-        "name: fault\nbase: {data.image_size: 28, train.epochs: %d, model.decoder: linear, model.mode: finetune}\n"
-        "seeds: [0]\nresources: {cpus_per_trial: 1, max_concurrent: 1, max_failures: 2}\n" % epochs
+        f"name: fault\nbase: {{data.image_size: 28, train.epochs: {epochs}, model.decoder: linear, "
+        "model.mode: finetune}\nseeds: [0]\nresources: {cpus_per_trial: 1, max_concurrent: 1, max_failures: 2}\n"
     )
     return cfg
 

@@ -65,7 +65,7 @@ def test_reloaded_model_reproduces_the_reported_test_metrics(trained):
     assert cfg2 == cfg
     data = prepare_data(cfg2)
     rows = evaluate(model, data.cache, data.split.test, device="cpu", amp="off", batch_size=8, full=True)
-    for ours, reported in zip(rows, results["per_patient"]):
+    for ours, reported in zip(rows, results["per_patient"], strict=True):
         assert ours["dice"] == pytest.approx(reported["dice"], abs=1e-6)
 
 
@@ -95,7 +95,7 @@ def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
         run_trial(cfg, checkpoint_dir=states, on_epoch=stop_after_first)
     resumed = run_trial(cfg, resume_from=states)
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
-    for a, b in zip(full["history"], resumed["history"]):
+    for a, b in zip(full["history"], resumed["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
     assert resumed["test_dice_mean"] == pytest.approx(full["test_dice_mean"], abs=1e-6)
 
@@ -112,7 +112,7 @@ def test_few_shot_rows_follow_the_config(phantom_dir):
 def test_lr_schedule_warms_up_then_decays():
     values = [lr_factor(s, 100, 10, 0.01) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
     assert values[-1] == pytest.approx(0.01, abs=1e-3)
     assert math.isclose(lr_factor(0, 10, 0, 0.0), 1.0)
 
@@ -124,5 +124,5 @@ def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
     run_trial(cfg, tmp_path)
     model, _, _ = load_model(tmp_path / "model")
     fresh = build_segmenter(cfg.model)
-    for (name, a), (_, b) in zip(model.backbone.state_dict().items(), fresh.backbone.state_dict().items()):
+    for (name, a), (_, b) in zip(model.backbone.state_dict().items(), fresh.backbone.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
