@@ -1,0 +1,341 @@
+"""DINOv2 backbones through transformers: named sizes, hub ids, local folders and a tiny random model.
+
+Every backbone — the tiny one included — is loaded with ``from_pretrained`` from a folder or hub id, so tests
+exercise the same path as real weights. The tiny model is created once per cache folder from a fixed seed and
+saved as safetensors under ``<cache>/backbones/tiny[-reg]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lasegseg.errors import ModelError
+
+SIZES = ("small", "base", "large", "giant")
+NONE = "none"
+
+# Multi-layer feature taps per architecture, as in dinov2's depth/segmentation heads (0-based block indices).
+LAYER_INDICES: dict[str, list[int]] = {
+    "tiny": [0, 1, 2, 3],
+    "small": [2, 5, 8, 11],
+    "base": [2, 5, 8, 11],
+    "large": [4, 11, 17, 23],
+    "giant": [9, 19, 29, 39],
+}
+# (hidden_size, num_hidden_layers) → size, so a local copy of e.g. dinov2-large gets the large table.
+_SIZE_BY_ARCH = {(384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"}
+
+# 4 blocks of width 128 on a 14-px patch: 112 px images give an 8×8 grid and ~0.9 M parameters, small enough to
+# train for tens of epochs on two CPU cores.
+TINY_CONFIG: dict[str, object] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "mlp_ratio": 4,
+    "patch_size": 14,
+    "image_size": 112,
+    "layerscale_value": 1.0,
+    "drop_path_rate": 0.0,
+}
+TINY_SEED = 0
+TINY_NUM_REGISTERS = 4
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_FINGERPRINT_BYTES = 4096
+
+
+def list_backbones() -> list[str]:
+    """The backbone short names; any hub id (``org/name``) or local folder is accepted as well."""
+    return ["tiny", *(f"dinov2-{s}" for s in SIZES)]
+
+
+def cache_root() -> Path:
+    """``$LASEGSEG_CACHE`` or ``~/.cache/lasegseg``."""
+    return Path(os.environ.get("LASEGSEG_CACHE") or Path.home() / ".cache" / "lasegseg").expanduser()
+
+
+class Backbone(nn.Module):
+    """A DINOv2 model that maps a grayscale batch to a list of patch-feature maps.
+
+    Args:
+        model: a transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``.
+        layer_indices: 0-based transformer blocks whose (final-layernormed) outputs are returned.
+        source: where the weights came from (hub id or folder), for messages and metadata.
+
+    Attributes:
+        embed_dim: channels of every feature map.
+        patch_size: pixels per patch; inputs are padded right/bottom to a multiple of it.
+        layer_indices: the tapped blocks.
+        num_features_levels: ``len(layer_indices)``.
+    """
+
+    def __init__(self, model: nn.Module, layer_indices: list[int], *, source: str) -> None:
+        super().__init__()
+        cfg = model.config
+        if not layer_indices or not all(0 <= i < cfg.num_hidden_layers for i in layer_indices):
+            raise ModelError(
+                f"backbone '{source}': layer indices {layer_indices} outside 0..{cfg.num_hidden_layers - 1}"
+            )
+        self.model = model
+        self.source = source
+        self.embed_dim = int(cfg.hidden_size)
+        self.patch_size = int(cfg.patch_size)
+        self.layer_indices = list(layer_indices)
+        self.num_features_levels = len(self.layer_indices)
+        self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        # The mask token only serves masked-image pre-training; it never gets a gradient here.
+        mask_token = getattr(model.embeddings, "mask_token", None)
+        if mask_token is not None:
+            mask_token.requires_grad_(False)
+        # Identity of the weights as loaded; it must survive fine-tuning and LoRA so checkpoints can be checked.
+        self.source_fingerprint = weights_fingerprint(model)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of a batch.
+
+        Args:
+            x: ``(B, 1, H, W)`` intensity-normalised grayscale in [0, 1].
+
+        Returns:
+            ``num_features_levels`` maps of shape ``(B, embed_dim, ceil(H / p), ceil(W / p))``; the last row/column
+            of patches covers the zero padding when H or W is not a multiple of ``patch_size``.
+        """
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected a (B, 1, H, W) batch, got shape {tuple(x.shape)}")
+        b, _, height, width = x.shape
+        p = self.patch_size
+        pad_h, pad_w = -height % p, -width % p
+        if pad_h or pad_w:
+            # Padding before normalisation: 0 is the dark MRI background the model sees elsewhere.
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        h, w = (height + pad_h) // p, (width + pad_w) // p
+        hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states
+        norm = self.model.layernorm
+        # hidden[0] is the embedding output, hidden[i + 1] the output of block i.
+        return [
+            norm(hidden[i + 1][:, self.num_prefix_tokens :]).reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
+            for i in self.layer_indices
+        ]
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute block activations in the backward pass (memory for time; worth it for large/giant).
+
+        Args:
+            enabled: turn it on or off.
+        """
+        model = self.model
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).
+        if hasattr(model, "activation_checkpointing_enable"):
+            enable, disable, kwargs_name = (
+                model.activation_checkpointing_enable,
+                model.activation_checkpointing_disable,
+                "activation_checkpointing_kwargs",
+            )
+        else:
+            enable, disable, kwargs_name = (
+                model.gradient_checkpointing_enable,
+                model.gradient_checkpointing_disable,
+                "gradient_checkpointing_kwargs",
+            )
+        if enabled:
+            # Non-reentrant checkpointing also works when the block inputs need no grad (frozen embeddings, LoRA).
+            enable(**{kwargs_name: {"use_reentrant": False}})
+        else:
+            disable()
+
+
+def build_backbone(name: str, *, registers: bool = False, gradient_checkpointing: bool = False) -> Backbone:
+    """Load a DINOv2 backbone.
+
+    Args:
+        name: ``tiny``, ``dinov2-small|base|large|giant``, a hub id (``org/name``) or a local folder.
+        registers: pick the with-registers variant of ``tiny`` and the named sizes; a hub id or folder is what
+            its config says, and asking for registers on one without them is an error.
+        gradient_checkpointing: recompute activations in backward (for large/giant when fine-tuning).
+    """
+    source, size, local = _resolve(name, registers=registers)
+    model = _load(source, local=local)
+    has_registers = model.config.model_type == "dinov2_with_registers"
+    if registers and not has_registers:
+        raise ModelError(f"model.registers=true but backbone '{name}' ({source}) is a DINOv2 without registers")
+    if size is None:
+        size = _SIZE_BY_ARCH.get((model.config.hidden_size, model.config.num_hidden_layers))
+    indices = LAYER_INDICES[size] if size else _even_indices(model.config.num_hidden_layers)
+    backbone = Backbone(model, indices, source=source)
+    if gradient_checkpointing:
+        backbone.set_gradient_checkpointing(True)
+    return backbone
+
+
+def tiny_backbone_dir(*, registers: bool = False) -> Path:
+    """The folder of the tiny random DINOv2, created on first use (safe when processes race).
+
+    Args:
+        registers: the with-registers variant (``tiny-reg``).
+    """
+    final = cache_root() / "backbones" / ("tiny-reg" if registers else "tiny")
+    if not (final / "config.json").is_file():
+        _create_tiny(final, registers=registers)
+    return final
+
+
+def fingerprint(backbone: Backbone) -> str:
+    """Identity of the pretrained weights ``backbone`` was loaded from (see :func:`weights_fingerprint`).
+
+    It is taken at load time, so it stays the same while the backbone is fine-tuned or gets LoRA adapters: a
+    checkpoint of any mode stores it, and a rebuild from the same source gives the same value.
+
+    Args:
+        backbone: a backbone from :func:`build_backbone`.
+    """
+    return backbone.source_fingerprint
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A cheap hash of a model's current weights: sha256 over names, shapes, dtypes and each tensor's first 4 KiB.
+
+    LoRA adapters are ignored and peft's ``base_layer`` renaming is undone, so injecting LoRA leaves it unchanged.
+
+    Args:
+        model: any module (the transformers DINOv2 model for a backbone).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        data = tensor.detach().reshape(-1)[: max(1, _FINGERPRINT_BYTES // tensor.element_size())]
+        digest.update(f"{name.replace('.base_layer', '')}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(data.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_backbone_name(name: str, *, registers: bool = False) -> None:
+    """Fail early on a name :func:`build_backbone` cannot resolve, without loading or creating anything.
+
+    Args:
+        name: as for :func:`build_backbone`; a hub id is accepted without contacting the hub.
+        registers: as for :func:`build_backbone`.
+    """
+    _resolve(name, registers=registers, create=False)
+
+
+def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, str | None, bool]:
+    """``name`` → (source for ``from_pretrained``, size key of the layer table or None, source is local)."""
+    if name == NONE:
+        raise ModelError("backbone 'none' has no model (it selects the decoder-only baseline, model.decoder=unet)")
+    if name == "tiny":
+        return str(tiny_backbone_dir(registers=registers) if create else "tiny"), "tiny", True
+    if name.startswith("dinov2-") and name.removeprefix("dinov2-") in SIZES:
+        size = name.removeprefix("dinov2-")
+        return f"facebook/dinov2-{'with-registers-' if registers else ''}{size}", size, False
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path), None, True
+    if _HUB_ID.match(name) and not name.startswith("."):
+        return name, None, False
+    if os.sep in name or "/" in name or name.startswith(("~", ".")):
+        raise ModelError(f"backbone folder '{name}' does not exist")
+    raise ModelError(
+        f"unknown backbone '{name}' (valid names: {', '.join(list_backbones())}, a hub id org/name or a local folder)"
+    )
+
+
+def _load(source: str, *, local: bool) -> nn.Module:
+    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+
+    classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+    where = "folder" if local else "hub id"
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+        if config.model_type not in classes:
+            raise ModelError(f"backbone {where} '{source}' holds a '{config.model_type}' model, not DINOv2")
+        # A local load takes milliseconds: its progress bars would only clutter every trial's log.
+        with _progress_bars(enabled=not local):
+            return classes[config.model_type].from_pretrained(
+                source, config=config, attn_implementation="sdpa", local_files_only=local
+            )
+    except ModelError:
+        raise
+    except Exception as exc:  # hub/IO failures come as many types; report them as one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load backbone {where} '{source}': {reason}") from exc
+
+
+@contextlib.contextmanager
+def _progress_bars(*, enabled: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _even_indices(num_layers: int, n: int = 4) -> list[int]:
+    """``n`` evenly spaced blocks ending at the last one (12 layers → [2, 5, 8, 11])."""
+    if num_layers <= n:
+        return list(range(num_layers))
+    return [round((k + 1) * num_layers / n) - 1 for k in range(n)]
+
+
+def _create_tiny(final: Path, *, registers: bool) -> None:
+    """Write the tiny model to a temporary sibling folder and rename it into place atomically."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    if registers:
+        model: nn.Module = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(**TINY_CONFIG, num_register_tokens=TINY_NUM_REGISTERS)
+        )
+    else:
+        model = Dinov2Model(Dinov2Config(**TINY_CONFIG))
+    _seed_weights(model, TINY_SEED)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        with _progress_bars(enabled=False):
+            model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            # Another process won the race and its folder is complete (rename is atomic); keep that one.
+            if not (final / "config.json").is_file():
+                raise ModelError(f"cannot create the tiny backbone at '{final}' (remove that folder): {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _seed_weights(model: nn.Module, seed: int) -> None:
+    """Redraw every randomly initialised tensor from numpy's PCG64 so the tiny weights do not depend on the torch
+    version or its RNG; constant tensors (norms, biases, layer scales, zero tokens) keep their init."""
+    rng = np.random.default_rng(seed)
+    std = 0.02  # transformers' initializer_range for DINOv2
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            flat = param.reshape(-1)
+            if param.numel() > 1 and not bool((flat == flat[0]).all()):
+                values = rng.standard_normal(param.shape)
+                # Truncated at 2 std like trunc_normal_: redraw the tails rather than clip them.
+                while (tails := np.abs(values) > 2.0).any():
+                    values[tails] = rng.standard_normal(int(tails.sum()))
+                param.copy_(torch.from_numpy((values * std).astype(np.float32)))

@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lasegseg.errors import ModelError
+from lasegseg.models import backbones
+from lasegseg.models.backbones import (
+    LAYER_INDICES,
+    Backbone,
+    build_backbone,
+    check_backbone_name,
+    fingerprint,
+    list_backbones,
+    tiny_backbone_dir,
+    weights_fingerprint,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Batches here are tiny: extra threads only add overhead, and they spin badly when other jobs share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lasegseg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache(monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> Path:
+    monkeypatch.setenv("LASEGSEG_CACHE", str(shared_cache))
+    return shared_cache
+
+
+def _weights(backbone: Backbone) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in backbone.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_tiny_is_saved_as_safetensors_and_reloaded(_cache: Path, registers: bool) -> None:
+    first = build_backbone("tiny", registers=registers)
+    folder = _cache / "backbones" / ("tiny-reg" if registers else "tiny")
+    assert tiny_backbone_dir(registers=registers) == folder
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert first.source == str(folder)
+    second = build_backbone("tiny", registers=registers)
+    a, b = _weights(first), _weights(second)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fingerprint(first) == fingerprint(second)
+    assert first.num_prefix_tokens == (1 + backbones.TINY_NUM_REGISTERS if registers else 1)
+
+
+def test_tiny_weights_do_not_depend_on_the_cache_or_global_seed(tmp_path: Path, monkeypatch) -> None:
+    reference = fingerprint(build_backbone("tiny"))
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    torch.manual_seed(1234)
+    fresh = build_backbone("tiny")
+    assert fresh.source == str(tmp_path / "backbones" / "tiny")
+    assert fingerprint(fresh) == reference
+
+
+def test_tiny_creation_race_keeps_the_first_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    folder = tiny_backbone_dir()
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    # A second process that finished creating after the first one must neither fail nor leave its temp folder.
+    backbones._create_tiny(folder, registers=False)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
+
+
+def test_tiny_layer_table_and_attributes() -> None:
+    backbone = build_backbone("tiny")
+    assert backbone.layer_indices == LAYER_INDICES["tiny"]
+    assert backbone.num_features_levels == len(backbone.layer_indices) == 4
+    assert backbone.embed_dim == backbones.TINY_CONFIG["hidden_size"]
+    assert backbone.patch_size == 14
+    assert backbone.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "expected"),
+    [(12, [2, 5, 8, 11]), (24, [5, 11, 17, 23]), (40, [9, 19, 29, 39]), (4, [0, 1, 2, 3]), (2, [0, 1])],
+)
+def test_even_indices_for_unknown_architectures(num_layers: int, expected: list[int]) -> None:
+    assert backbones._even_indices(num_layers) == expected
+
+
+def test_named_size_tables_are_dinov2s() -> None:
+    assert LAYER_INDICES["small"] == LAYER_INDICES["base"] == [2, 5, 8, 11]
+    assert LAYER_INDICES["large"] == [4, 11, 17, 23]
+    assert LAYER_INDICES["giant"] == [9, 19, 29, 39]
+
+
+@pytest.mark.parametrize(
+    ("name", "registers", "hub_id"),
+    [
+        ("dinov2-small", False, "facebook/dinov2-small"),
+        ("dinov2-giant", False, "facebook/dinov2-giant"),
+        ("dinov2-large", True, "facebook/dinov2-with-registers-large"),
+        ("someone/my-dinov2", False, "someone/my-dinov2"),
+    ],
+)
+def test_names_resolve_to_hub_ids_without_loading(name: str, registers: bool, hub_id: str) -> None:
+    source, _, local = backbones._resolve(name, registers=registers)
+    assert (source, local) == (hub_id, False)
+
+
+@pytest.mark.parametrize("registers", [False, True])
+@pytest.mark.parametrize("size", [(112, 112), (100, 100), (98, 127)])
+def test_forward_shapes(registers: bool, size: tuple[int, int]) -> None:
+    backbone = build_backbone("tiny", registers=registers)
+    torch.manual_seed(0)
+    feats = backbone(torch.rand(2, 1, *size))
+    grid = (math.ceil(size[0] / 14), math.ceil(size[1] / 14))
+    assert len(feats) == backbone.num_features_levels
+    for f in feats:
+        assert f.shape == (2, backbone.embed_dim, *grid)
+        assert torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_last_level_is_the_final_layernormed_patch_tokens(registers: bool) -> None:
+    backbone = build_backbone("tiny", registers=registers)
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 112, 112)
+    with torch.no_grad():
+        last = backbone(x)[-1]
+        mean = torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(backbones.IMAGENET_STD).view(1, 3, 1, 1)
+        tokens = backbone.model(pixel_values=(x.repeat(1, 3, 1, 1) - mean) / std).last_hidden_state
+    patches = tokens[:, backbone.num_prefix_tokens :].reshape(2, 8, 8, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(last, patches)
+
+
+def test_padding_is_zero_at_right_and_bottom() -> None:
+    backbone = build_backbone("tiny")
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 100, 103)
+    with torch.no_grad():
+        padded = backbone(F.pad(x, (0, 9, 0, 12)))
+        auto = backbone(x)
+    for a, b in zip(auto, padded, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_rejects_non_grayscale_input() -> None:
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        build_backbone("tiny")(torch.rand(1, 3, 112, 112))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 112, 112)
+    grads = []
+    for enabled in (False, True):
+        backbone = build_backbone("tiny", gradient_checkpointing=enabled).train()
+        sum(f.square().mean() for f in backbone(x)).backward()
+        grads.append({n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_local_folder_is_loaded_like_any_source() -> None:
+    folder = tiny_backbone_dir()
+    backbone = build_backbone(str(folder))
+    assert backbone.source == str(folder)
+    assert backbone.layer_indices == [0, 1, 2, 3]
+    assert fingerprint(backbone) == fingerprint(build_backbone("tiny"))
+
+
+def test_fingerprint_identifies_the_source_not_the_trained_weights() -> None:
+    backbone = build_backbone("tiny")
+    before = fingerprint(backbone)
+    assert before == weights_fingerprint(backbone.model)
+    with torch.no_grad():
+        backbone.model.embeddings.patch_embeddings.projection.weight.view(-1)[0] += 1.0
+    assert weights_fingerprint(backbone.model) != before
+    assert fingerprint(backbone) == before
+
+
+def test_check_backbone_name_loads_nothing(_cache: Path) -> None:
+    for name in ["tiny", "dinov2-base", "org/model", str(_cache)]:
+        check_backbone_name(name, registers=True)
+    with pytest.raises(ModelError, match="unknown backbone"):
+        check_backbone_name("tinyy")
+    with pytest.raises(ModelError, match="does not exist"):
+        check_backbone_name("./missing")
+
+
+def test_check_backbone_name_does_not_create_the_tiny_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    check_backbone_name("tiny")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["dinov2-huge", "vit-small", "tinyy"])
+def test_unknown_short_name_lists_valid_names(name: str) -> None:
+    with pytest.raises(ModelError, match=f"unknown backbone '{name}'") as err:
+        build_backbone(name)
+    for valid in list_backbones():
+        assert valid in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["/no/such/folder", "./missing", "~/no-such-lasegseg-backbone/x/y"])
+def test_missing_local_folder_is_named(name: str) -> None:
+    with pytest.raises(ModelError, match=f"backbone folder '{name}' does not exist"):
+        build_backbone(name)
+
+
+def test_none_is_not_a_backbone() -> None:
+    with pytest.raises(ModelError, match="unet"):
+        build_backbone("none")
+
+
+def test_unloadable_folder_gives_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="cannot load backbone folder") as err:
+        build_backbone(str(tmp_path))
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_folder_with_another_model_type(tmp_path: Path) -> None:
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ModelError, match="'vit' model, not DINOv2"):
+        build_backbone(str(tmp_path))
+
+
+def test_registers_requested_on_a_folder_without_them() -> None:
+    with pytest.raises(ModelError, match="without registers"):
+        build_backbone(str(tiny_backbone_dir()), registers=True)
