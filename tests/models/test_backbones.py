@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,26 +19,6 @@ from lasegseg.models.backbones import (
     tiny_backbone_dir,
     weights_fingerprint,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Batches here are tiny: extra threads only add overhead, and they spin badly when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lasegseg-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> Path:
-    monkeypatch.setenv("LASEGSEG_CACHE", str(shared_cache))
-    return shared_cache
 
 
 def _weights(backbone: Backbone) -> dict[str, torch.Tensor]:

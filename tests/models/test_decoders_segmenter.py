@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,25 +30,6 @@ CASES = [
     (name, mode) for name in list_decoders() for mode in (MODES if decoder_spec(name).needs_backbone else MODES[1:2])
 ]
 CASE_IDS = [f"{name}-{mode}" for name, mode in CASES]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Batches here are tiny: extra threads only add overhead, and they spin badly when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lasegseg-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> None:
-    monkeypatch.setenv("LASEGSEG_CACHE", str(shared_cache))
 
 
 def _build(decoder: str, mode: str, seed: int = 0, **kw) -> Segmenter:
