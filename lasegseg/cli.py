@@ -106,19 +106,21 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
 
+    from lasegseg.api import load_model
     from lasegseg.errors import DataError
-    from lasegseg.export.predict import output_path_for, predict_file
-    from lasegseg.train.checkpoint import load_model
-    from lasegseg.train.trial import pick_device
+    from lasegseg.export.predict import output_path_for
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     files = _expand_inputs(args.inputs)
     out = Path(args.out)
     single = len(files) == 1 and out.name.endswith(VOLUME_SUFFIXES)
     if len(files) > 1 and out.name.endswith(VOLUME_SUFFIXES):
         raise DataError(f"{out}: several inputs need an output folder, not a file name")
-    device = pick_device(args.device)
-    model, cfg, _ = load_model(Path(args.model), map_location=device)
-    model.to(device)
+    names = [p.name for p in files]
+    if not single and len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{dup}: several inputs share this name; their masks would overwrite each other")
+    predictor = load_model(args.model, device=args.device, tracking_uri=args.tracking_uri)
     if not single:
         out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -129,9 +131,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         iterator = tqdm(files, desc="predict", unit="vol")
     for path in iterator:
         rows.append(
-            predict_file(
-                model, cfg, path, output_path_for(path, out, single), device=device,
-                batch_size=args.batch_size, largest_cc=args.largest_cc, flip_tta=args.tta,
+            predictor.predict_file(
+                path, output_path_for(path, out, single), batch_size=args.batch_size, largest_cc=args.largest_cc,
+                tta=args.tta,
             )
         )  # fmt: skip
     csv_path = out.with_name(out.name.split(".")[0] + "_volumes.csv") if single else out / "volumes.csv"
@@ -141,6 +143,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     for row in rows:
         print(f"{row['output']}: LA volume {row['la_volume_ml']:.2f} mL")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lasegseg.export.export import check_metric, export_best
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    check_metric(args.metric)  # before touching the store
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise LasegsegError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    out = Path(args.out or Path("runs") / args.experiment / "best")
+    result = export_best(
+        uri, args.experiment, out, metric=args.metric, parent_run_id=args.parent_run, register=args.register,
+        ensemble=args.ensemble,
+    )  # fmt: skip
+    stat = result["cell_metrics"]
+    members = f", ensemble of {len(result['ensemble'])}" if result["ensemble"] else ""
+    print(
+        f"best cell {result['cell']} by mean {args.metric} over {result['n']} seed(s): "
+        f"val Dice {stat['val_dice']['mean']:.4f}, test Dice {stat['test_dice_mean']['mean']:.4f} "
+        f"± {stat['test_dice_mean']['std']:.4f}; run {result['run_id']}{members} → {out}"
+    )
+    if "registered" in result:
+        reg = result["registered"]
+        print(f"registered models:/{reg['name']}/{reg['version']} (alias models:/{reg['name']}@{reg['alias']})")
     return 0
 
 
@@ -196,14 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment volumes with a trained model folder")
-    p.add_argument("model", help="model folder (config.json + model.safetensors)")
+    p = sub.add_parser("predict", help="segment volumes with a model folder, an export or a registered model")
+    p.add_argument(
+        "model", help="export folder, run model folder (config.json + model.safetensors), models:/NAME@ALIAS or "
+        "models:/NAME/VERSION"
+    )  # fmt: skip
     p.add_argument("inputs", nargs="+", help=".nii.gz/.nii/.nrrd files or folders of them")
     p.add_argument("--out", required=True, help="mask file (one input) or output folder")
     p.add_argument("--largest-cc", action="store_true", help="keep only the largest connected component")
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument("--tracking-uri", default=None, help="for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -214,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")
     p.add_argument("--no-log", action="store_true", help="do not attach the summary to the sweep's MLflow run")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("export", help="export the best cell's model (chosen on validation) and register it")
+    p.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    p.add_argument("--metric", default="val_dice", help="rank cells by: val_dice (default) or val_iou")
+    p.add_argument("--out", default=None, help="export folder (default: runs/<experiment>/best)")
+    p.add_argument("--register", default=None, metavar="NAME", help="register as MLflow model NAME, alias champion")
+    p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")
+    p.add_argument("--ensemble", action="store_true", help="export every seed of the best cell; predict averages them")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

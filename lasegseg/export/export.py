@@ -1,0 +1,363 @@
+"""Choose a sweep's best cell on validation, export its weights with a model card, and register it in MLflow.
+
+Selection never looks at test metrics: cells are ranked by the mean over seeds of a validation metric (from
+:func:`lasegseg.sweep.aggregate.summarize`), and within the best cell the seed run with the best value of that
+metric is exported (or every seed, with ``ensemble=True``). The registered model version points at the run's own
+``model/`` artifact (safetensors + config.json); nothing is pickled and loading rebuilds the model from its config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lasegseg.errors import LasegsegError
+
+SELECTION_METRICS = ("val_dice", "val_iou")
+"""Metrics a model may be chosen on. Test metrics are reported, never used for the choice."""
+CHAMPION = "champion"
+METRICS_FILE = "metrics.json"
+MODEL_CARD = "MODEL_CARD.md"
+MEMBERS = "members"
+_CARD_METRICS = ("test_dice_mean", "test_iou_mean", "test_hd95_mean", "val_dice", "val_iou")
+
+
+@dataclass
+class Selection:
+    """The chosen cell and its runs.
+
+    Args:
+        metric: the validation metric the cells were ranked by.
+        cell: the cell's summary row (config columns, ``cell``, ``n``, ``seeds``, ``<metric>_mean`` …).
+        trials: the cell's finished trial rows, best ``metric`` first.
+        stats: ``{metric: {"mean": …, "std": …}}`` over the cell's seeds for test and validation metrics.
+    """
+
+    metric: str
+    cell: dict[str, Any]
+    trials: pd.DataFrame
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def best_run_id(self) -> str:
+        return str(self.trials["run_id"].iloc[0])
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [str(r) for r in self.trials["run_id"]]
+
+
+def check_metric(metric: str) -> None:
+    """Refuse test metrics (choosing on test leaks it into the result) and unknown names."""
+    if metric.startswith("test"):
+        raise LasegsegError(
+            f"metric '{metric}' is a test metric: a model is chosen on validation only "
+            f"(use one of {', '.join(SELECTION_METRICS)})"
+        )
+    if metric not in SELECTION_METRICS:
+        raise LasegsegError(f"unknown selection metric '{metric}' (use one of {', '.join(SELECTION_METRICS)})")
+
+
+def _nan_to_none(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return None if pd.isna(value) else (value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return value
+
+
+def select_best(
+    tracking_uri: str, experiment: str, metric: str = "val_dice", parent_run_id: str | None = None
+) -> Selection:
+    """The best cell of ``experiment`` by the mean over seeds of ``metric``, and its runs best first.
+
+    Raises:
+        LasegsegError: test or unknown metric, unreachable store, unknown experiment, no finished trial, or a metric
+            no finished trial logged.
+    """
+    from lasegseg.sweep.aggregate import load_trials, summarize
+
+    check_metric(metric)
+    trials = load_trials(tracking_uri, experiment, parent_run_id)
+    if trials[metric].isna().all():
+        raise LasegsegError(f"metric '{metric}' was not logged by any finished trial of experiment '{experiment}'")
+    summary = summarize(trials)
+    # summarize() ranks by val_dice; other metrics are ranked by their own mean over the same cells.
+    summary[f"{metric}_rank"] = summary["cell"].map(trials.groupby("cell")[metric].mean())
+    summary = summary.sort_values(f"{metric}_rank", ascending=False, na_position="last", kind="stable")
+    best = summary.iloc[0]
+    runs = trials[trials["cell"] == best["cell"]].sort_values(metric, ascending=False, na_position="last")
+    if runs.empty:  # the two hashes disagree only if a run logged a partial config
+        raise LasegsegError(f"experiment '{experiment}': no trial run matches the best cell {best['cell']}")
+    stats = {}
+    for m in _CARD_METRICS:
+        values = runs[m].dropna().astype(float)
+        stats[m] = {
+            "mean": float(values.mean()) if len(values) else math.nan,
+            "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+        }
+    cell = {k: _nan_to_none(v) for k, v in best.drop(labels=[f"{metric}_rank"]).items()}
+    return Selection(metric=metric, cell=cell, trials=runs.reset_index(drop=True), stats=stats)
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def _download(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        return Path(
+            download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri)
+        )
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a missing artifact
+        raise LasegsegError(f"run {run_id}: cannot download artifact '{artifact_path}' ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _copy_model(src: Path, dst: Path, run_id: str) -> dict[str, Any]:
+    """Copy a run's ``model/`` folder unchanged (so its hash stays valid) after checking the hash."""
+    from lasegseg.train.checkpoint import CONFIG, WEIGHTS, read_model_config, sha256_file
+
+    meta = read_model_config(src)
+    if not (src / WEIGHTS).is_file():
+        raise LasegsegError(f"run {run_id}: artifact model/{WEIGHTS} is missing")
+    if sha256_file(src / WEIGHTS) != meta.get("weights_sha256"):
+        raise LasegsegError(f"run {run_id}: artifact model/{WEIGHTS} does not match its SHA-256 in {CONFIG}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, CONFIG):
+        shutil.copy2(src / name, dst / name)
+    return meta
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    obj = _nan_to_none(obj)
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def export_best(
+    tracking_uri: str,
+    experiment: str,
+    out: str | Path,
+    *,
+    metric: str = "val_dice",
+    parent_run_id: str | None = None,
+    register: str | None = None,
+    ensemble: bool = False,
+) -> dict[str, Any]:
+    """Select on validation, then write ``out`` (atomically) and optionally register the chosen run.
+
+    ``out`` holds ``model.safetensors`` and ``config.json`` (the chosen run's, byte for byte), ``metrics.json``
+    (the cell's mean/std over seeds, run ids, experiment, tracking URI, selection metric) and ``MODEL_CARD.md``.
+    With ``ensemble``, every seed's model is also copied to ``members/<run name>/`` and listed in metrics.json;
+    :func:`lasegseg.api.load_model` then averages the members' probabilities.
+
+    Returns:
+        the metrics.json payload, plus ``registered`` (``{"name", "version", "alias"}``) when registered.
+    """
+    from lasegseg.train.checkpoint import atomic_dir, commit_dir, write_json_atomic
+
+    start = time.perf_counter()
+    selection = select_best(tracking_uri, experiment, metric, parent_run_id)
+    out = Path(out)
+    tmp = atomic_dir(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lasegseg-export-") as dl:
+            best = selection.best_run_id
+            model_dir = _download(tracking_uri, best, "model", Path(dl) / best)
+            meta = _copy_model(model_dir, tmp, best)
+            run_metrics = json.loads(_download(tracking_uri, best, METRICS_FILE, Path(dl) / best).read_text())
+            members = []
+            if ensemble:
+                for row in selection.trials.itertuples(index=False):
+                    member_dir = _download(tracking_uri, row.run_id, "model", Path(dl) / row.run_id)
+                    rel = f"{MEMBERS}/{_safe_name(row.run_name, row.run_id)}"
+                    _copy_model(member_dir, tmp / rel, row.run_id)
+                    members.append(rel)
+        payload = _metrics_payload(selection, tracking_uri, experiment, run_metrics, members)
+        payload["registered_name"] = register
+        write_json_atomic(tmp / METRICS_FILE, _json_safe(payload))
+        (tmp / MODEL_CARD).write_text(model_card(selection, meta["config"], payload), encoding="utf-8")
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if register:
+        payload["registered"] = register_run(tracking_uri, register, selection)
+    payload["export_seconds"] = time.perf_counter() - start
+    return payload
+
+
+def _safe_name(run_name: Any, run_id: str) -> str:
+    text = str(run_name or run_id)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("._") or run_id
+
+
+def _metrics_payload(
+    selection: Selection, tracking_uri: str, experiment: str, run_metrics: dict[str, Any], members: list[str]
+) -> dict[str, Any]:
+    best = selection.trials.iloc[0]
+    split = run_metrics.get("split", {})
+    return {
+        "experiment": experiment,
+        "tracking_uri": tracking_uri,
+        "selection_metric": selection.metric,
+        "selection": f"best cell by mean {selection.metric} over seeds, then the seed with the best {selection.metric}",
+        "cell": selection.cell["cell"],
+        "n": int(selection.cell["n"]),
+        "seeds": selection.cell.get("seeds", ""),
+        "run_id": selection.best_run_id,
+        "run_name": best.get("run_name"),
+        "run_ids": selection.run_ids,
+        "ensemble": members,
+        "cell_metrics": selection.stats,
+        "run_metrics": {m: best.get(m) for m in _CARD_METRICS},
+        "n_train_patients": run_metrics.get("n_train_patients"),
+        "split_sizes": {k: len(v) for k, v in split.items()},
+        "split": split,
+    }
+
+
+def _pm(stat: dict[str, float], fmt: str = ".3f") -> str:
+    mean, std = stat.get("mean"), stat.get("std")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return format(mean, fmt)
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, Any]) -> str:
+    """A Markdown model card: data, splits, model, preprocessing, metrics ± std over seeds, use, limits, loading."""
+    sizes = payload["split_sizes"]
+    n_train = payload.get("n_train_patients")
+    patients = config.get("data.patients", 0)
+    fraction = config.get("data.fraction", 1.0)
+    fewshot = "all training patients"
+    if patients:
+        fewshot = f"{patients} training patients"
+    elif fraction < 1:
+        fewshot = f"{fraction:g} of the training slices"
+    path = str(config.get("data.path", ""))
+    phantom = "phantom" in path.lower()
+    st = payload["cell_metrics"]
+    n = payload["n"]
+    name = payload.get("registered_name") or "NAME"
+    registers = " (with registers)" if config.get("model.registers") else ""
+    lines = [
+        f"# LA segmenter — {config.get('model.backbone')} · {config.get('model.decoder')} · {config.get('model.mode')}",
+        "",
+        f"Best cell of MLflow experiment `{payload['experiment']}` ({payload['tracking_uri']}) by the mean "
+        f"{selection.metric} over {n} seed(s); exported run `{payload['run_id']}` ({payload['run_name']}).",
+        "",
+        "## Data",
+        f"- Dataset: `{path}` (layout `{config.get('data.layout')}`)" + (" — a synthetic phantom" if phantom else ""),
+        f"- Patient-level split (seed {config.get('data.split_seed')}): train {sizes.get('train', '?')}, "
+        f"validation {sizes.get('val', '?')}, test {sizes.get('test', '?')} patients",
+        f"- Few-shot subset: {fewshot}" + (f" ({n_train} patients trained on)" if n_train is not None else ""),
+        "",
+        "## Model",
+        f"- Backbone: `{config.get('model.backbone')}`{registers}",
+        f"- Decoder: `{config.get('model.decoder')}` (width {config.get('model.decoder_width')})",
+        f"- Mode: `{config.get('model.mode')}`",
+        f"- Training: lr {config.get('optim.lr')}, {config.get('train.epochs')} epochs, "
+        f"batch {config.get('train.batch_size')}",
+        "",
+        "## Preprocessing",
+        f"- Axial slices of the RAS+ canonical volume, intensities clipped at percentiles {config.get('data.clip_low')}"
+        f"–{config.get('data.clip_high')} and scaled to [0, 1], resized to {config.get('data.image_size')}² px;",
+        "  the mask is resampled back to the native grid and written with the input's affine/header.",
+        "",
+        f"## Metrics (mean ± sample std over {n} seed(s) of the cell)",
+        "| metric | cell | exported run |",
+        "|---|---|---|",
+    ]
+    for m in _CARD_METRICS:
+        run_value = payload["run_metrics"].get(m)
+        shown = "–" if run_value is None or pd.isna(run_value) else f"{run_value:.3f}"
+        lines.append(f"| {m} | {_pm(st.get(m, {}))} | {shown} |")
+    if payload["ensemble"]:
+        lines += ["", f"Ensemble: {len(payload['ensemble'])} members (one per seed), probabilities averaged."]
+    lines += [
+        "",
+        "## Intended use",
+        "Research only: studying DINOv2 segmenters of the left atrium in MRI. **Not for clinical use**, diagnosis or",
+        "treatment decisions.",
+        "",
+        "## Limits",
+        f"- Trained on {n_train if n_train is not None else sizes.get('train', '?')} patients of one dataset; "
+        "expect lower accuracy on other scanners, sequences and pathologies.",
+        f"- Test metrics come from {sizes.get('test', '?')} patient(s); with few seeds the ± std is itself uncertain.",
+    ]
+    if phantom:
+        lines.append("- Trained on a synthetic phantom: a pipeline demonstration, meaningless on real scans.")
+    lines += [
+        "",
+        "## How to load it",
+        "```bash",
+        "lasegseg predict THIS_FOLDER scan.nii.gz --out mask.nii.gz          # or a folder of scans → --out masks/",
+        f"lasegseg predict models:/{name}@{CHAMPION} scan.nii.gz --out mask.nii.gz --tracking-uri URI",
+        "```",
+        "```python",
+        "import lasegseg",
+        'model = lasegseg.load_model("THIS_FOLDER")   # verifies the SHA-256, rebuilds from config.json, no pickle',
+        "mask = model.predict_volume(array, affine=affine)   # boolean mask, same shape as array",
+        'model.predict_file("scan.nii.gz", "mask.nii.gz")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- registry
+
+
+def register_run(tracking_uri: str, name: str, selection: Selection) -> dict[str, Any]:
+    """Register the chosen run's ``model/`` artifact folder as a new version of ``name`` with alias ``champion``.
+
+    The version's source is the artifact folder itself (safetensors + config.json), not an MLflow flavour, so it
+    loads with :func:`lasegseg.api.load_model` without pickle. The version is tagged with the cell's metrics.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id = selection.best_run_id
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="lasegseg LA segmenter (safetensors + config.json)")
+        run = client.get_run(run_id)
+        tags = {
+            "lasegseg.cell": str(selection.cell["cell"]),
+            "lasegseg.selection_metric": selection.metric,
+            "lasegseg.seeds": str(selection.cell.get("seeds", "")),
+        }
+        for m, stat in selection.stats.items():
+            for k in ("mean", "std"):
+                if stat[k] is not None and math.isfinite(stat[k]):
+                    tags[f"{m}_{k}"] = f"{stat[k]:.6g}"
+        version = client.create_model_version(
+            name, source=run.info.artifact_uri.rstrip("/") + "/model", run_id=run_id, tags=tags
+        )
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    except MlflowException as exc:
+        raise LasegsegError(f"cannot register model '{name}' at {tracking_uri}: {_first_line(exc)}") from None
+    return {"name": name, "version": int(version.version), "alias": CHAMPION}
