@@ -95,7 +95,9 @@ def select_best(
     summary[f"{metric}_rank"] = summary["cell"].map(trials.groupby("cell")[metric].mean())
     summary = summary.sort_values(f"{metric}_rank", ascending=False, na_position="last", kind="stable")
     best = summary.iloc[0]
-    runs = trials[trials["cell"] == best["cell"]].sort_values(metric, ascending=False, na_position="last")
+    runs = trials[trials["cell"] == best["cell"]].sort_values(
+        [metric, "seed"], ascending=[False, True], na_position="last", kind="stable"
+    )
     if runs.empty:  # the two hashes disagree only if a run logged a partial config
         raise LasegsegError(f"experiment '{experiment}': no trial run matches the best cell {best['cell']}")
     stats = {}
@@ -276,8 +278,8 @@ def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, 
         f"- Backbone: `{config.get('model.backbone')}`{registers}",
         f"- Decoder: `{config.get('model.decoder')}` (width {config.get('model.decoder_width')})",
         f"- Mode: `{config.get('model.mode')}`",
-        f"- Training: lr {config.get('optim.lr')}, {config.get('train.epochs')} epochs, "
-        f"batch {config.get('train.batch_size')}",
+        f"- Training: lr {config.get('optim.lr')}, epochs {config.get('train.epochs')}, "
+        f"batch size {config.get('train.batch_size')}",
         "",
         "## Preprocessing",
         f"- Axial slices of the RAS+ canonical volume, intensities clipped at percentiles {config.get('data.clip_low')}"
