@@ -178,9 +178,9 @@ def resolve_registered(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise LasegsegError(f"{uri}: no tracking URI; pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    from lasegseg.sweep.aggregate import _check_reachable
+    from lasegseg.sweep.tracking import check_reachable
 
-    _check_reachable(tracking_uri)
+    check_reachable(tracking_uri, timeout=5.0, must_exist=True)
     name, alias, version = match["name"], match["alias"], match["version"]
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:

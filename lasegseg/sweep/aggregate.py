@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 
 from lasegseg.config import coerce, config_hash, config_keys
 from lasegseg.errors import ConfigError, LasegsegError
+from lasegseg.sweep.tracking import check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _tracking(tracking_uri: str) -> Iterator[Any]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    _check_reachable(tracking_uri)
+    check_reachable(tracking_uri, timeout=_CONNECT_TIMEOUT_S, must_exist=True)
     is_http = urlparse(tracking_uri).scheme in ("http", "https")
     # MLflow retries an unreachable server for minutes by default; within this call, retry briefly
     # (unless the user chose their own values).
@@ -78,25 +78,6 @@ def _tracking(tracking_uri: str) -> Iterator[Any]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _check_reachable(tracking_uri: str) -> None:
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname or "", port), timeout=_CONNECT_TIMEOUT_S).close()
-        except OSError as exc:
-            raise LasegsegError(f"cannot reach MLflow tracking server {tracking_uri}: {exc}") from None
-    elif parsed.scheme == "sqlite":
-        # Reading must not silently create an empty database at a mistyped path.
-        db = tracking_uri.removeprefix("sqlite:///")
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise LasegsegError(f"no MLflow database at {tracking_uri} (file {db} does not exist)")
-    elif parsed.scheme in ("", "file"):
-        root = parsed.path if parsed.scheme == "file" else tracking_uri
-        if not Path(root).is_dir():
-            raise LasegsegError(f"no MLflow tracking folder at {tracking_uri}")
 
 
 def _first_line(exc: BaseException) -> str:

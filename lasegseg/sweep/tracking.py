@@ -58,23 +58,42 @@ def default_tracking_uri(sweep_dir: Path) -> str:
     return f"sqlite:///{(Path(sweep_dir) / 'mlflow.db').resolve()}"
 
 
-def check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
-    """Fail fast with one line when an http(s) tracking server does not answer."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
+def check_reachable(tracking_uri: str, timeout: float = 10.0, *, must_exist: bool = False) -> None:
+    """Fail fast with one line when an http(s) tracking server does not answer.
 
-    url = tracking_uri.rstrip("/") + "/health"
-    try:
-        urllib.request.urlopen(url, timeout=timeout).read()  # noqa: S310 - the user's own tracking server
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            return  # reachable; credentials are checked by the first real call
-        raise LasegsegError(f"tracking URI {tracking_uri} answered HTTP {exc.code} on /health") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise LasegsegError(f"tracking URI {tracking_uri} is unreachable ({reason})") from None
+    Args:
+        tracking_uri: the MLflow URI.
+        timeout: seconds to wait for the server's ``/health``.
+        must_exist: for readers: a local sqlite file or store folder must already exist (MLflow would otherwise
+            create an empty one at a mistyped path).
+    """
+    from urllib.parse import urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(url, timeout=timeout).read()  # noqa: S310 - the user's own tracking server
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                return  # reachable; credentials are checked by the first real call
+            raise LasegsegError(f"tracking URI {tracking_uri} answered HTTP {exc.code} on /health") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise LasegsegError(f"tracking URI {tracking_uri} is unreachable ({reason})") from None
+    elif not must_exist:
+        return
+    elif parsed.scheme == "sqlite":
+        db = tracking_uri.removeprefix("sqlite:///")
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise LasegsegError(f"no MLflow database at {tracking_uri} (file {db} does not exist)")
+    elif parsed.scheme in ("", "file"):
+        root = parsed.path if parsed.scheme == "file" else tracking_uri
+        if not Path(root).is_dir():
+            raise LasegsegError(f"no MLflow tracking folder at {tracking_uri}")
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
