@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -177,6 +178,8 @@ def _postgres_uri() -> str:
     uri = os.environ.get("LASEGSEG_TEST_PG_URI")
     if not uri:
         pytest.skip('no PostgreSQL for the tests: run `eval "$(.ci/postgres)"` (CI does) to set LASEGSEG_TEST_PG_URI')
+    if not re.search(r"/\w*(ci|test)\w*$", uri):
+        pytest.skip(f"{uri}: the test wipes this database, so its name must contain 'ci' or 'test'")
     pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
     pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (Flask-WTF)")
     return uri
