@@ -76,6 +76,8 @@ def _check_pool(spec, trials: list[dict[str, Any]], cache) -> None:
 
 
 def _init_ray(env: dict[str, str], cpus: float | None) -> None:
+    # Per-epoch checkpoints of short trials trip Tune's "snapshotting too often" warning; it is expected here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     if ray.is_initialized():
