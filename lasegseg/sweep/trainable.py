@@ -46,6 +46,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tune_ctx = tune.get_context()
     trial_dir = Path(tune_ctx.get_trial_dir())
     tracker = None
+    work = Path(tempfile.mkdtemp(prefix="lasegseg-trial-"))
     try:
         cfg = from_flat(flat)
         flat = cfg.to_flat()
@@ -53,7 +54,6 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], tune_ctx.get_trial_id(),
             run_name(cfg), flat, stage=ctx.get("stage", "trial"),
         )  # fmt: skip
-        work = Path(tempfile.mkdtemp(prefix="lasegseg-trial-"))
         resume_dir, known_run = None, None
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -85,8 +85,10 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracker.finish(results, artifact_dir=out)
         final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tune.report({**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
-        shutil.rmtree(work, ignore_errors=True)
     except Exception as exc:
         if tracker is not None:
             tracker.fail(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise
+    finally:
+        # Checkpoints were handed to Tune (copied to its storage); the scratch copies go on every exit path.
+        shutil.rmtree(work, ignore_errors=True)
