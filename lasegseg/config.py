@@ -20,6 +20,7 @@ PATCH_SIZE = 14
 MODES = ("frozen", "finetune", "lora")
 LAYOUTS = ("auto", "msd", "lasc2018", "lascarqs", "generic")
 AMP_CHOICES = ("auto", "bf16", "off")
+AUGMENT_CHOICES = ("none", "flip", "spatial")
 
 
 @dataclass
@@ -89,12 +90,27 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Epochs, batch size and numerics of one trial."""
+    """Epochs, batch size, augmentation and numerics of one trial.
+
+    Args:
+        epochs: passes over the few-shot training slices.
+        batch_size: slices per optimizer step (and per inference batch).
+        amp: ``auto`` (bf16 autocast on GPU only), ``bf16`` or ``off``.
+        eval_every: validate every this many epochs (and after the last).
+        augment: ``none``, ``flip`` (random horizontal/vertical flips) or ``spatial`` (flips plus small rotations
+            and scales), applied to each batch in torch, seeded from the trial seed.
+        feature_cache: in frozen mode without spatial augmentation, compute the backbone features of every slice
+            once (fp16, memory-mapped on disk) and train/evaluate the decoder on them.
+        compile: ``torch.compile`` the decoder (frozen) or the whole model (finetune/lora).
+    """
 
     epochs: int = 40
     batch_size: int = 16
     amp: str = "auto"
     eval_every: int = 1
+    augment: str = "none"
+    feature_cache: bool = True
+    compile: bool = False
 
 
 @dataclass
@@ -252,6 +268,11 @@ def validate_config(cfg: Config) -> None:
         (t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}"),
         (t.amp in AMP_CHOICES, "train.amp", f"must be one of {', '.join(AMP_CHOICES)}, got '{t.amp}'"),
         (t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}"),
+        (
+            t.augment in AUGMENT_CHOICES,
+            "train.augment",
+            f"must be one of {', '.join(AUGMENT_CHOICES)}, got '{t.augment}'",
+        ),
     ]
     for ok, key, message in checks:
         if not ok:

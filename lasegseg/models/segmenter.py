@@ -10,7 +10,9 @@ back from the backbone source) and :func:`checkpoint_metadata` records their fin
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,13 +20,16 @@ from torch import nn
 
 from lasegseg.config import MODES, ModelConfig
 from lasegseg.errors import ConfigError, ModelError
-from lasegseg.models.backbones import NONE, Backbone, build_backbone, check_backbone_name, fingerprint
+from lasegseg.models.backbones import NONE, Backbone, build_backbone, cache_root, check_backbone_name, fingerprint
 from lasegseg.models.decoders import create_decoder, decoder_spec
 
 NUM_CLASSES = 2
 # Layers from which gradient checkpointing pays off (dinov2-large has 24, giant 40).
 _CHECKPOINTING_MIN_LAYERS = 24
 _NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "register_tokens", "position_embeddings", "level_weights")
+# The last backbone loaded in this process, as loaded: a reused worker deep-copies it instead of reading and
+# parsing the weights again for every trial. One entry only, since a giant backbone is gigabytes.
+_BACKBONE_TEMPLATE: dict[tuple, Backbone] = {}
 
 
 class Segmenter(nn.Module):
@@ -132,7 +137,7 @@ def build_segmenter(model_cfg: ModelConfig, *, gradient_checkpointing: bool | No
         )
         return Segmenter(None, decoder.to(memory_format=torch.channels_last), mode=model_cfg.mode)
 
-    backbone = build_backbone(model_cfg.backbone, registers=model_cfg.registers)
+    backbone = load_backbone(model_cfg.backbone, registers=model_cfg.registers)
     decoder = create_decoder(
         model_cfg.decoder,
         embed_dim=backbone.embed_dim,
@@ -155,6 +160,30 @@ def build_segmenter(model_cfg: ModelConfig, *, gradient_checkpointing: bool | No
     if gradient_checkpointing:
         backbone.set_gradient_checkpointing(True)
     return Segmenter(backbone, decoder, mode=model_cfg.mode).train()
+
+
+def load_backbone(name: str, *, registers: bool = False) -> Backbone:
+    """A fresh copy of a backbone, read from its source once per process and deep-copied afterwards.
+
+    Args:
+        name: as for :func:`~lasegseg.models.backbones.build_backbone`.
+        registers: as for :func:`~lasegseg.models.backbones.build_backbone`.
+    """
+    key = (name, registers, str(cache_root()), _folder_stamp(name))
+    template = _BACKBONE_TEMPLATE.get(key)
+    if template is None:
+        template = build_backbone(name, registers=registers)
+        _BACKBONE_TEMPLATE.clear()
+        _BACKBONE_TEMPLATE[key] = template
+    return copy.deepcopy(template)
+
+
+def _folder_stamp(name: str) -> tuple:
+    """Modification times of a local backbone folder's files, so weights replaced on disk are read again."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file()))
 
 
 def _inject_lora(backbone: Backbone, model_cfg: ModelConfig) -> None:

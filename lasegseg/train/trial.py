@@ -7,6 +7,7 @@ Pure compute: no ray, no mlflow. A sweep drives it through ``on_epoch`` (report 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,19 +20,33 @@ import torch
 
 from lasegseg.config import Config, run_name
 from lasegseg.train import checkpoint as ckpt
+from lasegseg.train.features import FeatureCache, compute_precision, get_or_build_features, to_device
 from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native
+from lasegseg.train.losses import DiceCELoss
 from lasegseg.train.metrics import case_metrics, dice_iou, summarize
 
+logger = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float], "Path | None"], None]
+# Spatial augmentation: rotations up to ±10°, isotropic scales in [0.9, 1.1].
+_MAX_ROTATION = math.radians(10.0)
+_MAX_SCALE_STEP = 0.1
 
 
 @dataclass
 class TrialData:
-    """The cached slices and the patient split a trial trains and evaluates on."""
+    """The cached slices and the patient split a trial trains and evaluates on.
+
+    Args:
+        cache: the slice cache.
+        split: the patient split.
+        train_rows: this trial's few-shot training rows.
+        features: frozen-backbone features over the cache (a sweep driver builds them once); used when they fit.
+    """
 
     cache: Any
     split: Any
     train_rows: np.ndarray
+    features: FeatureCache | None = None
 
 
 def open_cache(cfg: Config):
@@ -76,24 +91,55 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def predict_case(model, cache, case_id: str, *, device, amp: str, batch_size: int) -> np.ndarray:
-    """Boolean (X, Y, Z) prediction of one cached case at its native resolution."""
+@torch.inference_mode()
+def predict_cached_slices(
+    model, features: FeatureCache, cache, rows: np.ndarray, *, batch_size: int, device, amp: str
+) -> np.ndarray:
+    """Foreground probabilities of cache ``rows`` decoded from cached features (as :func:`predict_slices`)."""
+    device = torch.device(device)
+    out = np.empty((len(rows), *cache.images.shape[1:]), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        x = to_device(torch.from_numpy(np.asarray(cache.images[idx]))[:, None], device).float()
+        feats = features.batch(idx, device)
+        with autocast_context(device, amp):
+            prob = torch.softmax(model.decode(feats, x).float(), dim=1)[:, 1]
+        out[start : start + len(idx)] = prob.float().cpu().numpy()
+    return out
+
+
+def predict_case(
+    model, cache, case_id: str, *, device, amp: str, batch_size: int, features: FeatureCache | None = None
+) -> np.ndarray:
+    """Boolean (X, Y, Z) prediction of one cached case at its native resolution.
+
+    Args:
+        features: decode from these cached backbone features instead of running the backbone.
+    """
     rows = cache.rows_for([case_id])
     rows = rows[np.argsort(cache.slice_index[rows], kind="stable")]
-    probs = predict_slices(model, cache.images[rows], batch_size=batch_size, device=device, amp=amp)
+    if features is not None:
+        probs = predict_cached_slices(model, features, cache, rows, batch_size=batch_size, device=device, amp=amp)
+    else:
+        probs = predict_slices(model, cache.images[rows], batch_size=batch_size, device=device, amp=amp)
     shape = cache.native_shape(case_id)
     return probabilities_to_native(probs, (shape[0], shape[1])) >= 0.5
 
 
 def evaluate(
-    model, cache, case_ids: Sequence[str], *, device, amp: str, batch_size: int, full: bool = False
-) -> list[dict[str, Any]]:
-    """Per-patient 3D metrics at native resolution; ``full`` adds HD95 and per-slice Dice (test)."""
+    model, cache, case_ids: Sequence[str], *, device, amp: str, batch_size: int, full: bool = False,
+    features: FeatureCache | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Per-patient 3D metrics at native resolution; ``full`` adds HD95 and per-slice Dice (test).
+
+    Args:
+        features: cached backbone features (frozen mode) to decode from instead of running the backbone.
+    """
     was_training = model.training
     model.eval()
     rows = []
     for cid in case_ids:
-        pred = predict_case(model, cache, cid, device=device, amp=amp, batch_size=batch_size)
+        pred = predict_case(model, cache, cid, device=device, amp=amp, batch_size=batch_size, features=features)
         ref = cache.native_label(cid)
         if full:
             rows.append({"case_id": cid, **case_metrics(pred, ref, cache.spacing(cid))})
@@ -105,39 +151,128 @@ def evaluate(
 
 
 def _loss_fn():
-    from monai.losses import DiceCELoss
+    # MONAI's DiceCELoss(to_onehot_y=True, softmax=True, batch=True) in plain torch: importing MONAI costs ~8 s
+    # per fresh worker process. batch=True pools the Dice over the batch so slices without LA give no 0/0 terms.
+    return DiceCELoss()
 
-    # batch=True pools the Dice over the batch so slices without LA do not give 0/0 terms.
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, kind: str, generator: torch.Generator):
+    """Random flips (``flip``) plus small rotations and scales (``spatial``) of an image/label batch.
+
+    Args:
+        x: ``(B, 1, H, W)`` float images.
+        y: ``(B, 1, H, W)`` integer labels.
+        kind: ``none``, ``flip`` or ``spatial``.
+        generator: a CPU generator seeded from the trial seed and epoch (the draw is the same on any device).
+    """
+    if kind == "none":
+        return x, y
+    b = x.shape[0]
+    flips = torch.rand(b, 2, generator=generator) < 0.5
+    sign = 1.0 - 2.0 * flips.float()  # -1 flips the axis
+    if kind == "flip":
+        for axis, dim in ((0, -1), (1, -2)):
+            sel = flips[:, axis].to(x.device)
+            if bool(flips[:, axis].any()):
+                x = torch.where(sel[:, None, None, None], x.flip(dim), x)
+                y = torch.where(sel[:, None, None, None], y.flip(dim), y)
+        return x, y
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * _MAX_ROTATION
+    scale = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * _MAX_SCALE_STEP
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * sign[:, 0], -sin, torch.zeros(b)], 1),
+            torch.stack([sin, cos * sign[:, 1], torch.zeros(b)], 1),
+        ],
+        dim=1,
+    ).to(x.device, x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = torch.nn.functional.grid_sample(y.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return x, y.long()
 
 
 def train_one_epoch(
     model, optimizer, loss_fn, images: np.ndarray, labels: np.ndarray, order: np.ndarray, *, batch_size: int,
     device: torch.device, amp: str, lr_at: Callable[[int], float] | None = None,
+    features: FeatureCache | None = None, forward: Callable | None = None, augment: str = "none",
+    generator: torch.Generator | None = None, before_step: Callable[[], None] | None = None,
 ) -> float:  # fmt: skip
     """One pass over ``order`` (row indices of the cache); returns the mean loss.
 
-    Rows of a batch are read sorted (sequential pages of the memory map); the loss is accumulated on the device
-    so that no step waits for the GPU.
+    Rows of a batch are read sorted (sequential pages of the memory map); fp16/uint8 cross to the device (pinned,
+    non-blocking on CUDA) and are widened there; the loss is accumulated on the device so no step waits for the GPU.
+
+    Args:
+        features: train the decoder on these cached backbone features (frozen mode, no augmentation).
+        forward: the callable that maps the batch to logits (e.g. a compiled model or decoder); default ``model``,
+            or ``model.decode`` with ``features``.
+        augment: ``train.augment`` applied to each batch (never with ``features``).
+        generator: seeds the augmentation.
+        before_step: called right before every optimizer step (timings).
     """
+    if features is not None and augment != "none":
+        raise ValueError("cached features cannot be augmented")
+    if forward is None:
+        forward = model.decode if features is not None else model
     total = torch.zeros((), device=device)
     steps = 0
     for start in range(0, len(order), batch_size):
         idx = np.sort(order[start : start + batch_size])
-        x = torch.from_numpy(images[idx].astype(np.float32))[:, None].to(device, non_blocking=True)
-        y = torch.from_numpy(labels[idx].astype(np.int64))[:, None].to(device, non_blocking=True)
+        x = to_device(torch.from_numpy(np.asarray(images[idx]))[:, None], device).float()
+        y = to_device(torch.from_numpy(np.asarray(labels[idx]))[:, None], device).long()
+        if augment != "none":
+            x, y = augment_batch(x, y, augment, generator)
         if lr_at is not None:
             factor = lr_at(steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
         with autocast_context(device, amp):
-            loss = loss_fn(model(x).float(), y)
+            logits = forward(features.batch(idx, device), x) if features is not None else forward(x)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if before_step is not None:
+            before_step()
         optimizer.step()
         total += loss.detach()
         steps += 1
     return float(total) / max(1, steps)
+
+
+def _trial_features(cfg: Config, model, data: TrialData, device: torch.device) -> FeatureCache | None:
+    """The cached features this trial trains on, or None when it runs the backbone (see ``train.feature_cache``)."""
+    if not model.frozen or not cfg.train.feature_cache:
+        return None
+    if cfg.train.augment == "spatial":
+        logger.warning("feature cache off: spatial augmentation changes the backbone input every epoch")
+        return None
+    if cfg.train.augment != "none":
+        logger.warning("feature cache off: %s augmentation changes the backbone input every epoch", cfg.train.augment)
+        return None
+    given = data.features
+    if (
+        given is not None
+        and given.matches(model.backbone, data.cache)
+        and given.manifest.get("precision") == compute_precision(device, cfg.train.amp)
+    ):
+        return given
+    return get_or_build_features(
+        model.backbone, data.cache, device=device, amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size)
+    )
+
+
+def _compiled_forward(cfg: Config, model, features: FeatureCache | None) -> Callable | None:
+    """``torch.compile`` of what the training step calls (the decoder on cached features, else the whole model).
+
+    The module itself stays uncompiled, so checkpoints keep their parameter names.
+    """
+    if not cfg.train.compile:
+        return None
+    if features is not None:
+        return torch.compile(model.decode)
+    return torch.compile(model)
 
 
 def run_trial(
@@ -150,6 +285,7 @@ def run_trial(
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model and return its metrics (also written to ``out_dir``).
 
@@ -162,6 +298,8 @@ def run_trial(
         on_epoch: called after every epoch with (epoch, metrics, training-state folder or None).
         checkpoint_dir: write the resumable training state here after every epoch.
         resume_from: a training-state folder to continue from.
+        timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step)
+            and ``feature_cache`` (bool), for a sweep's fixed-cost accounting.
     """
     from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, param_groups, state_for_checkpoint
 
@@ -171,8 +309,16 @@ def run_trial(
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    timings = {} if timings is None else timings
 
     model = build_segmenter(cfg.model).to(device)
+    features = _trial_features(cfg, model, data, device)
+    timings["feature_cache"] = features is not None
+    forward = _compiled_forward(cfg, model, features)
+
+    def before_step() -> None:
+        timings.setdefault("first_step_at", time.time())
+
     groups = param_groups(model, cfg.optim.lr, cfg.model.backbone_lr_mult, cfg.optim.weight_decay)
     for group in groups:
         group["base_lr"] = group["lr"]
@@ -203,14 +349,17 @@ def run_trial(
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(train_rows)
         step0 = state["step"]
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 1]).integers(2**62)))
         mean_loss = train_one_epoch(
             model, optimizer, loss_fn, images, labels, order, batch_size=bs, device=device, amp=cfg.train.amp,
             lr_at=lambda i, s0=step0: lr_factor(s0 + i, total_steps, warmup, cfg.optim.min_lr_ratio),
+            features=features, forward=forward, augment=cfg.train.augment, generator=generator,
+            before_step=before_step if "first_step_at" not in timings else None,
         )  # fmt: skip
         state["step"] = step0 + math.ceil(len(order) / bs)
         metrics: dict[str, float] = {"train_loss": mean_loss, "lr": optimizer.param_groups[-1]["lr"]}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            val = evaluate(model, cache, split.val, device=device, amp=cfg.train.amp, batch_size=bs)
+            val = evaluate(model, cache, split.val, device=device, amp=cfg.train.amp, batch_size=bs, features=features)
             metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
             metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
             if metrics["val_dice"] > state["best_val_dice"]:
@@ -233,7 +382,9 @@ def run_trial(
 
     if best_weights is not None:
         load_checkpoint_state(model, {k: v.to(device) for k, v in best_weights.items()})
-    test_rows = evaluate(model, cache, split.test, device=device, amp=cfg.train.amp, batch_size=bs, full=True)
+    test_rows = evaluate(
+        model, cache, split.test, device=device, amp=cfg.train.amp, batch_size=bs, full=True, features=features
+    )
     for row in test_rows:
         row["split"] = "test"
     results: dict[str, Any] = {
@@ -247,6 +398,7 @@ def run_trial(
         "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
         "per_patient": test_rows,
         "history": state["history"],
+        "feature_cache": features is not None,
     }
     if out_dir is not None:
         write_outputs(Path(out_dir), model, cfg, results, cache=cache, device=device)
