@@ -7,9 +7,12 @@ message alone.
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import logging
 import os
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +32,16 @@ from lasegseg.errors import DataError
 # Refuse volumes whose decoded data would exceed this many bytes: a corrupt or hostile header must not make us
 # allocate (or try to allocate) terabytes. The largest real LA scans (640² × 88 float32) are ~150 MB.
 MAX_VOLUME_BYTES = 2 * 1024**3
+# Header plus extensions before the voxel data; real NIfTI extensions (DICOM dumps, CIFTI XML) are well below this.
+MAX_HEADER_BYTES = 16 * 1024**2
+# Deflate cannot compress better than about 1032:1, so a .gz of N bytes cannot hold more than this many times N.
+_GZIP_MAX_RATIO = 1100
+# Above this, a compressed payload is counted (decompressed and discarded in chunks) before nibabel allocates the
+# whole array: a small truncated .nii.gz must not make us reserve gigabytes for data that is not there.
+_STREAM_CHECK_BYTES = 64 * 1024**2
+# pynrrd skips 'line skip' lines one readline() at a time; an absurd value would spin for ever on an empty file.
+_MAX_LINE_SKIP = 100_000
+_CHUNK = 1024**2
 
 NIFTI_EXTS = (".nii.gz", ".nii")
 NRRD_EXTS = (".nrrd",)
@@ -108,6 +121,8 @@ def read_volume(path: str | os.PathLike, *, label: bool = False) -> Volume:
     fmt = volume_format(path)
     if not path.is_file():
         raise VolumeError(path, "missing file" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise VolumeError(path, "empty file (0 bytes)")
     data, affine, header = _read_nifti(path) if fmt == "nifti" else _read_nrrd(path)
     if not label:
         data = data.astype(np.float32, copy=False)
@@ -116,33 +131,170 @@ def read_volume(path: str | os.PathLike, *, label: bool = False) -> Volume:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     with _reading(path, "NIfTI"):
+        _check_nifti_extensions(path)
         # mmap=False: the data is copied anyway and an open memory map would pin the file (Windows, atomic writes).
         img = nib.load(path, mmap=False)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise VolumeError(path, f"not a NIfTI image ({type(img).__name__})")
+        dtype = img.header.get_data_dtype()
+        _check_dtype(path, dtype)
         shape = tuple(int(s) for s in img.header.get_data_shape())
-        _check_size(path, shape, img.header.get_data_dtype().itemsize)
+        _check_size(path, shape, dtype.itemsize)
         shape3 = _spatial_shape(path, shape)
+        offset = float(img.header.get_data_offset())
+        if not np.isfinite(offset) or offset < 0:
+            raise VolumeError(path, f"header vox_offset {offset:g} is not a valid data offset")
+        _check_payload(path, int(offset) + int(np.prod(shape, dtype=object)) * dtype.itemsize)
         affine = np.asarray(img.affine, dtype=np.float64)
         data = np.asarray(img.dataobj).reshape(shape3)
     _check_affine(path, affine)
     return data, affine, img.header.copy()
 
 
+def _check_nifti_extensions(path: Path) -> None:
+    """Walk the NIfTI extension table with bounded reads before nibabel does.
+
+    nibabel reads each extension with one ``read(esize)`` (esize up to 2 GiB) whatever the file holds, so a
+    400-byte hostile file could make it reserve a gigabyte. Mirrors nibabel's own header parsing (magic picks the
+    class; nibabel guesses the byte order) so the table walked is the one nibabel would read.
+    """
+    with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as fh:
+        head = fh.read(nib.Nifti2Header.sizeof_hdr + 4)
+        klass = None
+        if head[344:347] in (b"n+1", b"ni1"):
+            klass = nib.Nifti1Header
+        elif head[4:7] in (b"n+2", b"ni2"):
+            klass = nib.Nifti2Header
+        # Anything else nibabel refuses from the header alone, without reading further.
+        if klass is None or len(head) < klass.sizeof_hdr + 4 or head[klass.sizeof_hdr] == 0:
+            return
+        hdr = klass(head[: klass.sizeof_hdr], check=True)
+        start = klass.sizeof_hdr + 4
+        vox_offset = float(hdr["vox_offset"])
+        if not np.isfinite(vox_offset) or vox_offset > MAX_HEADER_BYTES:
+            raise VolumeError(path, f"header vox_offset {vox_offset:g} is not a plausible data offset")
+        remaining = int(vox_offset) - start
+        fh.seek(start)
+        while remaining >= 16:
+            ext = fh.read(8)
+            if len(ext) < 8:
+                return  # nibabel reports the short read itself
+            esize = int(np.frombuffer(ext, dtype=hdr.endianness + "i4")[0])
+            if esize < 16 or esize > remaining:
+                raise VolumeError(path, f"header extension of {esize} bytes does not fit before the data")
+            fh.seek(esize - 8, os.SEEK_CUR)
+            remaining -= esize
+
+
+def _check_payload(path: Path, needed: int) -> None:
+    """The file holds at least ``needed`` bytes (header + data), checked without allocating them."""
+    have = path.stat().st_size
+    if not path.name.lower().endswith(".gz"):
+        if have < needed:
+            raise VolumeError(
+                path, f"truncated or corrupt NIfTI file (the header needs {needed} bytes, the file has {have})"
+            )
+        return
+    if needed > have * _GZIP_MAX_RATIO:
+        reason = f"the header needs {needed} bytes, more than {have} gzip bytes can hold"
+        raise VolumeError(path, f"truncated or corrupt gzip ({reason})")
+    if needed > _STREAM_CHECK_BYTES:
+        with gzip.open(path, "rb") as fh:
+            fh.seek(needed - 1)
+            if not fh.read(1):
+                raise VolumeError(
+                    path, f"truncated or corrupt gzip (the header needs {needed} bytes, the stream has fewer)"
+                )
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    # Complex voxels would silently lose their imaginary part and RGB (structured) ones cannot become intensities.
+    if dtype.kind not in "iuf":
+        raise VolumeError(path, f"unsupported voxel type {dtype} (need integer or real scalars)")
+
+
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     with _reading(path, "NRRD"):
-        header = nrrd.read_header(str(path))
+        with open(path, "rb") as fh:
+            header = nrrd.read_header(fh)
+            data_start = fh.tell()
         shape = tuple(int(s) for s in np.atleast_1d(header.get("sizes", ())))
         kind = str(header.get("type", "")).strip().lower()
         if kind not in _NRRD_ITEMSIZE:
             raise VolumeError(path, f"unsupported NRRD type '{kind}'")
         _check_size(path, shape, _NRRD_ITEMSIZE[kind])
         affine, spatial = _nrrd_affine(path, header, shape)
+        nbytes = int(np.prod(shape, dtype=object)) * _NRRD_ITEMSIZE[kind]
+        _check_nrrd_payload(path, header, data_start, nbytes)
         data, header = nrrd.read(str(path), index_order="F")
         # Axes that are not spatial must be singletons (checked in _nrrd_affine); drop them.
         data = np.asarray(data).reshape(tuple(shape[i] for i in spatial))
     _check_affine(path, affine)
     return data, affine, dict(header)
+
+
+def _check_nrrd_payload(path: Path, header: dict, data_start: int, nbytes: int) -> None:
+    """Refuse what pynrrd would read unboundedly: a data file elsewhere, absurd skips, a decompression bomb."""
+    line_skip = int(header.get("line skip", header.get("lineskip", 0)))
+    byte_skip = int(header.get("byte skip", header.get("byteskip", 0)))
+    if not 0 <= line_skip <= _MAX_LINE_SKIP:
+        raise VolumeError(path, f"NRRD 'line skip' {line_skip} is out of range (0 to {_MAX_LINE_SKIP})")
+    if byte_skip < -1 or byte_skip > MAX_HEADER_BYTES:
+        raise VolumeError(path, f"NRRD 'byte skip' {byte_skip} is out of range (-1 to {MAX_HEADER_BYTES})")
+    source, start = path, data_start
+    name = header.get("data file", header.get("datafile"))
+    if name is not None:
+        source, start = _nrrd_data_file(path, str(name).strip()), 0
+    encoding = str(header.get("encoding", "")).strip().lower()
+    if encoding not in ("gzip", "gz", "bzip2", "bz2"):
+        return  # raw and text data are read as stored: bounded by the file's own size
+    # pynrrd decompresses the whole stream before comparing with the sizes; count it first, in bounded chunks.
+    limit = nbytes + max(byte_skip, 0) + _CHUNK
+    with open(source, "rb") as fh:
+        fh.seek(start)
+        for _ in range(line_skip):
+            fh.readline()
+        if _decompressed_exceeds(fh, encoding.startswith("gz"), limit):
+            raise VolumeError(path, f"compressed data holds more than the {nbytes} bytes its 'sizes' need")
+
+
+def _decompressed_exceeds(fh, gz: bool, limit: int) -> bool:
+    """Whether the compressed stream in ``fh`` inflates to more than ``limit`` bytes, holding 1 MiB at a time."""
+    total = 0
+    if gz:
+        dec = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        pending = b""
+        while not dec.eof:
+            pending = pending or fh.read(_CHUNK)
+            if not pending:
+                break
+            total += len(dec.decompress(pending, _CHUNK))
+            pending = dec.unconsumed_tail
+            if total > limit:
+                return True
+        return False
+    bzd = bz2.BZ2Decompressor()
+    while not bzd.eof:
+        chunk = fh.read(_CHUNK) if bzd.needs_input else b""
+        if bzd.needs_input and not chunk:
+            break
+        total += len(bzd.decompress(chunk, max_length=_CHUNK))
+        if total > limit:
+            return True
+    return False
+
+
+def _nrrd_data_file(path: Path, name: str) -> Path:
+    """A detached NRRD's data file, which must be one file in the header's own folder (or below it)."""
+    if not name or name.upper().startswith("LIST") or " " in name:
+        raise VolumeError(path, f"NRRD 'data file' '{name}' is not a single file name (file lists are not supported)")
+    folder = path.parent.resolve()
+    target = (folder / name).resolve()
+    if not target.is_relative_to(folder):
+        raise VolumeError(path, f"NRRD 'data file' '{name}' points outside the folder of the header")
+    if not target.is_file():
+        raise VolumeError(path, f"NRRD 'data file' '{name}' is missing or not a regular file")
+    return target
 
 
 def _nrrd_affine(path: Path, header: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
@@ -215,9 +367,17 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
 
 @contextmanager
 def _reading(path: Path, fmt: str) -> Iterator[None]:
-    """Turn the many exceptions of nibabel / pynrrd / gzip into one :class:`VolumeError` naming the file."""
+    """Turn the many exceptions of nibabel / pynrrd / gzip into one :class:`VolumeError` naming the file.
+
+    nibabel's header fix-up reports and the libraries' warnings are silenced here: the user gets the one line.
+    """
+    nib_log = logging.getLogger("nibabel.global")
+    level = nib_log.level
+    nib_log.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     except VolumeError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -230,8 +390,12 @@ def _reading(path: Path, fmt: str) -> Iterator[None]:
         raise VolumeError(path, f"corrupt NRRD{_detail(exc, path)}") from exc
     except MemoryError as exc:
         raise VolumeError(path, "not enough memory to read the volume") from exc
-    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+    except RecursionError as exc:
+        raise VolumeError(path, f"corrupt {fmt} file (nested too deeply)") from exc
+    except (OSError, ValueError, ArithmeticError, KeyError, IndexError, TypeError, StopIteration) as exc:
         raise VolumeError(path, f"truncated or corrupt {fmt} file{_detail(exc, path)}") from exc
+    finally:
+        nib_log.setLevel(level)
 
 
 def _detail(exc: BaseException, path: Path) -> str:
