@@ -7,9 +7,11 @@
 | ``msd`` | ``dataset.json`` + ``imagesTr/la_003.nii.gz`` + ``labelsTr/la_003.nii.gz`` | label == 1 |
 | ``generic`` | ``images/<id>.nii.gz`` (or .nii, .nrrd) + ``labels/<id>.<any of those>`` | label > 0 |
 
-Whatever the rule, a label must be binary: background 0 and one LA value. Per-file problems found while listing
-(a missing partner, a dataset.json entry outside the folder) are collected by :func:`scan_cases` so validation
-can report them all; :func:`list_cases` raises them as one :class:`~lasegseg.errors.DataError`.
+Whatever the rule, a label must be binary: background 0 and one LA value. Every file read must lie inside the
+dataset folder once symlinks are followed: a layout is never a way to read elsewhere. Per-file problems found while
+listing (a missing partner, a dataset.json entry or a symlink outside the folder) are collected by
+:func:`scan_cases` so validation can report them all; :func:`list_cases` raises them as one
+:class:`~lasegseg.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from lasegseg.errors import DataError
 
 # Image and label of one case must share the voxel grid; 1e-3 mm absorbs float32 header round-off.
 AFFINE_ATOL = 1e-3
+# dataset.json lists paths; even 10^5 cases fit in a few MB, so anything far larger is not a dataset index.
+MAX_JSON_BYTES = 16 * 1024**2
 
 Scan = tuple[list[Case], list[str]]
 
@@ -71,6 +75,21 @@ def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
+def _escapes(root: Path, path: Path) -> bool:
+    """Whether ``path``, symlinks followed, lies outside ``root`` (a symlink loop or unusable name counts too)."""
+    try:
+        return not path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return True
+
+
+def _outside(root: Path, paths: list[Path]) -> list[str]:
+    """One problem line for each of ``paths`` that resolves outside ``root``."""
+    return [
+        f"{p.relative_to(root).as_posix()}: resolves outside the dataset folder" for p in paths if _escapes(root, p)
+    ]
+
+
 def _pair_layout(image_names: tuple[str, ...], label_names: tuple[str, ...], name: str) -> Callable[[Path], Scan]:
     """Scanner for layouts with one folder per patient holding a fixed image and label file name."""
 
@@ -86,6 +105,8 @@ def _pair_layout(image_names: tuple[str, ...], label_names: tuple[str, ...], nam
                 problems.append(f"{sub.name}/{image_names[0]}: missing (image of case {sub.name})")
             elif label is None:
                 problems.append(f"{sub.name}/{label_names[0]}: missing (label of case {sub.name})")
+            elif escaped := _outside(root, [image, label]):
+                problems += escaped
             else:
                 cases.append(Case(sub.name, image, label, name))
         return cases, problems
@@ -111,19 +132,25 @@ def _entry_path(root: Path, value: object, where: str) -> tuple[Path | None, str
     if not isinstance(value, str) or not value.strip():
         return None, f"{where}: expected a relative file path, got {value!r}"
     rel = PurePosixPath(value.replace("\\", "/"))
-    # Lexical check (no symlink resolution): users may legitimately symlink imagesTr/ to another disk.
     norm = PurePosixPath(os.path.normpath(rel))
     if rel.is_absolute() or (norm.parts and norm.parts[0] == ".."):
         return None, f"{where}: '{value}' points outside the dataset folder"
+    # Then with symlinks followed: a link inside the folder must not lead reads elsewhere.
+    if _escapes(root, root / norm):
+        return None, f"{where}: '{value}' resolves outside the dataset folder"
     return root / norm, None
 
 
 def _scan_msd(root: Path) -> Scan:
     meta = root / "dataset.json"
     try:
+        if meta.stat().st_size > MAX_JSON_BYTES:
+            raise DataError(f"{meta}: larger than {MAX_JSON_BYTES // 1024**2} MiB, not a dataset index")
         doc = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{meta}: not a readable JSON file ({str(exc).splitlines()[0][:120]})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{meta}: not a readable JSON file (nested too deeply)") from exc
     training = doc.get("training") if isinstance(doc, dict) else None
     if not isinstance(training, list):
         raise DataError(f"{meta}: has no 'training' list of {{'image': ..., 'label': ...}} entries")
@@ -152,20 +179,24 @@ def _scan_msd(root: Path) -> Scan:
     return cases, problems
 
 
-def _volumes(folder: Path) -> dict[str, list[Path]]:
-    """Supported volume files of a folder grouped by case id (file name without extension)."""
+def _volumes(root: Path, folder: Path, problems: list[str]) -> dict[str, list[Path]]:
+    """Supported volume files of a folder grouped by case id (file name without extension); files that resolve
+    outside ``root`` go to ``problems`` instead."""
     out: dict[str, list[Path]] = {}
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
             if p.is_file() and _visible(p) and p.name.lower().endswith(SUPPORTED_EXTS):
-                out.setdefault(strip_ext(p.name), []).append(p)
+                if escaped := _outside(root, [p]):
+                    problems += escaped
+                else:
+                    out.setdefault(strip_ext(p.name), []).append(p)
     return out
 
 
 def _scan_generic(root: Path) -> Scan:
-    images, labels = _volumes(root / "images"), _volumes(root / "labels")
     cases: list[Case] = []
     problems: list[str] = []
+    images, labels = _volumes(root, root / "images", problems), _volumes(root, root / "labels", problems)
     for case_id, files in sorted(images.items()):
         if len(files) > 1:
             problems.append(f"images/{case_id}: several images ({', '.join(p.name for p in files)})")
@@ -235,7 +266,11 @@ def _check_root(root: Path) -> None:
         raise DataError(f"{root}: dataset folder does not exist")
     if not root.is_dir():
         raise DataError(f"{root}: dataset path is not a folder")
-    if not any(_visible(p) for p in root.iterdir()):
+    try:
+        empty = not any(_visible(p) for p in root.iterdir())
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list the dataset folder ({exc.strerror or exc})") from exc
+    if empty:
         raise DataError(f"{root}: dataset folder is empty")
 
 
