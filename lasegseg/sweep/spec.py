@@ -36,6 +36,12 @@ from lasegseg.config import Config, coerce, from_flat
 from lasegseg.errors import ConfigError
 
 MAX_TRIALS = 5000
+# A sweep file is a page of YAML: these bounds keep a hostile one (a megabyte blob, a "billion laughs" alias bomb
+# that expands exponentially once walked) from costing more than a moment before it is refused.
+MAX_SPEC_BYTES = 1024**2
+MAX_SPEC_NODES = 100_000
+# PyYAML's scanner is quadratic in the nesting depth of flow collections ([[[...]]]); real sweeps nest two deep.
+MAX_FLOW_DEPTH = 100
 TOP_KEYS = {"name", "description", "base", "grid", "fewshot", "baselines", "seeds", "screen", "resources"}
 SCREEN_KEYS = {"search", "low", "high", "trials", "scheduler", "set", "grace_period"}
 RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
@@ -149,7 +155,13 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str,
         raise ConfigError(f"{source}: a sweep file must be a YAML mapping")
     _unknown(raw, TOP_KEYS, "")
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or any(c in name for c in "/\\")
+        or name.startswith(".")
+        or not name.isprintable()
+    ):
         raise ConfigError(f"sweep key 'name' must be a plain non-empty name, got {name!r}")
     base = _flat_map(raw.get("base"), "base")
     grid: dict[str, list[Any]] = {}
@@ -278,11 +290,74 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
 
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise ConfigError(f"{path}: sweep file is larger than {MAX_SPEC_BYTES // 1024**2} MiB")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read sweep file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError(f"{path}: YAML nested too deeply (more than {MAX_FLOW_DEPTH} levels of [ or {{)")
+    loader = yaml.SafeLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_node_count(node, path)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
     return parse_spec(raw, source=str(path), overrides=overrides)
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of [ and { (brackets inside strings count too: an upper bound, cheap on normal files)."""
+    if text.count("[") + text.count("{") <= MAX_FLOW_DEPTH:
+        return 0
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def _check_node_count(root: Any, path: Path) -> None:
+    """Refuse a YAML graph whose aliases expand to more than MAX_SPEC_NODES nodes, or refer to themselves.
+
+    Counted on the composed graph with one size per node (no expansion), iteratively (no recursion limit).
+    """
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_SPEC_NODES:
+                raise ConfigError(f"{path}: YAML expands to more than {MAX_SPEC_NODES} values (alias bomb?)")
+            continue
+        if id(node) in sizes:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise ConfigError(f"{path}: YAML alias refers to itself (line {child.start_mark.line + 1})")
+            if id(child) not in sizes:
+                stack.append((child, False))
