@@ -3,19 +3,27 @@
 Everything goes through ``MlflowClient`` with explicit run ids (no global active run), so concurrent trials in
 one process or many never mix their runs. A retried or resumed trial finds **its own** run again (by the Tune
 trial id tag, or the run id kept in its checkpoint) and logs only the epochs MLflow does not have yet.
+
+Per-epoch metrics never wait for the store: they go to a buffer (memory + a JSON-lines file) that a background
+thread sends in order, retrying while the server is down or restarting. Each metric keeps the timestamp it was
+taken at; the metrics table's primary key is (run, key, timestamp, step, value), and both SQL stores drop the
+rows of a re-sent batch that already exist, so a batch whose first attempt did arrive is not stored twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
-from lasegseg.errors import LasegsegError
+from lasegseg.errors import ConfigError, LasegsegError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,21 +38,68 @@ FINAL_METRICS = (
     "test_hd95_mean", "test_hd95_std", "test_slice_dice_mean", "test_slice_dice_std", "n_train_slices",
     "n_train_patients",
 )  # fmt: skip
+RETRY_ENV = "LASEGSEG_MLFLOW_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 300.0
+MAX_WAIT_S = 10.0
+BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per request
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 8, first_wait: float = 0.5) -> T:
-    """Call ``fn`` with exponential back-off; a busy sqlite file or a restarting server is transient."""
+def default_retry_seconds() -> float:
+    """How long a tracking call keeps retrying a transient fault (``$LASEGSEG_MLFLOW_RETRY_SECONDS``, 300 s)."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{RETRY_ENV} must be a number of seconds, got '{text}'") from None
+    if not value >= 0:
+        raise ConfigError(f"{RETRY_ENV} must be >= 0, got '{text}'")
+    return value
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault worth waiting out: the store is down, busy or restarting (not a request it rejected)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        # Connection failures and timeouts arrive as INTERNAL_ERROR (500), a locked sqlite file as
+        # TEMPORARILY_UNAVAILABLE (503); 4xx codes are answers that a retry would only repeat.
+        status = exc.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+def retry(fn: Callable[[], T], what: str, seconds: float | None = None, first_wait: float = 0.5) -> T:
+    """Call ``fn`` until it succeeds, backing off exponentially, for at most ``seconds`` (default
+    :func:`default_retry_seconds`); errors that are not transient are raised at once."""
+    deadline = time.monotonic() + (default_retry_seconds() if seconds is None else seconds)
     wait = first_wait
-    for attempt in range(attempts):
+    while True:
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for transient faults
-            if attempt == attempts - 1:
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + wait > deadline:
                 raise
-            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, exc, wait)
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, _first_line(exc), wait)
             time.sleep(wait)
-            wait = min(wait * 2, 10.0)
-    raise AssertionError("unreachable")
+            wait = min(wait * 2, MAX_WAIT_S)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def own_http_retries(tracking_uri: str) -> None:
+    """Let :func:`retry` alone decide how long to wait for an http(s) server.
+
+    MLflow's own urllib3 retries would block one call for minutes when the server is down, and re-send POSTs
+    such as create-run blindly; both layers together would also multiply the waits. Values the user set win.
+    """
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def client(tracking_uri: str):
@@ -67,8 +122,6 @@ def check_reachable(tracking_uri: str, timeout: float = 10.0, *, must_exist: boo
         must_exist: for readers: a local sqlite file or store folder must already exist (MLflow would otherwise
             create an empty one at a mistyped path).
     """
-    from urllib.parse import urlparse
-
     parsed = urlparse(tracking_uri)
     if parsed.scheme in ("http", "https"):
         import urllib.error
@@ -124,18 +177,100 @@ def start_parent(tracking_uri: str, experiment_id: str, name: str, params: dict[
     return run_id
 
 
-def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+def log_params(c, run_id: str, params: dict[str, Any], seconds: float | None = None) -> None:
     from mlflow.entities import Param
 
     items = [Param(k, _param_str(v)) for k, v in params.items()]
     for start in range(0, len(items), 100):
         chunk = items[start : start + 100]
-        retry(lambda chunk=chunk: c.log_batch(run_id, params=chunk), "log params")
+        retry(lambda chunk=chunk: c.log_batch(run_id, params=chunk), "log params", seconds)
 
 
 def _param_str(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+class MetricBuffer:
+    """Metrics waiting for the tracking store, in logging order, mirrored to a JSON-lines file.
+
+    One line per logging call (one epoch, or the final results), so a line cut short by a killed process loses
+    that whole call, never part of it. The next attempt of the trial reads the file back and re-sends the lines
+    with their original timestamps.
+
+    Args:
+        path: the file; ``None`` keeps the buffer in memory only.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._items: list[tuple[str, Any]] = []  # (kind, Metric)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def load(self, run_id: str, kinds: tuple[str, ...] = ("epoch",)) -> list[Any]:
+        """Read back the file's metrics of ``run_id`` and of the given kinds; other lines are dropped."""
+        from mlflow.entities import Metric
+
+        if self.path is None or not self.path.is_file():
+            return []
+        restored = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if row["run_id"] == run_id and row["kind"] in kinds:
+                    kind = row["kind"]
+                    restored += [(kind, Metric(k, float(v), int(ts), int(st))) for k, v, ts, st in row["metrics"]]
+            except (ValueError, KeyError, TypeError):
+                continue  # the last line of a killed process
+        with self._lock:
+            self._items = restored
+            self._rewrite(run_id)
+            return [m for _, m in self._items]
+
+    def extend(self, run_id: str, metrics: list[Any], kind: str = "epoch") -> None:
+        """Queue ``metrics`` (one logging call) behind everything already waiting."""
+        if not metrics:
+            return
+        with self._lock:
+            self._items.extend((kind, m) for m in metrics)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as fh:
+                    fh.write(_buffer_line(run_id, metrics, kind) + "\n")
+
+    def head(self, n: int) -> list[Any]:
+        with self._lock:
+            return [m for _, m in self._items[:n]]
+
+    def drop(self, run_id: str, n: int) -> None:
+        """Forget the first ``n`` metrics: the store has them."""
+        with self._lock:
+            del self._items[:n]
+            self._rewrite(run_id)
+
+    def _rewrite(self, run_id: str) -> None:
+        if self.path is None:
+            return
+        if not self._items:
+            self.path.unlink(missing_ok=True)
+            return
+        lines, start = [], 0
+        for i in range(1, len(self._items) + 1):  # one line per run of equal kinds, in order
+            if i == len(self._items) or self._items[i][0] != self._items[start][0]:
+                lines.append(_buffer_line(run_id, [m for _, m in self._items[start:i]], self._items[start][0]))
+                start = i
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(self.path)
+
+
+def _buffer_line(run_id: str, metrics: list[Any], kind: str) -> str:
+    rows = [[m.key, m.value, m.timestamp, m.step] for m in metrics]
+    return json.dumps({"run_id": run_id, "kind": kind, "metrics": rows})
 
 
 class TrialTracker:
@@ -148,6 +283,10 @@ class TrialTracker:
         run_name: readable name derived from the config.
         flat: the trial's flat config (logged as params).
         stage: ``trial`` (the aggregated grid) or ``screen`` (learning-rate screening).
+        buffer_path: JSON-lines file for metrics not yet in the store (kept across attempts of the trial);
+            ``None`` buffers in memory only.
+        retry_seconds: how long run creation and :meth:`finish` wait for an unreachable store (default
+            ``$LASEGSEG_MLFLOW_RETRY_SECONDS``, else 300).
     """
 
     def __init__(
@@ -159,7 +298,10 @@ class TrialTracker:
         run_name: str,
         flat: dict[str, Any],
         stage: str = "trial",
+        buffer_path: Path | None = None,
+        retry_seconds: float | None = None,
     ) -> None:
+        own_http_retries(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = client(tracking_uri)
         self.experiment_id = experiment_id
@@ -168,50 +310,66 @@ class TrialTracker:
         self.run_name = run_name
         self.flat = flat
         self.stage = stage
+        self.retry_seconds = default_retry_seconds() if retry_seconds is None else float(retry_seconds)
         self.run_id: str | None = None
-        self.logged_steps: set[int] = set()
+        self.logged_steps: set[int] = set()  # in the store or queued for it
+        self.buffer = MetricBuffer(buffer_path)
+        self.stats = {"batches": 0, "metrics": 0, "failed_attempts": 0}
+        self.error: BaseException | None = None  # a rejection by the store: the buffer cannot be sent
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
     def start(self, known_run_id: str | None = None) -> str:
-        """Continue this trial's run if it exists (retry/resume), else create it."""
-        from lasegseg.config import config_hash
-
+        """Continue this trial's run if it exists (retry/resume), else create it; waits for the store."""
         c = self.client
-        run_id = known_run_id or self._find_existing()
+        run_id = known_run_id or retry(self._search_existing, "search runs", self.retry_seconds)
         if run_id is None:
-            tags = {
-                ROLE: self.stage,
-                "mlflow.parentRunId": self.parent_run_id,
-                TRIAL_ID: self.trial_id,
-                CELL: config_hash(self.flat, exclude=("seed",)),
-            }
-            run = retry(lambda: c.create_run(self.experiment_id, run_name=self.run_name, tags=tags), "create run")
-            run_id = run.info.run_id
-            log_params(c, run_id, self.flat)
+            run_id = retry(self._find_or_create, "create run", self.retry_seconds)
+            log_params(c, run_id, self.flat, self.retry_seconds)
         else:
-            run = retry(lambda: c.get_run(run_id), "get run")
+            run = retry(lambda: c.get_run(run_id), "get run", self.retry_seconds)
             if run.info.status != "FINISHED":
-                retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run")
-            history = retry(lambda: c.get_metric_history(run_id, "train_loss"), "read metric history")
-            self.logged_steps = {m.step for m in history}
+                retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run", self.retry_seconds)
+            for key in EPOCH_METRICS:
+                history = retry(lambda k=key: c.get_metric_history(run_id, k), "read history", self.retry_seconds)
+                self.logged_steps.update(m.step for m in history)
         self.run_id = run_id
+        # Epochs an earlier attempt queued but could not send: re-sent as they were (same timestamps).
+        self.logged_steps.update(m.step for m in self.buffer.load(run_id))
+        if len(self.buffer):
+            self._kick()
         return run_id
 
     def finished_results(self) -> dict[str, float] | None:
         """The final metrics of this trial's run if it already finished (a resumed sweep must not redo it)."""
-        run = retry(lambda: self.client.get_run(self.run_id), "get run")
+        run = retry(lambda: self.client.get_run(self.run_id), "get run", self.retry_seconds)
         if run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics:
             return dict(run.data.metrics)
         return None
 
-    def _find_existing(self) -> str | None:
+    def _search_existing(self) -> str | None:
         query = f"tags.`{TRIAL_ID}` = '{self.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
-        runs = retry(
-            lambda: self.client.search_runs([self.experiment_id], filter_string=query, max_results=5), "search runs"
-        )
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=5)
         return runs[0].info.run_id if runs else None
 
+    def _find_or_create(self) -> str:
+        """One attempt: search first, so a create whose answer was lost (server died after it) is not repeated."""
+        from lasegseg.config import config_hash
+
+        found = self._search_existing()
+        if found is not None:
+            return found
+        tags = {
+            ROLE: self.stage,
+            "mlflow.parentRunId": self.parent_run_id,
+            TRIAL_ID: self.trial_id,
+            CELL: config_hash(self.flat, exclude=("seed",)),
+        }
+        return self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Per-epoch metrics at step=epoch, each step once even across retries."""
+        """Queue the per-epoch metrics at step=epoch (each step once, even across retries); never waits."""
         from mlflow.entities import Metric
 
         if epoch in self.logged_steps:
@@ -222,15 +380,89 @@ class TrialTracker:
             for k in EPOCH_METRICS
             if k in metrics and math.isfinite(float(metrics[k]))
         ]
-        retry(lambda: self.client.log_batch(self.run_id, metrics=items), "log metrics")
+        self.buffer.extend(self.run_id, items)
         self.logged_steps.add(epoch)
+        self._kick()
 
     def log_history(self, history: list[dict[str, Any]]) -> None:
         """Log the epochs a checkpoint knows about that MLflow lacks (e.g. lost in a crash)."""
         for row in history:
             self.log_epoch(int(row["epoch"]), row)
 
+    def flush(self, seconds: float | None = None) -> None:
+        """Wait until every queued metric is in the store.
+
+        Raises:
+            LasegsegError: the store stayed unreachable for ``seconds`` (default ``retry_seconds``), or it
+                rejected a batch.
+        """
+        seconds = self.retry_seconds if seconds is None else seconds
+        deadline = time.monotonic() + seconds
+        self._kick()
+        with self._wake:
+            while len(self.buffer) and self.error is None and time.monotonic() < deadline:
+                self._wake.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if self.error is not None:
+            raise LasegsegError(f"MLflow store {self.tracking_uri} rejected metrics: {_first_line(self.error)}")
+        if len(self.buffer):
+            raise LasegsegError(
+                f"MLflow store {self.tracking_uri} unreachable for {seconds:.0f} s; {len(self.buffer)} metrics of "
+                f"run {self.run_id} wait in {self.buffer.path or 'memory'} (set {RETRY_ENV} to wait longer)"
+            )
+
+    def _kick(self) -> None:
+        """Wake the sender thread, starting it on first use."""
+        with self._wake:
+            self._closing = False
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._send_loop, name=f"mlflow-{self.trial_id}", daemon=True)
+                self._thread.start()
+            self._wake.notify_all()
+
+    def _send_loop(self) -> None:
+        """Send the buffer's head in order; on a transient fault keep it and back off (training goes on)."""
+        wait = 0.5
+        while True:
+            with self._wake:
+                while not len(self.buffer) and not self._closing:
+                    self._wake.wait()
+                if self._closing and not len(self.buffer):
+                    return
+            batch = self.buffer.head(BATCH_LIMIT)
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:
+                self.stats["failed_attempts"] += 1
+                if not is_transient(exc):
+                    log.error("MLflow rejected metrics of run %s: %s", self.run_id, _first_line(exc))
+                    with self._wake:
+                        self.error = exc
+                        self._wake.notify_all()
+                    return
+                log.warning("MLflow log metrics failed (%s); %d metrics buffered", _first_line(exc), len(self.buffer))
+                with self._wake:
+                    if self._closing:
+                        return
+                    self._wake.wait(timeout=wait)
+                wait = min(wait * 2, MAX_WAIT_S)
+                continue
+            self.buffer.drop(self.run_id, len(batch))
+            self.stats["batches"] += 1
+            self.stats["metrics"] += len(batch)
+            wait = 0.5
+            with self._wake:
+                self._wake.notify_all()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the sender thread; what it could not send stays in the buffer file for the next attempt."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def finish(self, results: dict[str, Any], artifact_dir: Path | None = None) -> None:
+        """Log the final metrics and artifacts and mark the run FINISHED, waiting (bounded) for the store."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -243,12 +475,20 @@ class TrialTracker:
             for k, v in final.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
         ]
-        retry(lambda: self.client.log_batch(self.run_id, metrics=items), "log final metrics")
+        deadline = time.monotonic() + self.retry_seconds
+        self.buffer.extend(self.run_id, items, kind="final")
+        self.flush()
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         if artifact_dir is not None:
-            retry(lambda: self.client.log_artifacts(self.run_id, str(artifact_dir)), "log artifacts")
-        retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"), "finish run")
+            retry(lambda: self.client.log_artifacts(self.run_id, str(artifact_dir)), "log artifacts", left())
+        retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"), "finish run", left())
+        self.close()
 
     def fail(self, message: str) -> None:
+        self.close(timeout=1.0)
         if self.run_id is None:
             return
         try:
@@ -263,7 +503,7 @@ def tracking_env(tracking_uri: str) -> dict[str, str]:
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
+                "AWS_SECRET_ACCESS_KEY", RETRY_ENV):  # fmt: skip
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
