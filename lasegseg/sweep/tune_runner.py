@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from lasegseg.sweep.spec import SweepSpec, cell_key
+
+TIMINGS_FILE = "trial_timings.csv"
+TIMING_FIELDS = ("trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s")
+
+
+PREWARM_ENV = "LASEGSEG_PREWARM_BACKBONE"
+
+
+def prewarm_worker() -> None:
+    """Ray ``worker_process_setup_hook``: pay a fresh worker's one-time costs when the process starts.
+
+    torch, transformers' DINOv2, the MLflow client and its store connection and the sweep's first backbone
+    (``$LASEGSEG_PREWARM_BACKBONE``) are loaded before Tune hands the worker a trial, so the trial's own path
+    finds them in memory. A failure here only loses the head start: the trial loads them itself.
+    """
+    import logging
+
+    try:
+        import torch  # noqa: F401
+        from transformers import Dinov2Model, Dinov2WithRegistersModel  # noqa: F401
+
+        import lasegseg.sweep.trainable  # noqa: F401
+        import lasegseg.train.trial  # noqa: F401
+        from lasegseg.sweep.tracking import client
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            client(uri).search_experiments(max_results=1)
+        backbone = os.environ.get(PREWARM_ENV, "")
+        if backbone:
+            from lasegseg.models.segmenter import load_backbone
+
+            name, _, registers = backbone.partition("|")
+            load_backbone(name, registers=registers == "True")
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never stop a worker from starting
+        logging.getLogger(__name__).warning("worker warm-up skipped: %s", exc)
 
 
 def _trainable(ctx: dict[str, Any], res):
@@ -54,6 +93,51 @@ def _progress_callback():
     return Lines()
 
 
+def _timings_callback(sweep_dir: Path):
+    """Writes ``<sweep_dir>/trial_timings.csv``: per trial attempt, when Tune started it (driver wall clock), when
+    the trainable was entered and when it reached its first optimizer step (from its first report).
+
+    ``fixed_cost_s = first_step_at - scheduled_at`` is what a trial costs before it trains: scheduling, worker
+    start, imports, data attach, model build. Rows of earlier runs of the sweep (``--resume``) are kept.
+    """
+    from ray import tune
+
+    path = Path(sweep_dir) / TIMINGS_FILE
+
+    class Timings(tune.Callback):
+        def __init__(self) -> None:
+            self.scheduled: dict[str, float] = {}
+            self.rows: list[dict[str, Any]] = []
+            if path.is_file():
+                with open(path, newline="") as fh:
+                    self.rows = list(csv.DictReader(fh))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.scheduled[trial.trial_id] = time.time()
+
+        def on_trial_restore(self, iteration, trials, trial, **info):
+            self.scheduled[trial.trial_id] = time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "first_step_at" not in result or trial.trial_id not in self.scheduled:
+                return
+            scheduled = self.scheduled.pop(trial.trial_id)
+            first = float(result["first_step_at"])
+            self.rows.append({
+                "trial_id": trial.trial_id, "run_name": _trial_name(trial).rsplit("·", 1)[0],
+                "scheduled_at": f"{scheduled:.3f}", "started_at": f"{float(result['trial_started_at']):.3f}",
+                "first_step_at": f"{first:.3f}", "fixed_cost_s": f"{first - scheduled:.3f}" if first else "",
+            })  # fmt: skip
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=TIMING_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(tmp, path)
+
+    return Timings()
+
+
 def _run_config(name: str, sweep_dir: Path, res):
     from ray import tune
 
@@ -62,7 +146,7 @@ def _run_config(name: str, sweep_dir: Path, res):
         storage_path=str(sweep_dir / "tune"),
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[_progress_callback()],
+        callbacks=[_progress_callback(), _timings_callback(sweep_dir)],
         verbose=0,
     )
 

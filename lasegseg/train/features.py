@@ -350,13 +350,17 @@ def distinct_frozen_backbones(trials: Sequence[dict[str, Any]]) -> list[dict[str
     Args:
         trials: flat trial configs of a sweep.
     """
-    seen: dict[tuple, dict[str, Any]] = {}
+    seen: dict[str, dict[str, Any]] = {}
     for flat in trials:
-        if not uses_feature_cache(flat):
-            continue
-        key = (flat["model.backbone"], flat["model.registers"], flat["data.image_size"], flat["train.amp"])
-        seen.setdefault(key, flat)
+        if uses_feature_cache(flat):
+            seen.setdefault(feature_slot(flat), flat)
     return list(seen.values())
+
+
+def feature_slot(flat: dict[str, Any]) -> str:
+    """Which feature cache of a sweep a trial reads: backbone, registers and precision setting (the sweep's trials
+    share one slice cache)."""
+    return f"{flat['model.backbone']}|{flat.get('model.registers', False)}|{flat.get('train.amp', 'auto')}"
 
 
 def uses_feature_cache(flat: dict[str, Any]) -> bool:
@@ -367,3 +371,39 @@ def uses_feature_cache(flat: dict[str, Any]) -> bool:
         and flat.get("train.augment", "none") == "none"
         and bool(flat.get("train.feature_cache", True))
     )
+
+
+def build_sweep_features(trials: Sequence[dict[str, Any]], cache: Any, *, device: str | None = None) -> dict[str, str]:
+    """Build (or verify) the feature cache of every distinct frozen backbone of a sweep, once, before any trial.
+
+    Args:
+        trials: the sweep's flat trial configs.
+        cache: the slice cache the trials share.
+        device: where the backbone passes run (default CUDA when available).
+
+    Returns:
+        ``{feature_slot(flat): folder}`` for the trials to memory-map.
+    """
+    import time
+
+    from lasegseg.config import from_flat
+    from lasegseg.models.segmenter import load_backbone
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out: dict[str, str] = {}
+    for flat in distinct_frozen_backbones(trials):
+        cfg = from_flat(flat)
+        if cfg.data.image_size != cache.image_size:
+            continue
+        t0 = time.perf_counter()
+        backbone = load_backbone(cfg.model.backbone, registers=cfg.model.registers).to(device).requires_grad_(False)
+        feats = get_or_build_features(
+            backbone, cache, device=device, amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size)
+        )
+        logger.info(
+            "feature cache for backbone %s: %s (%d slices, %.1f s)",
+            cfg.model.backbone, feats.path, len(feats), time.perf_counter() - t0,
+        )  # fmt: skip
+        out[feature_slot(flat)] = str(feats.path)
+    return out
