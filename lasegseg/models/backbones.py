@@ -303,12 +303,15 @@ def _create_tiny(final: Path, *, registers: bool) -> None:
     """Write the tiny model to a temporary sibling folder and rename it into place atomically."""
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    if registers:
-        model: nn.Module = Dinov2WithRegistersModel(
-            Dinov2WithRegistersConfig(**TINY_CONFIG, num_register_tokens=TINY_NUM_REGISTERS)
-        )
-    else:
-        model = Dinov2Model(Dinov2Config(**TINY_CONFIG))
+    # transformers' random init draws from torch's global generator; without the fork the first trial on a fresh
+    # machine (the one that creates this folder) would initialise its decoder from a different RNG state.
+    with torch.random.fork_rng(devices=[]):
+        if registers:
+            model: nn.Module = Dinov2WithRegistersModel(
+                Dinov2WithRegistersConfig(**TINY_CONFIG, num_register_tokens=TINY_NUM_REGISTERS)
+            )
+        else:
+            model = Dinov2Model(Dinov2Config(**TINY_CONFIG))
     _seed_weights(model, TINY_SEED)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))

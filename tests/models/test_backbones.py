@@ -49,6 +49,20 @@ def test_tiny_weights_do_not_depend_on_the_cache_or_global_seed(tmp_path: Path, 
     assert fingerprint(fresh) == reference
 
 
+def test_creating_tiny_does_not_move_the_global_rng(tmp_path: Path, monkeypatch) -> None:
+    """Otherwise the first trial on a fresh machine (the one that creates the folder) would initialise its decoder
+    from another RNG state than every later trial with the same seed."""
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    build_backbone("tiny")  # creates the folder
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(7)
+    build_backbone("tiny")  # reloads it
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_tiny_creation_race_keeps_the_first_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
     folder = tiny_backbone_dir()
