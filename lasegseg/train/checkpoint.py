@@ -10,6 +10,7 @@ safetensors, and a JSON with the epoch, scheduler step, best metrics and RNG sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,28 +40,99 @@ def sha256_file(path: Path) -> str:
 def atomic_dir(final: Path) -> Path:
     """A fresh temporary folder beside ``final``; pass it to :func:`commit_dir` once complete."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    recover_dir(final)
+    _remove_orphans(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp{os.getpid()}-", dir=final.parent))
+
+
+def _remove_orphans(final: Path) -> None:
+    """Delete temporary folders of earlier writers of ``final`` that died before committing."""
+    for tmp in final.parent.glob(f".{final.name}.tmp*-*"):
+        pid = tmp.name[len(f".{final.name}.tmp") :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _previous(final: Path) -> Path:
+    return final.with_name(f".{final.name}.previous")
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` with the completed ``tmp`` so a reader never sees a half-written folder."""
+    """Replace ``final`` with the completed ``tmp`` so a reader never sees a half-written folder.
+
+    A folder cannot be renamed over a non-empty one, so the old version is first moved aside to
+    ``.<name>.previous``. A process killed between the two renames leaves no ``final`` but a complete
+    ``.previous``, which :func:`recover_dir` (called by every reader and writer here) puts back.
+    """
+    _fsync_tree(tmp)
+    previous = _previous(final)
     if final.exists():
-        old = final.with_name(f".{final.name}.old{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> Path:
+    """Put back the last committed version of ``final`` if a commit was interrupted between its renames."""
+    final = Path(final)
+    previous = _previous(final)
+    if not final.exists() and previous.is_dir():
+        os.replace(previous, final)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files and the folder itself, so a committed checkpoint survives a power cut too."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not support fsync on folders
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``; on any error nothing changes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, default=_json_default)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, default=_json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _json_default(obj: Any) -> Any:
@@ -77,6 +149,7 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_model(seg: torch.nn.Module, cfg: Config, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a self-contained model folder atomically; returns ``folder``."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from lasegseg.models.segmenter import state_for_checkpoint
@@ -94,6 +167,8 @@ def save_model(seg: torch.nn.Module, cfg: Config, folder: Path, extra: dict[str,
         }
         write_json_atomic(tmp / CONFIG, meta)
         commit_dir(tmp, folder)
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"{folder}: could not write the model folder ({exc}); the previous one is unchanged") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -130,7 +205,7 @@ def load_model(folder: Path, map_location: str | torch.device = "cpu") -> tuple[
 
     from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state
 
-    folder = Path(folder)
+    folder = recover_dir(Path(folder))
     meta = read_model_config(folder)
     weights = folder / WEIGHTS
     if not weights.is_file():
@@ -167,6 +242,7 @@ def save_train_state(
     best_state: dict[str, torch.Tensor] | None,
 ) -> Path:
     """Everything needed to continue a trial bit-for-bit: weights, optimizer moments, counters, RNG."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from lasegseg.models.segmenter import state_for_checkpoint
@@ -183,6 +259,8 @@ def save_train_state(
         save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
         write_json_atomic(tmp / "state.json", {"scalars": scalars, "optimizer": opt_meta})
         commit_dir(tmp, folder)
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"{folder}: could not write the checkpoint ({exc}); the previous one is unchanged") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -196,7 +274,7 @@ def load_train_state(
 
     from lasegseg.models.segmenter import load_checkpoint_state
 
-    folder = Path(folder)
+    folder = recover_dir(Path(folder))
     try:
         meta = json.loads((folder / "state.json").read_text())
         load_checkpoint_state(seg, load_file(str(folder / "current.safetensors")))
