@@ -82,7 +82,8 @@ def _init_ray(env: dict[str, str], cpus: float | None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": env}
+    # Workers import torch/transformers/MLflow and load the backbone as they start, not on each trial's path.
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "lasegseg.sweep.tune_runner.prewarm_worker"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -165,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
 
     cache = open_cache(from_flat(trials[0]))
     _check_pool(spec, trials, cache)
+    # Frozen backbones: one pass over every slice now, so frozen trials only memory-map the features.
+    from lasegseg.train.features import build_sweep_features
+
+    feature_paths = build_sweep_features(trials, cache)
 
     artifact_root = None if tracking_uri.startswith(("http://", "https://")) else (sweep_dir / "mlartifacts").as_uri()
     experiment_id = tracking.ensure_experiment(tracking_uri, name, artifact_location=artifact_root)
@@ -186,11 +191,14 @@ def run(args: argparse.Namespace) -> int:
     from lasegseg.sweep.tune_runner import run_stages
 
     env = {**tracking.tracking_env(tracking_uri), "LASEGSEG_CACHE": os.environ.get("LASEGSEG_CACHE", "")}
+    first = next((t for t in trials if t.get("model.backbone", "none") != "none"), None)
+    if first is not None:
+        env["LASEGSEG_PREWARM_BACKBONE"] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
     env = {k: v for k, v in env.items() if v}
     _init_ray(env, None)
     ctx = {
         "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-        "cache_path": str(cache.path), "threads": max(1, int(res.cpus_per_trial)),
+        "cache_path": str(cache.path), "threads": max(1, int(res.cpus_per_trial)), "feature_paths": feature_paths,
     }  # fmt: skip
     outcome = run_stages(spec, ctx, sweep_dir, resume=args.resume)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,30 @@ def _open_shared_cache(ctx: dict[str, Any], cfg):
     return open_cache(cfg)
 
 
+def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any]):
+    """The driver-built frozen-backbone features for this trial, memory-mapped; None when there are none."""
+    from lasegseg.errors import DataError
+    from lasegseg.train.features import FeatureCache, feature_slot
+
+    path = (ctx.get("feature_paths") or {}).get(feature_slot(flat))
+    if not path or not Path(path).is_dir():
+        return None
+    try:
+        # Verified (hashed) by the driver; sizes and shapes are enough here.
+        return FeatureCache.open(path, verify="size")
+    except DataError:
+        return None  # run_trial rebuilds what it needs
+
+
 def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Train one trial; report every epoch with a checkpoint; record success or failure in MLflow.
 
     Args:
         config: ``{"trial": flat config}`` (grid stage) plus ``"optim.lr"`` when Optuna samples the rate.
-        ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_path, threads.
+        ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_path, feature_paths,
+            threads.
     """
+    trial_started_at = time.time()
     import torch
     from ray import tune
 
@@ -71,18 +89,26 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             state = json.loads((resume_dir / "state.json").read_text())["scalars"]
             tracker.log_history(state.get("history", []))
 
+        timings: dict[str, Any] = {}
+
         def on_epoch(epoch: int, metrics: dict[str, float], saved: Path | None) -> None:
             if saved is not None:
                 (saved / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
             tracker.log_epoch(epoch, metrics)
             report = {**metrics, "epoch": epoch, "done": False}
+            if not timings.get("reported"):
+                # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
+                report |= {"trial_started_at": trial_started_at, "first_step_at": timings.get("first_step_at", 0.0)}
+                timings["reported"] = True
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
 
         data = prepare_data(cfg, cache=_open_shared_cache(ctx, cfg))
+        data.features = _open_shared_features(ctx, flat)
         out = trial_dir / "result"
         results = run_trial(
-            cfg, out, data=data, on_epoch=on_epoch, checkpoint_dir=work / "state", resume_from=resume_dir
-        )
+            cfg, out, data=data, on_epoch=on_epoch, checkpoint_dir=work / "state", resume_from=resume_dir,
+            timings=timings,
+        )  # fmt: skip
         tracker.finish(results, artifact_dir=out)
         final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tune.report({**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
