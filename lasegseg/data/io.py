@@ -173,16 +173,28 @@ def _check_nifti_extensions(path: Path) -> None:
         vox_offset = float(hdr["vox_offset"])
         if not np.isfinite(vox_offset) or vox_offset > MAX_HEADER_BYTES:
             raise VolumeError(path, f"header vox_offset {vox_offset:g} is not a plausible data offset")
+        # nibabel reads extensions up to vox_offset, or to the end of the file when vox_offset lies inside the header.
         remaining = int(vox_offset) - start
+        to_eof = remaining < 0
+        if to_eof:
+            remaining = MAX_HEADER_BYTES
+        size = None if isinstance(fh, gzip.GzipFile) else os.fstat(fh.fileno()).st_size
         fh.seek(start)
-        while remaining >= 16:
+        while to_eof or remaining >= 16:
+            pos = fh.tell()
             ext = fh.read(8)
             if len(ext) < 8:
-                return  # nibabel reports the short read itself
+                return  # the end: nibabel stops here, or reports the short read itself
             esize = int(np.frombuffer(ext, dtype=hdr.endianness + "i4")[0])
             if esize < 16 or esize > remaining:
-                raise VolumeError(path, f"header extension of {esize} bytes does not fit before the data")
-            fh.seek(esize - 8, os.SEEK_CUR)
+                where = (
+                    f"more than {MAX_HEADER_BYTES} bytes of extensions" if to_eof else "does not fit before the data"
+                )
+                raise VolumeError(path, f"header extension of {esize} bytes {where}")
+            # Seeking forward reads nothing into memory (gzip inflates and drops); then the bytes must exist.
+            fh.seek(pos + esize)
+            if (size is not None and pos + esize > size) or (size is None and fh.tell() < pos + esize):
+                raise VolumeError(path, f"truncated or corrupt NIfTI file (header extension of {esize} bytes is cut)")
             remaining -= esize
 
 

@@ -179,24 +179,20 @@ def _scan_msd(root: Path) -> Scan:
     return cases, problems
 
 
-def _volumes(root: Path, folder: Path, problems: list[str]) -> dict[str, list[Path]]:
-    """Supported volume files of a folder grouped by case id (file name without extension); files that resolve
-    outside ``root`` go to ``problems`` instead."""
+def _volumes(folder: Path) -> dict[str, list[Path]]:
+    """Supported volume files of a folder grouped by case id (file name without extension)."""
     out: dict[str, list[Path]] = {}
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
             if p.is_file() and _visible(p) and p.name.lower().endswith(SUPPORTED_EXTS):
-                if escaped := _outside(root, [p]):
-                    problems += escaped
-                else:
-                    out.setdefault(strip_ext(p.name), []).append(p)
+                out.setdefault(strip_ext(p.name), []).append(p)
     return out
 
 
 def _scan_generic(root: Path) -> Scan:
+    images, labels = _volumes(root / "images"), _volumes(root / "labels")
     cases: list[Case] = []
     problems: list[str] = []
-    images, labels = _volumes(root, root / "images", problems), _volumes(root, root / "labels", problems)
     for case_id, files in sorted(images.items()):
         if len(files) > 1:
             problems.append(f"images/{case_id}: several images ({', '.join(p.name for p in files)})")
@@ -208,6 +204,8 @@ def _scan_generic(root: Path) -> Scan:
             problems.append(f"labels/{case_id}{ext}: missing (label of images/{image.name})")
         elif len(found) > 1:
             problems.append(f"labels/{case_id}: several labels ({', '.join(p.name for p in found)})")
+        elif escaped := _outside(root, [image, found[0]]):
+            problems += escaped
         else:
             cases.append(Case(case_id, image, found[0], "generic"))
     for case_id in sorted(set(labels) - set(images)):
