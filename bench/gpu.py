@@ -2,7 +2,7 @@
 
     python bench/gpu.py                          # all rows + packed sweep, ≤ 8 minutes on an H100
     python bench/gpu.py --quick --write-results  # shorter measurements; append the tables to bench/RESULTS.md
-    python bench/gpu.py --compile                # add torch.compile rows
+    python bench/gpu.py --compile --sizes S,B    # add torch.compile rows (last; compiling L/g takes minutes)
     python bench/gpu.py --device cpu --smoke     # the same code paths with tiny shapes, seconds (used by the tests)
 
 Rows: each backbone size in two modes — ``frozen`` (backbone under no_grad, decoder forward + backward + AdamW) and
@@ -13,6 +13,8 @@ a channels-last decoder, as lasegseg trains. Backbones are randomly initialised 
 one image; the decoder's FLOPs come from the counter. MFU = achieved model FLOP/s (recompute not counted) / the
 card's dense bf16 peak. The packed sweep runs K small frozen trainings as K processes on one GPU at once (what
 ``resources.frozen_gpus_per_trial`` does in a sweep) and compares their summed throughput to one running alone.
+Every measurement is time-boxed; rows that would start after ``--budget`` seconds (default 450) are reported as
+skipped, and a row that runs out of memory is retried once at half the batch, then reported as OOM.
 """
 
 from __future__ import annotations
@@ -265,12 +267,12 @@ def _free(device) -> None:
 # ----------------------------------------------------------------------------------------------------- the rows
 
 
-def measure_row(shape: VitShape, mode: str, args, device, peak: float | None) -> dict:
+def measure_row(shape: VitShape, mode: str, args, device, peak: float | None, *, compiled: bool = False) -> dict:
     """One table row; on OOM the batch is halved once, and a second OOM is reported in the row."""
     import torch
 
     batch = shape.batch_frozen if mode == "frozen" else shape.batch_e2e
-    row = {"model": shape.name, "mode": mode + ("+compile" if args.compile_row else ""), "batch": batch}
+    row = {"model": shape.name, "mode": mode + ("+compile" if compiled else ""), "batch": batch}
     for attempt in range(2):
         seg = step = None
         try:
@@ -279,26 +281,25 @@ def measure_row(shape: VitShape, mode: str, args, device, peak: float | None) ->
             seg = build_segmenter(shape, mode=mode, decoder=args.decoder, image_size=args.image_size, device=device)
             ckpt = mode == "e2e" and shape.checkpointing
             vit_counted, step_counted = count_flops(seg, device, args.image_size, checkpointing=ckpt)
-            forward = torch.compile(seg) if args.compile_row else seg
+            forward = torch.compile(seg) if compiled else seg
             step = make_step(seg, forward, batch, args.image_size, device)
             per_step, steps, warm = time_steps(step, device, warmup=args.warmup, seconds=args.seconds)
             row.update(_row_numbers(shape, mode, args.image_size, batch, per_step, vit_counted, step_counted, peak))
             row.update(steps=steps, warmup_s=round(warm, 2), status="ok")
             if device.type == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if ckpt:
-                row["status"] = "ok (grad ckpt)"
+            notes = ["grad ckpt"] * ckpt + [f"compile + warm-up {warm:.0f} s"] * compiled
+            row["status"] = f"ok ({', '.join(notes)})" if notes else "ok"
             return row
         except Exception as exc:  # noqa: BLE001 - one failing row must not end the benchmark
             if not _is_oom(exc):
                 row["status"] = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:80]}"
                 return row
             row["status"] = f"OOM at batch {batch}"
+            if attempt == 1 or batch == 1:
+                return row
             batch //= 2
             row["batch"] = batch
-            if attempt == 1 or batch < 1:
-                row["batch"] = batch * 2
-                return row
         finally:
             del seg, step
             _free(device)
@@ -367,13 +368,19 @@ def measure_packing(k: int, args, device) -> dict:
     procs = [ctx.Process(target=_pack_worker, args=(r, cfg, barrier, queue), daemon=True) for r in range(k)]
     for p in procs:
         p.start()
-    results, errors = [], []
+    results, errors, reported = [], [], set()
     deadline = time.monotonic() + cfg["barrier_timeout"] + args.pack_seconds + 60
-    while len(results) + len(errors) < k and time.monotonic() < deadline:
+    while len(reported) < k and time.monotonic() < deadline:
         try:
-            rank, images, elapsed, error = queue.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue_lib.Empty:  # a worker died without reporting
-            break
+            rank, images, elapsed, error = queue.get(timeout=1.0)
+        except queue_lib.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in reported and not p.is_alive()]
+            if dead:  # died without reporting (killed, crashed at import): release the others from the barrier
+                barrier.abort()
+                errors.append(f"worker exited with code {procs[dead[0]].exitcode}")
+                reported.update(dead)
+            continue
+        reported.add(rank)
         (errors if error else results).append(error or images / elapsed)
     for p in procs:
         p.join(timeout=10)
@@ -451,6 +458,16 @@ def write_results(path: Path, env: dict, command: str, tables: list[str]) -> Non
 # --------------------------------------------------------------------------------------------------------- main
 
 
+def _timed_row(shape: VitShape, mode: str, args, device, peak, compiled: bool, skip: bool) -> dict:
+    if skip:
+        suffix = "+compile" if compiled else ""
+        return {"model": shape.name, "mode": mode + suffix, "batch": 0, "status": "skipped (time budget)"}
+    t0 = time.monotonic()
+    row = measure_row(shape, mode, args, device, peak, compiled=compiled)
+    print(f"  {shape.name} {row['mode']}: {row['status']} ({time.monotonic() - t0:.1f} s)", flush=True)
+    return row
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/gpu.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (only with --smoke)")
@@ -518,29 +535,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['device']} · peak {peak_text} · torch {env['torch']} · CUDA {env['cuda']}", flush=True)
     started = time.monotonic()
 
-    rows = []
-    for compile_row in (False, True) if args.compile else (False,):
-        args.compile_row = compile_row
-        for size in sizes:
-            for mode in modes:
-                shape = shapes_for(args)[size]
-                if time.monotonic() - started > args.budget:
-                    rows.append({"model": shape.name, "mode": mode, "batch": 0, "status": "skipped (time budget)"})
-                    continue
-                t0 = time.monotonic()
-                rows.append(measure_row(shape, mode, args, device, peak))
-                print(
-                    f"  {shape.name} {rows[-1]['mode']}: {rows[-1]['status']} ({time.monotonic() - t0:.1f} s)",
-                    flush=True,
-                )
+    def over_budget() -> bool:
+        return time.monotonic() - started > args.budget
+
+    rows = [_timed_row(shapes_for(args)[size], mode, args, device, peak, False, over_budget()) for size in sizes
+            for mode in modes]  # fmt: skip
     packing = []
     for k in packs:
-        if time.monotonic() - started > args.budget:
+        if over_budget():
             packing.append({"k": k, "batch": args.pack_batch, "img_s": None, "status": "skipped (time budget)"})
             continue
         t0 = time.monotonic()
         packing.append(measure_packing(k, args, device))
         print(f"  packed ×{k}: {packing[-1]['status']} ({time.monotonic() - t0:.1f} s)", flush=True)
+    # Compiling takes minutes for the large models: these rows come last, after everything the budget must cover.
+    if args.compile:
+        rows += [_timed_row(shapes_for(args)[size], mode, args, device, peak, True, over_budget()) for size in sizes
+                 for mode in modes]  # fmt: skip
 
     tables = [f"{args.image_size} px, decoder {args.decoder}, peak {peak_text}\n\n" + rows_table(rows, peak)]
     if packing:
