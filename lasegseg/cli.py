@@ -137,10 +137,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             )
         )  # fmt: skip
     csv_path = out.with_name(out.name.split(".")[0] + "_volumes.csv") if single else out / "volumes.csv"
-    with open(csv_path, "w", newline="") as fh:
+    # Atomic like the masks: an interrupted run never leaves a half-written table next to them.
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["input", "output", "la_volume_ml"])
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, csv_path)
     for row in rows:
         print(f"{row['output']}: LA volume {row['la_volume_ml']:.2f} mL")
     return 0
