@@ -513,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = _parse_list(args.modes, ["frozen", "e2e"], "--modes")
     packs = [int(k) for k in _parse_list(args.pack, [str(i) for i in range(1, 33)], "--pack")] if args.pack else []
 
+    if args.device == "cpu" and not args.smoke:
+        print("bench/gpu.py: error: full sizes need a GPU; on the CPU run --smoke", file=sys.stderr)
+        return 2
+
     import torch
 
     from lasegseg.models.decoders import list_decoders
@@ -525,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/gpu.py: error: no CUDA device here (use --device cpu --smoke)", file=sys.stderr)
         return 2
     if device.type == "cpu" and not args.smoke:
-        print("bench/gpu.py: error: full sizes need a GPU; on the CPU run --smoke", file=sys.stderr)
+        print("bench/gpu.py: error: no CUDA device here; on the CPU run --device cpu --smoke", file=sys.stderr)
         return 2
     if device.type == "cpu":
         torch.set_num_threads(1)  # the smoke run's shapes gain nothing from threads; shared CI cores lose from them

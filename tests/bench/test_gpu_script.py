@@ -99,6 +99,7 @@ def test_out_of_memory_row_is_retried_at_half_batch_then_reported(monkeypatch):
         tried.append(batch)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    monkeypatch.setattr(gpu, "build_segmenter", lambda shape, **kw: object())
     monkeypatch.setattr(gpu, "count_flops", lambda seg, device, image_size, checkpointing: (1.0, 2.0))
     monkeypatch.setattr(gpu, "make_step", oom)
     args = gpu.build_parser().parse_args(["--device", "cpu", "--smoke"])
