@@ -124,11 +124,11 @@ def run_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, pati
         out.mkdir(parents=True, exist_ok=True)
         torch.save(best_state, out / "model.pt")
     return {"decoder": decoder, "mode": mode, "lr": lr, "patients": patients, "seed": seed, "val_dice": float(best),
-            "test_dice": float(test), "first_step_s": first_step, "seconds": time.perf_counter() - t0}  # fmt: skip
+            "test_dice": float(test), "n_train_slices": len(train_x), "first_step_s": first_step,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    t0 = time.perf_counter()
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="MSD-layout dataset folder (dataset.json, imagesTr, labelsTr)")
     p.add_argument("--decoders", default="linear,conv,multiscale")
@@ -142,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--out", default="", help="save each trial's best weights here")
     p.add_argument("--json", default="", help="write per-trial results and timings here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for decoder in args.decoders.split(","):

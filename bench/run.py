@@ -253,7 +253,7 @@ class Bench:
                "--cpus-per-trial", str(cpus_per_trial)]  # fmt: skip
         log = store / "sweep.log"
         with open(log, "wb") as fh:
-            t0 = time.perf_counter()
+            launched, t0 = time.time(), time.perf_counter()
             proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
             peak_rss, peak_pss = peak_memory_of_tree(proc)
             seconds = time.perf_counter() - t0
@@ -262,7 +262,11 @@ class Bench:
             raise SystemExit(f"sweep {grid} at concurrency {concurrency} failed (exit {proc.returncode}):\n"
                              + "\n".join(tail))  # fmt: skip
         run = SweepRun(grid, concurrency, seconds, peak_rss, peak_pss, store / f"bench-{g.name}", cache_dir)
+        timings = _timings(run.sweep_dir)
+        # Driver start-up: imports, Ray, MLflow, slice + feature cache builds, until the first trial is scheduled.
+        startup = min(float(r["scheduled_at"]) for r in timings) - launched if timings else None
         print(f"    (sweep {grid}: {g.size} trials at concurrency {concurrency}: {seconds:.1f} s, "
+              f"{'' if startup is None else f'{startup:.1f} s of it before the first trial, '}"
               f"peak RSS {peak_rss / 2**20:.0f} MiB)", flush=True)  # fmt: skip
         self.sweeps[key] = run
         return run

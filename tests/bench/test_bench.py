@@ -1,0 +1,129 @@
+"""The benchmark harness's plumbing: the naive baseline trains what lasegseg trains, grids, rows and fixed costs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")
+naive = _load("naive")
+
+
+def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_path, capsys):
+    from lasegseg.config import Config
+    from lasegseg.train.trial import prepare_data
+
+    out = tmp_path / "naive.json"
+    argv = ["--data", str(phantom_dir), "--decoders", "linear", "--modes", "frozen,finetune", "--patients", "2",
+            "--epochs", "1", "--image-size", "28", "--json", str(out), "--out", str(tmp_path / "models")]  # fmt: skip
+    assert naive.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [t["mode"] for t in result["trials"]] == ["frozen", "finetune"]
+    cfg = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "data.patients": 2})
+    expected = len(prepare_data(cfg).train_rows)
+    for trial in result["trials"]:
+        assert trial["n_train_slices"] == expected
+        assert 0.0 <= trial["test_dice"] <= 1.0 and 0.0 <= trial["val_dice"] <= 1.0
+        assert 0 < trial["first_step_s"] < trial["seconds"] <= result["total_s"]
+    assert len(list((tmp_path / "models").glob("*/model.pt"))) == 2
+    assert "naive total" in capsys.readouterr().out
+
+
+def test_grid_yaml_and_naive_arguments_describe_the_same_trials(tmp_path):
+    from lasegseg.sweep.spec import load_spec
+
+    grid = run.grids(quick=True)["frozen"]
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid.yaml())
+    trials = load_spec(path).trials()
+    assert len(trials) == grid.size == 12
+    assert {t["model.mode"] for t in trials} == {"frozen"}
+    assert {t["train.epochs"] for t in trials} == {grid.epochs}
+    args = naive.build_parser().parse_args(["--data", "x", *grid.naive_args()])
+    assert sorted(args.decoders.split(",")) == sorted({t["model.decoder"] for t in trials})
+    assert {float(v) for v in args.lrs.split(",")} == {t["optim.lr"] for t in trials}
+    assert {int(v) for v in args.patients.split(",")} == {t["data.patients"] for t in trials}
+    assert args.image_size == trials[0]["data.image_size"] and args.epochs == grid.epochs
+    assert run.grids(quick=False)["frozen"].size == 36
+    assert {g.epochs for g in run.grids(quick=True, epochs=1).values()} == {1}
+
+
+def test_report_rows_judge_goals_and_print_a_summary(capsys):
+    report = run.Report()
+    assert report.ratio("step", "slow", [1.2, 1.1], [1.0, 1.0], goal="≤ 1.05").verdict == "MISS"
+    fast = report.ratio("naive", "speed-up", [2.0, 3.0], [10.0, 12.0], goal="≥ 5", invert=True)
+    assert fast.value == pytest.approx(5.0) and fast.verdict == "PASS"
+    assert report.add("sweep", "scaling", 1.7).verdict == "info"
+    assert report.add("fixed", "cold", None, unit="s", goal="≤ 3").verdict == "n/a"
+    printed = capsys.readouterr().out
+    assert "MISS" in printed and "5.000×" in printed and "median ratio" in printed
+    table = report.summary().splitlines()
+    assert len(table) == 2 + 4
+    assert table[3].split()[-1] == "PASS" and table[-1].split()[-1] == "n/a"
+
+
+def test_only_accepts_each_benchmark_and_refuses_others():
+    assert run.parse_only(None) == list(run.BENCHMARKS)
+    assert run.parse_only("fixed, naive") == ["naive", "fixed"]
+    for name in run.BENCHMARKS:
+        assert run.parse_only(name) == [name]
+    with pytest.raises(SystemExit, match="unknown benchmark 'gpu'"):
+        run.parse_only("step,gpu")
+
+
+def _timings_csv(sweep_dir: Path, rows: list[tuple[str, float, float]]) -> None:
+    sweep_dir.mkdir(parents=True)
+    with open(sweep_dir / "trial_timings.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s"])
+        for trial_id, started, cost in rows:
+            writer.writerow([trial_id, trial_id, started, started, started + cost, cost])
+
+
+def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, capsys):
+    two = tmp_path / "c2"
+    _timings_csv(two, [("c", 12.0, 0.3), ("a", 10.0, 4.0), ("d", 13.0, 0.5), ("b", 10.5, 2.5)])
+    one = tmp_path / "c1"
+    _timings_csv(one, [("x", 1.0, 1.5), ("y", 2.0, 0.2)])
+    missing = tmp_path / "none"
+    runs = [run.SweepRun("g", 2, 1.0, 0, 0, two, tmp_path), run.SweepRun("g", 1, 1.0, 0, 0, one, tmp_path),
+            run.SweepRun("g", 1, 1.0, 0, 0, missing, tmp_path)]  # fmt: skip
+    cold, warm = run.fixed_costs(runs)
+    assert sorted(cold) == [1.5, 2.5, 4.0] and sorted(warm) == [0.2, 0.3, 0.5]
+    assert run.fixed_costs(runs[2:]) is None
+
+    bench = run.Bench.__new__(run.Bench)
+    bench.report, bench.sweeps = run.Report(), {("g", 1): runs[2]}
+    run.bench_fixed(bench)
+    assert [r.verdict for r in bench.report.rows] == ["n/a", "n/a"]
+    assert "driver did not write trial_timings.csv" in capsys.readouterr().out
+    bench.report, bench.sweeps = run.Report(), {("g", 2): runs[0], ("g", 1): runs[1]}
+    run.bench_fixed(bench)
+    assert [(r.value, r.verdict) for r in bench.report.rows] == [(2.5, "PASS"), (0.3, "PASS")]
+
+
+def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):
+    import subprocess
+
+    child = "import time; x = bytearray(64 << 20); time.sleep(1.0)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    rss, pss = run.peak_memory_of_tree(proc, interval=0.05)
+    assert proc.returncode == 0
+    assert rss >= 64 << 20 and 0 < pss <= rss
