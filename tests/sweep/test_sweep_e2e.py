@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -125,19 +122,6 @@ def test_missing_data_folder_is_refused(tmp_path):
     assert proc.returncode != 0 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _result_lines(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return out
-
-
 def _one_trial_yaml(tmp_path: Path, epochs: int) -> Path:
     cfg = tmp_path / "one.yaml"
     cfg.write_text(
@@ -145,68 +129,6 @@ def _one_trial_yaml(tmp_path: Path, epochs: int) -> Path:
         "model.mode: finetune}\nseeds: [0]\nresources: {cpus_per_trial: 1, max_concurrent: 1, max_failures: 2}\n"
     )
     return cfg
-
-
-def test_killed_trial_resumes_from_its_checkpoint_in_the_same_run(phantom_dir, tmp_path):
-    epochs = 40
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, str(FEWSHOT), "--config", str(_one_trial_yaml(tmp_path, epochs)), "--data",
-           str(phantom_dir), "--tracking-uri", uri, "--storage-path", str(tmp_path / "runs")]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    grid = tmp_path / "runs" / "fault" / "tune" / "grid"
-    killed = None
-    deadline = time.time() + 600
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        for trial_dir in grid.glob("trial_*"):
-            lines = _result_lines(trial_dir)
-            if lines and lines[-1].get("epoch", 0) >= 3 and not lines[-1].get("done"):
-                killed = lines[-1]["pid"]
-                os.kill(killed, signal.SIGKILL)
-                break
-        time.sleep(0.05)
-    out, _ = proc.communicate(timeout=900)
-    assert killed is not None, "the trial finished before it could be killed:\n" + out[-2000:]
-    assert proc.returncode == 0, out[-3000:]
-    lines = _result_lines(next(grid.glob("trial_*")))
-    pids = [ln["pid"] for ln in lines]
-    assert killed in pids and pids[-1] != killed  # a new process finished the trial
-    after = [ln["epoch"] for ln in lines if ln["pid"] != killed]
-    assert after[0] > 0  # it continued from a checkpoint, not from epoch 0
-    _, _, parents, trials = _children(uri, "fault")
-    assert len(parents) == 1 and len(trials) == 1
-    from mlflow.tracking import MlflowClient
-
-    steps = [m.step for m in MlflowClient(uri).get_metric_history(trials[0].info.run_id, "train_loss")]
-    assert sorted(steps) == list(range(epochs))  # every epoch logged exactly once
-    assert trials[0].info.status == "FINISHED"
-
-
-def test_interrupted_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = _sweep_cmd(phantom_dir, tmp_path / "runs", uri, "--set", "seed=0", "--max-concurrent", "1")
-    proc = subprocess.Popen(
-        cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    grid = tmp_path / "runs" / "lasegseg-demo" / "tune" / "grid"
-    deadline = time.time() + 900
-    done_before: set[str] = set()
-    while time.time() < deadline and proc.poll() is None:
-        done_before = {d.name for d in grid.glob("trial_*") if any(ln.get("done") for ln in _result_lines(d))}
-        if len(done_before) >= 3:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    time.sleep(2)
-    resumed = subprocess.run(cmd + ["--resume"], env=_env(tmp_path), capture_output=True, text=True, timeout=1500)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    for name in done_before:  # finished trials were not run again
-        assert sum(bool(ln.get("done")) for ln in _result_lines(grid / name)) == 1
-    _, _, parents, trials = _children(uri, "lasegseg-demo")
-    assert len(parents) == 1
-    assert len(trials) == 8 and len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 8
-    assert all(t.info.status == "FINISHED" for t in trials)
 
 
 def _free_port() -> int:
