@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as the cluster fits)")
     p.add_argument("--cpus-per-trial", type=float, default=None)
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed, e.g. 0.25")
+    p.add_argument(
+        "--frozen-gpus-per-trial", type=float, default=None, metavar="SHARE",
+        help="GPU share of a frozen-backbone trial in (0, 1], e.g. 0.25 packs 4 on one GPU (default: --gpus-per-trial)",
+    )  # fmt: skip
     p.add_argument("--max-failures", type=int, default=None, help="retries of a failing trial from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its trials, run nothing")
     return p
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from lasegseg.config import parse_overrides
-    from lasegseg.sweep.spec import load_spec
+    from lasegseg.sweep.spec import gpu_share, load_spec
 
     overrides = parse_overrides(args.set)
     spec = load_spec(args.config, overrides=overrides)
@@ -129,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             if value < 0:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
             setattr(res, attr, value)
+    if args.frozen_gpus_per_trial is not None:
+        res.frozen_gpus_per_trial = gpu_share(args.frozen_gpus_per_trial, "--frozen-gpus-per-trial")
     name = args.experiment or spec.name
     storage = args.storage_path or os.environ.get("LASEGSEG_STORAGE", "runs")
     sweep_dir = _sweep_dir(storage, name)
@@ -143,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         from lasegseg.config import from_flat, run_name
 
         for flat in trials:
-            print("  " + run_name(from_flat(flat)))
+            gpus = res.for_trial(flat)["gpu"]
+            print("  " + run_name(from_flat(flat)) + (f"  [{gpus:g} GPU]" if gpus else ""))
         return 0
 
     from lasegseg.sweep import tracking

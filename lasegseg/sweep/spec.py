@@ -21,6 +21,7 @@ A sweep file::
       scheduler: asha               # early stopping is allowed here only
       set: {train.epochs: 10}       # overrides for screening trials
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, max_concurrent: 2, max_failures: 1}
+                                    # frozen_gpus_per_trial: 0.25 packs 4 frozen-backbone trials on one GPU
 
 Unknown keys, wrong types, empty axes and invalid values are refused with one line naming the key.
 """
@@ -44,7 +45,7 @@ MAX_SPEC_NODES = 100_000
 MAX_FLOW_DEPTH = 100
 TOP_KEYS = {"name", "description", "base", "grid", "fewshot", "baselines", "seeds", "screen", "resources"}
 SCREEN_KEYS = {"search", "low", "high", "trials", "scheduler", "set", "grace_period"}
-RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"}
+RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "frozen_gpus_per_trial", "max_concurrent", "max_failures"}
 CELL_KEYS = ("model.backbone", "model.registers", "model.decoder", "model.mode")
 
 
@@ -62,10 +63,39 @@ class Screen:
 
 @dataclass
 class Resources:
+    """What each trial asks Ray for, and how many trials run and retry.
+
+    Args:
+        cpus_per_trial: CPUs of every trial.
+        gpus_per_trial: GPUs of a trial that trains its backbone (finetune, lora, the no-backbone baseline); 0 runs
+            the sweep on CPUs.
+        frozen_gpus_per_trial: GPU share of a frozen-backbone trial, in (0, 1]; None means gpus_per_trial. A frozen
+            trial trains only its decoder and leaves most of a GPU idle, so 0.25 runs four of them on one GPU at
+            once. Ignored when gpus_per_trial is 0.
+        max_concurrent: trials at once (0: as many as the resources fit).
+        max_failures: retries of a failing trial from its last checkpoint.
+    """
+
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    frozen_gpus_per_trial: float | None = None
     max_concurrent: int = 0
     max_failures: int = 1
+
+    def for_trial(self, flat: dict[str, Any]) -> dict[str, float]:
+        """The ``{"cpu": …, "gpu": …}`` request of the trial with flat config ``flat``."""
+        gpus = self.gpus_per_trial
+        frozen = flat.get("model.mode") == "frozen" and flat.get("model.backbone") != "none"
+        if gpus > 0 and frozen and self.frozen_gpus_per_trial is not None:
+            gpus = self.frozen_gpus_per_trial
+        return {"cpu": self.cpus_per_trial, "gpu": gpus}
+
+
+def gpu_share(value: Any, where: str) -> float:
+    """``value`` as a GPU share in (0, 1], else a one-line ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"{where} must be a GPU share in (0, 1] (e.g. 0.25 packs 4 trials per GPU), got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -271,6 +301,9 @@ def _resources(value: Any) -> Resources:
     _unknown(raw, RESOURCE_KEYS, "resources.")
     res = Resources()
     for key, item in raw.items():
+        if key == "frozen_gpus_per_trial":
+            res.frozen_gpus_per_trial = gpu_share(item, "sweep key 'resources.frozen_gpus_per_trial'")
+            continue
         typ = int if key in ("max_concurrent", "max_failures") else float
         if (
             isinstance(item, bool)

@@ -53,8 +53,16 @@ def _trainable(ctx: dict[str, Any], res):
 
     from lasegseg.sweep.trainable import run_tune_trial
 
-    resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(run_tune_trial, ctx=ctx), resources)
+    trainable = tune.with_parameters(run_tune_trial, ctx=ctx)
+    if res.gpus_per_trial <= 0 or res.frozen_gpus_per_trial in (None, res.gpus_per_trial):
+        return tune.with_resources(trainable, res.for_trial({}))
+
+    # Frozen-backbone trials ask for a GPU share (resources.frozen_gpus_per_trial), so several train on one GPU.
+    def per_trial(config: dict[str, Any]):
+        request = res.for_trial(config["trial"])
+        return tune.PlacementGroupFactory([{"CPU": request["cpu"], "GPU": request["gpu"]}])
+
+    return tune.with_resources(trainable, per_trial)
 
 
 def _trial_name(trial) -> str:

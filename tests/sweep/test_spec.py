@@ -116,3 +116,58 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_spec(bad)
+
+
+def _packed(**resources):
+    raw = _spec(baselines=[{"model.backbone": "none", "model.decoder": "unet"}], resources=resources)
+    raw["base"] = {**raw["base"], "model.mode": "frozen"}  # the baseline ignores the mode: it has no backbone
+    return parse_spec(raw)
+
+
+def test_frozen_backbone_trials_request_their_gpu_share():
+    spec = _packed(gpus_per_trial=1, frozen_gpus_per_trial=0.25, cpus_per_trial=2)
+    requests = {(t["model.backbone"], t["model.mode"]): spec.resources.for_trial(t)["gpu"] for t in spec.trials()}
+    assert requests == {("tiny", "frozen"): 0.25, ("tiny", "finetune"): 1.0, ("none", "frozen"): 1.0}
+    assert {spec.resources.for_trial(t)["cpu"] for t in spec.trials()} == {2.0}
+
+
+@pytest.mark.parametrize("resources", [{"gpus_per_trial": 0, "frozen_gpus_per_trial": 0.25}, {"gpus_per_trial": 0.5}])
+def test_frozen_share_changes_nothing_on_cpus_or_when_unset(resources):
+    spec = _packed(**resources)
+    gpus = resources["gpus_per_trial"]
+    assert {spec.resources.for_trial(t)["gpu"] for t in spec.trials()} == {gpus}
+
+
+@pytest.mark.parametrize("value", [0, -0.25, 1.5, "half", True, None])
+def test_bad_frozen_gpu_share_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError) as info:
+        _packed(gpus_per_trial=1, frozen_gpus_per_trial=value)
+    message = str(info.value)
+    assert "'resources.frozen_gpus_per_trial'" in message and "(0, 1]" in message and "\n" not in message
+
+
+def test_tune_asks_each_trial_for_its_own_resources():
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from lasegseg.sweep.tune_runner import _trainable
+
+    def resolved(spec):
+        # What Tune asks the cluster for when it schedules each trial.
+        cls = wrap_function(_trainable({}, spec.resources))
+        return {t["model.mode"]: cls.default_resource_request({"trial": t}).required_resources for t in spec.trials()}
+
+    packed = parse_spec(_spec(resources={"gpus_per_trial": 1, "frozen_gpus_per_trial": 0.5}))
+    assert resolved(packed) == {"frozen": {"CPU": 1.0, "GPU": 0.5}, "finetune": {"CPU": 1.0, "GPU": 1.0}}
+    cpu_only = parse_spec(_spec(resources={"frozen_gpus_per_trial": 0.5}))
+    assert resolved(cpu_only) == {"frozen": {"CPU": 1.0}, "finetune": {"CPU": 1.0}}
+
+
+def test_cli_frozen_gpu_share_is_checked_in_one_line(capsys):
+    from lasegseg.sweep.runner import main
+
+    assert main(["--config", str(ROOT / "sweeps" / "configs" / "demo.yaml"), "--frozen-gpus-per-trial", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fewshot.py: error: --frozen-gpus-per-trial must be a GPU share in (0, 1] (e.g. 0.25 packs 4 trials per GPU), "
+        "got 2.0"
+    ]
