@@ -295,6 +295,7 @@ def test_second_run_reads_no_volume_and_rehashes_nothing(tmp_path, dataset, monk
     assert not [p for p in hashed if root in p.parents]  # only the cache's own files were verified
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path, dataset, damage, caplog):
     _, _, _, calls = dataset
@@ -318,6 +319,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, dataset, damage, caplog
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.faults
 def test_damaged_manifest_is_detected(tmp_path, cases):
     path = build_cache(cases, tmp_path, "k1", SIZE)
     (path / "manifest.json").write_text("{not json")
