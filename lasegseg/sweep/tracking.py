@@ -102,6 +102,16 @@ def own_http_retries(tracking_uri: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+def pending_path(experiment_id: str, trial_id: str) -> Path:
+    """Where a trial's unsent metrics wait (``$LASEGSEG_CACHE`` or ``~/.cache/lasegseg``, under mlflow-pending).
+
+    A node-local file that outlives the trial's process, and the sweep's, for the trial's next attempt. Not the
+    Tune trial folder: Tune copies that to the sweep's storage, where a stale copy would look like lost metrics.
+    """
+    root = Path(os.environ.get("LASEGSEG_CACHE") or Path.home() / ".cache" / "lasegseg").expanduser()
+    return root / "mlflow-pending" / f"{experiment_id}-{trial_id}.jsonl"
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 RUN_FILE = "mlflow_run.json"
-PENDING_FILE = "mlflow_pending.jsonl"  # metrics not yet in MLflow (server down); kept for the trial's next attempt
 
 
 def _open_shared_cache(ctx: dict[str, Any], cfg):
@@ -54,7 +53,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from lasegseg.config import from_flat, run_name
-    from lasegseg.sweep.tracking import TrialTracker
+    from lasegseg.sweep.tracking import TrialTracker, pending_path
     from lasegseg.train.trial import prepare_data, run_trial
 
     flat = dict(config["trial"])
@@ -71,7 +70,8 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         flat = cfg.to_flat()
         tracker = TrialTracker(
             ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], tune_ctx.get_trial_id(),
-            run_name(cfg), flat, stage=ctx.get("stage", "trial"), buffer_path=trial_dir / PENDING_FILE,
+            run_name(cfg), flat, stage=ctx.get("stage", "trial"),
+            buffer_path=pending_path(ctx["experiment_id"], tune_ctx.get_trial_id()),
         )  # fmt: skip
         resume_dir, known_run = None, None
         checkpoint = tune.get_checkpoint()
