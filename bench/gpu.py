@@ -276,12 +276,12 @@ def measure_row(shape: VitShape, mode: str, args, device, peak: float | None, *,
     for attempt in range(2):
         seg = step = None
         try:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             seg = build_segmenter(shape, mode=mode, decoder=args.decoder, image_size=args.image_size, device=device)
             ckpt = mode == "e2e" and shape.checkpointing
             vit_counted, step_counted = count_flops(seg, device, args.image_size, checkpointing=ckpt)
             forward = torch.compile(seg) if compiled else seg
+            if device.type == "cuda":  # the peak of training at this batch, weights included, not of the count
+                torch.cuda.reset_peak_memory_stats(device)
             step = make_step(seg, forward, batch, args.image_size, device)
             per_step, steps, warm = time_steps(step, device, warmup=args.warmup, seconds=args.seconds)
             row.update(_row_numbers(shape, mode, args.image_size, batch, per_step, vit_counted, step_counted, peak))
