@@ -222,7 +222,8 @@ def _check_payload(path: Path, needed: int) -> None:
 def _check_dtype(path: Path, dtype: np.dtype) -> None:
     # Complex voxels would silently lose their imaginary part and RGB (structured) ones cannot become intensities.
     if dtype.kind not in "iuf":
-        raise VolumeError(path, f"unsupported voxel type {dtype} (need integer or real scalars)")
+        name = f"RGB-like record ({', '.join(dtype.names)})" if dtype.names else str(dtype)
+        raise VolumeError(path, f"unsupported voxel type {name} (need integer or real scalars)")
 
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
