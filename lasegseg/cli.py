@@ -75,7 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     check_model_config(cfg.model)  # names and combinations, before any data is read
     data = prepare_data(cfg)
-    results = run_trial(cfg, out, data=data, device=args.device, progress=not args.quiet)
+    alias = None
+    if args.pseudonymize:
+        from lasegseg.data.pseudonym import KEY_FILE, Pseudonymizer, load_or_create_salt
+
+        alias = Pseudonymizer(load_or_create_salt(out))
+        alias.write_key(out / KEY_FILE, data.cache.cases)
+    results = run_trial(cfg, out, data=data, device=args.device, progress=not args.quiet, alias=alias)
     print(
         f"{results['run_name']}: val Dice {results['val_dice']:.4f} (epoch {results['best_epoch'] + 1}); "
         f"test Dice {results['test_dice_mean']:.4f} ± {results['test_dice_std']:.4f}, "
@@ -225,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, repeatable")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--pseudonymize", action="store_true",
+        help="salted-hash aliases for patient ids in every output (key: OUT/pseudonyms.csv, keep it private)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment volumes with a model folder, an export or a registered model")

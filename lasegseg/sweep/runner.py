@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--max-failures", type=int, default=None, help="retries of a failing trial from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its trials, run nothing")
+    p.add_argument(
+        "--pseudonymize", action="store_true",
+        help="log salted-hash aliases instead of patient ids taken from file names (key kept in the sweep folder)",
+    )  # fmt: skip
     return p
 
 
@@ -77,6 +81,16 @@ def _check_pool(spec, trials: list[dict[str, Any]], cache) -> None:
                 f"config key 'data.patients' asks for {flat['data.patients']} patients but the training pool "
                 f"has {len(split.train)}"
             )
+
+
+def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:
+    """The sweep's salt (created once, kept private in the sweep folder) and the local alias → id key."""
+    from lasegseg.data.pseudonym import KEY_FILE, Pseudonymizer, load_or_create_salt
+
+    salt = load_or_create_salt(sweep_dir)
+    key = Pseudonymizer(salt).write_key(sweep_dir / KEY_FILE, case_ids)
+    print(f"pseudonymised: MLflow sees aliases only; the key stays local in {key}")
+    return salt
 
 
 def _init_ray(env: dict[str, str], cpus: float | None) -> None:
@@ -177,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
     from lasegseg.train.features import build_sweep_features
 
     feature_paths = build_sweep_features(trials, cache)
+    # A resumed sweep keeps the choice of its first run: one sweep never mixes real ids and aliases.
+    pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
+    salt = _pseudonym_salt(sweep_dir, cache.cases) if pseudonymize else None
 
     artifact_root = None if tracking_uri.startswith(("http://", "https://")) else (sweep_dir / "mlartifacts").as_uri()
     experiment_id = tracking.ensure_experiment(tracking_uri, name, artifact_location=artifact_root)
@@ -187,12 +204,12 @@ def run(args: argparse.Namespace) -> int:
         parent_run_id = tracking.start_parent(
             tracking_uri, experiment_id, name,
             params={"sweep.config": args.config, "sweep.trials": len(trials), "data.path": data_path,
-                    **{f"sweep.set.{k}": v for k, v in overrides.items()}},
+                    "sweep.pseudonymize": pseudonymize, **{f"sweep.set.{k}": v for k, v in overrides.items()}},
             tags={"lasegseg.sweep_dir": str(sweep_dir)},
         )  # fmt: skip
         tracking.client(tracking_uri).log_artifact(parent_run_id, args.config)
     state = {"status": "running", "parent_run_id": parent_run_id, "experiment_id": experiment_id,
-             "tracking_uri": tracking_uri, "name": name}  # fmt: skip
+             "tracking_uri": tracking_uri, "name": name, "pseudonymize": pseudonymize}  # fmt: skip
     state_path.write_text(json.dumps(state, indent=2))
 
     from lasegseg.sweep.tune_runner import run_stages
@@ -207,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
         "cache_path": str(cache.path), "threads": max(1, int(res.cpus_per_trial)), "feature_paths": feature_paths,
     }  # fmt: skip
+    if salt is not None:
+        ctx |= {"pseudonym_salt": salt.decode("utf-8"), "case_ids": list(cache.cases)}
     outcome = run_stages(spec, ctx, sweep_dir, resume=args.resume)
 
     from lasegseg.sweep.aggregate import aggregate, format_table

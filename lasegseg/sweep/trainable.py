@@ -56,6 +56,11 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from lasegseg.sweep.tracking import TrialTracker, pending_path
     from lasegseg.train.trial import prepare_data, run_trial
 
+    alias = None
+    if ctx.get("pseudonym_salt"):
+        from lasegseg.data.pseudonym import Pseudonymizer
+
+        alias = Pseudonymizer(ctx["pseudonym_salt"].encode("utf-8"), ctx.get("case_ids", ()))
     flat = dict(config["trial"])
     if "optim.lr" in config:
         flat["optim.lr"] = float(config["optim.lr"])
@@ -107,14 +112,16 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         out = trial_dir / "result"
         results = run_trial(
             cfg, out, data=data, on_epoch=on_epoch, checkpoint_dir=work / "state", resume_from=resume_dir,
-            timings=timings,
+            timings=timings, alias=alias,
         )  # fmt: skip
         tracker.finish(results, artifact_dir=out)
         final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tune.report({**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
     except Exception as exc:
         if tracker is not None:
-            tracker.fail(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            # File paths in a data error name patients; a pseudonymised sweep logs their aliases instead.
+            tracker.fail(alias.scrub(message) if alias is not None else message)
         raise
     finally:
         # Checkpoints were handed to Tune (copied to its storage); the scratch copies go on every exit path.

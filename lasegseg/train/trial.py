@@ -286,6 +286,7 @@ def run_trial(
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
     timings: dict[str, Any] | None = None,
+    alias: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """Train one model and return its metrics (also written to ``out_dir``).
 
@@ -300,6 +301,7 @@ def run_trial(
         resume_from: a training-state folder to continue from.
         timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step)
             and ``feature_cache`` (bool), for a sweep's fixed-cost accounting.
+        alias: maps case ids to the names written to ``out_dir`` and returned (``--pseudonymize``).
     """
     from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, param_groups, state_for_checkpoint
 
@@ -401,12 +403,29 @@ def run_trial(
         "feature_cache": features is not None,
     }
     if out_dir is not None:
-        write_outputs(Path(out_dir), model, cfg, results, cache=cache, device=device)
-    return results
+        write_outputs(Path(out_dir), model, cfg, results, cache=cache, device=device, alias=alias)
+    return pseudonymize_results(results, alias)
 
 
-def write_overlays(model, cache, rows: list[dict[str, Any]], path: Path, *, device, amp: str, k: int = 3) -> Path:
-    """Prediction and ground-truth contours on ``k`` slices of the test patients (as the paper's Figure 3)."""
+def pseudonymize_results(results: dict[str, Any], alias: Callable[[str], str] | None) -> dict[str, Any]:
+    """``results`` with every case id (per-patient rows, split lists) replaced by ``alias(case id)``."""
+    if alias is None:
+        return results
+    return {
+        **results,
+        "per_patient": [{**row, "case_id": alias(row["case_id"])} for row in results["per_patient"]],
+        "split": {name: [alias(c) for c in ids] for name, ids in results["split"].items()},
+    }
+
+
+def write_overlays(
+    model, cache, rows: list[dict[str, Any]], path: Path, *, device, amp: str, k: int = 3,
+    alias: Callable[[str], str] | None = None,
+) -> Path:  # fmt: skip
+    """Prediction and ground-truth contours on ``k`` slices of the test patients (as the paper's Figure 3).
+
+    Titles name each case by ``alias(case id)`` when given (pseudonymised runs).
+    """
     from lasegseg.train.overlay import overlay_figure, pick_slices
 
     model.eval()
@@ -422,15 +441,25 @@ def write_overlays(model, cache, rows: list[dict[str, Any]], path: Path, *, devi
             images.append(image)
             truths.append(labels[..., z])
             preds.append(prob >= 0.5)
-            titles.append(f"{cid} z={z} (3D Dice {row['dice']:.3f})")
+            titles.append(f"{alias(cid) if alias else cid} z={z} (3D Dice {row['dice']:.3f})")
     return overlay_figure(path, images, truths, preds, titles)
 
 
-def write_outputs(out_dir: Path, model, cfg: Config, results: dict[str, Any], cache=None, device="cpu") -> None:
-    """``model/`` (safetensors + config.json), ``metrics.json``, ``per_patient.csv`` and ``overlays.png``."""
+def write_outputs(
+    out_dir: Path, model, cfg: Config, results: dict[str, Any], cache=None, device="cpu",
+    alias: Callable[[str], str] | None = None,
+) -> None:  # fmt: skip
+    """``model/`` (safetensors + config.json), ``metrics.json``, ``per_patient.csv`` and ``overlays.png``.
+
+    With ``alias``, every case id in these files (and the overlay titles) is its pseudonym.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cache is not None and results["per_patient"]:
-        write_overlays(model, cache, results["per_patient"], out_dir / "overlays.png", device=device, amp=cfg.train.amp)
+        write_overlays(
+            model, cache, results["per_patient"], out_dir / "overlays.png", device=device, amp=cfg.train.amp,
+            alias=alias,
+        )  # fmt: skip
+    results = pseudonymize_results(results, alias)
     ckpt.save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})
     rows = results["per_patient"]
     fields = ["case_id", "split", "dice", "iou", "hd95", "slice_dice"]

@@ -48,9 +48,11 @@ def _children(uri: str, experiment: str):
 def demo_sweep(phantom_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    # --pseudonymize: what MLflow receives must hold aliases only (checked below); results are otherwise unchanged.
     proc = subprocess.run(
-        _sweep_cmd(phantom_dir, tmp / "runs", uri), env=_env(tmp), capture_output=True, text=True, timeout=1500
-    )
+        _sweep_cmd(phantom_dir, tmp / "runs", uri, "--pseudonymize"), env=_env(tmp), capture_output=True, text=True,
+        timeout=1500,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, uri, proc
 
@@ -74,6 +76,20 @@ def test_demo_sweep_logs_one_parent_and_every_trial(demo_sweep):
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "train_loss")]
         assert steps == [0]
     assert len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 16
+
+
+def test_pseudonymized_sweep_sends_no_patient_id_to_mlflow(demo_sweep, phantom_dir):
+    tmp, uri, proc = demo_sweep
+    ids = sorted(p.name.removesuffix(".nii.gz") for p in (phantom_dir / "imagesTr").glob("*.nii.gz"))
+    sweep_dir = tmp / "runs" / "lasegseg-demo"
+    database = (tmp / "mlflow.db").read_bytes()
+    assert not [i for i in ids if i.encode() in database]  # params, tags, metrics, run names
+    texts = [p for p in (sweep_dir / "mlartifacts").rglob("*") if p.suffix in (".json", ".csv", ".md", ".yaml")]
+    assert any(p.name == "per_patient.csv" for p in texts)
+    for path in texts:
+        assert not [i for i in ids if i in path.read_text()], path
+    key = (sweep_dir / "pseudonyms.csv").read_text()
+    assert all(i in key for i in ids)  # the local key maps every alias back
 
 
 def test_demo_sweep_summary_has_one_row_per_cell(demo_sweep):
