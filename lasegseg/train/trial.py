@@ -180,10 +180,11 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, kind: str, generator: torch.
     angle = (torch.rand(b, generator=generator) * 2 - 1) * _MAX_ROTATION
     scale = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * _MAX_SCALE_STEP
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # Sampling grid = rotation / scale applied after the flips: [R / s] @ diag(sign_x, sign_y).
     theta = torch.stack(
         [
-            torch.stack([cos * sign[:, 0], -sin, torch.zeros(b)], 1),
-            torch.stack([sin, cos * sign[:, 1], torch.zeros(b)], 1),
+            torch.stack([cos * sign[:, 0], -sin * sign[:, 1], torch.zeros(b)], 1),
+            torch.stack([sin * sign[:, 0], cos * sign[:, 1], torch.zeros(b)], 1),
         ],
         dim=1,
     ).to(x.device, x.dtype)
