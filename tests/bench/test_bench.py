@@ -104,18 +104,22 @@ def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, 
     missing = tmp_path / "none"
     runs = [run.SweepRun("g", 2, 1.0, 0, 0, two, tmp_path), run.SweepRun("g", 1, 1.0, 0, 0, one, tmp_path),
             run.SweepRun("g", 1, 1.0, 0, 0, missing, tmp_path)]  # fmt: skip
-    cold, warm = run.fixed_costs(runs)
+    # Tune's experiment state of the 2-worker sweep: it started 5 s before trial "a" (started 10.0, first step 14.0).
+    (two / "tune" / "grid").mkdir(parents=True)
+    (two / "tune" / "grid" / "experiment_state-x.json").write_text(json.dumps({"stats": {"start_time": 5.0}}))
+    cold, cold_from_start, warm = run.fixed_costs(runs)
     assert sorted(cold) == [1.5, 2.5, 4.0] and sorted(warm) == [0.2, 0.3, 0.5]
+    assert sorted(cold_from_start) == [8.0, 9.0]
     assert run.fixed_costs(runs[2:]) is None
 
     bench = run.Bench.__new__(run.Bench)
     bench.report, bench.sweeps = run.Report(), {("g", 1): runs[2]}
     run.bench_fixed(bench)
-    assert [r.verdict for r in bench.report.rows] == ["n/a", "n/a"]
+    assert [r.verdict for r in bench.report.rows] == ["n/a"] * 3
     assert "driver did not write trial_timings.csv" in capsys.readouterr().out
     bench.report, bench.sweeps = run.Report(), {("g", 2): runs[0], ("g", 1): runs[1]}
     run.bench_fixed(bench)
-    assert [(r.value, r.verdict) for r in bench.report.rows] == [(2.5, "PASS"), (0.3, "PASS")]
+    assert [(r.value, r.verdict) for r in bench.report.rows] == [(2.5, "PASS"), (8.5, "MISS"), (0.3, "PASS")]
 
 
 def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):
