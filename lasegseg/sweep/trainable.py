@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -11,6 +12,21 @@ from pathlib import Path
 from typing import Any
 
 RUN_FILE = "mlflow_run.json"
+SCRATCH_PREFIX = "lasegseg-trial-"
+
+
+def _remove_orphaned_scratch() -> None:
+    """Scratch folders of trial processes that were killed (SIGKILL skips every ``finally``)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _open_shared_cache(ctx: dict[str, Any], cfg):
@@ -69,7 +85,8 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     tune_ctx = tune.get_context()
     trial_dir = Path(tune_ctx.get_trial_dir())
     tracker = None
-    work = Path(tempfile.mkdtemp(prefix="lasegseg-trial-"))
+    _remove_orphaned_scratch()
+    work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
         cfg = from_flat(flat)
         flat = cfg.to_flat()

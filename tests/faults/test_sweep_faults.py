@@ -45,6 +45,12 @@ def _result_lines(trial_dir: Path) -> list[dict]:
     return out
 
 
+def _scratch() -> set[Path]:
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("lasegseg-trial-*"))
+
+
 def _runs(uri: str, experiment: str):
     from mlflow.tracking import MlflowClient
 
@@ -74,6 +80,7 @@ def test_trial_killed_mid_epoch_resumes_in_its_run_and_ends_as_if_never_killed(p
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, str(FEWSHOT), "--config", str(sweep), "--data", str(phantom_dir), "--tracking-uri", uri,
            "--storage-path", str(tmp_path / "runs")]  # fmt: skip
+    scratch_before = _scratch()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     grid = tmp_path / "runs" / "fault" / "tune" / "grid"
     killed, killed_after = None, None
@@ -97,6 +104,8 @@ def test_trial_killed_mid_epoch_resumes_in_its_run_and_ends_as_if_never_killed(p
     after = [ln["epoch"] for ln in lines if ln["pid"] != killed and not ln.get("done")]
     assert max(by_killed) == killed_after  # the kill cut epoch killed_after + 1 short
     assert after[0] == killed_after + 1  # …which the next attempt redid from the checkpoint, not from epoch 0
+    # SIGKILL skips cleanup; the next attempt removed the killed process's scratch checkpoints.
+    assert _scratch() <= scratch_before
     client, parents, trials = _runs(uri, "fault")
     assert len(parents) == 1 and len(trials) == 1
     run = trials[0]
