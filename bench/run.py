@@ -681,8 +681,12 @@ def bench_fixed(b: Bench) -> None:
         for name in names:
             b.report.add("fixed", name, None, unit="s", detail="n/a (driver did not write trial_timings.csv)")
         return
-    for name, values in zip(names, costs, strict=True):
+    for i, (name, values) in enumerate(zip(names, costs, strict=True)):
         detail = f"max {max(values, default=0):.2f}s over {len(values)} trials of {len(runs)} sweeps"
+        if i == 1:  # contention shows here: n workers starting at once on 2 cores
+            detail += "; first trial per sweep: " + ", ".join(
+                f"{r.grid}/c{r.concurrency} {c[1][0]:.1f}s" for r in runs if (c := fixed_costs([r])) and c[1]
+            )
         b.report.add("fixed", name, statistics.median(values) if values else None, unit="s", goal=goal, detail=detail)
 
 
