@@ -24,6 +24,7 @@ from lasegseg.models.backbones import NONE, Backbone, build_backbone, cache_root
 from lasegseg.models.decoders import create_decoder, decoder_spec
 
 NUM_CLASSES = 2
+FROZEN_FEATURE_DTYPE = torch.float16
 # Layers from which gradient checkpointing pays off (dinov2-large has 24, giant 40).
 _CHECKPOINTING_MIN_LAYERS = 24
 _NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "register_tokens", "position_embeddings", "level_weights")
@@ -60,7 +61,7 @@ class Segmenter(nn.Module):
         return self
 
     def features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone feature maps (``[]`` without a backbone); no autograd graph when frozen.
+        """Backbone feature maps (``[]`` without a backbone); no autograd graph and fp16-rounded values when frozen.
 
         Args:
             image: ``(B, 1, H, W)`` in [0, 1].
@@ -69,7 +70,9 @@ class Segmenter(nn.Module):
             return []
         if self.frozen:
             with torch.no_grad():
-                return self.backbone(image)
+                # Frozen features are fp16 values by definition: the feature cache stores them so, and rounding
+                # here as well gives the same numbers with or without the cache, in training and at inference.
+                return [f.to(FROZEN_FEATURE_DTYPE).to(f.dtype) for f in self.backbone(image)]
         return self.backbone(image)
 
     def decode(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:

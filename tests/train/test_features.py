@@ -100,19 +100,21 @@ def test_concurrent_builders_build_once(phantom_dir, tmp_path, monkeypatch):
 
 
 def test_frozen_results_agree_with_and_without_the_cache(phantom_dir, tmp_path):
-    cfg = _cfg(phantom_dir)
+    cfg = _cfg(phantom_dir, **{"train.epochs": 4, "model.decoder": "conv", "model.decoder_width": 8, "optim.lr": 1e-2})
     cached = run_trial(cfg, tmp_path / "cached")
     plain = run_trial(cfg.replace(**{"train.feature_cache": False}))
     assert cached["feature_cache"] and not plain["feature_cache"]
+    assert plain["val_dice"] > 0.2 and plain["test_dice_mean"] > 0.2  # a model that learned something
+    # Frozen features are fp16-rounded on both paths, so training sees the same numbers.
     for a, b in zip(cached["history"], plain["history"], strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
-    assert cached["val_dice"] == pytest.approx(plain["val_dice"], abs=0.02)
-    assert cached["test_dice_mean"] == pytest.approx(plain["test_dice_mean"], abs=0.02)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert cached["val_dice"] == pytest.approx(plain["val_dice"], abs=1e-4)
+    assert cached["test_dice_mean"] == pytest.approx(plain["test_dice_mean"], abs=1e-4)
     # The model folder is like any other: decoder weights + backbone fingerprint; it predicts without the cache.
     model, cfg2, _ = load_model(tmp_path / "cached" / "model")
     data = prepare_data(cfg2)
     rows = evaluate(model, data.cache, data.split.test, device="cpu", amp="off", batch_size=8, full=True)
-    assert np.mean([r["dice"] for r in rows]) == pytest.approx(cached["test_dice_mean"], abs=0.02)
+    assert np.mean([r["dice"] for r in rows]) == pytest.approx(cached["test_dice_mean"], abs=1e-4)
 
 
 def test_spatial_augmentation_turns_the_cache_off(phantom_dir, caplog):
