@@ -100,7 +100,7 @@ def _client(
         out["logged_at"] = time.time()
         tracker.finish({})
         out["finished_at"] = time.time()
-        out.update(tracker.stats)
+        out.update(tracker.stats, last_failure=tracker.last_failure)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
         out["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     results.put(out)
@@ -183,6 +183,7 @@ def _drive(uri: str, backend: str, workdir: Path, clients: int, seconds: float, 
         "batches": sum(r.get("batches", 0) for r in done),
         "failed_attempts": sum(r.get("failed_attempts", 0) for r in done),
         "errors": errors,
+        "failures_seen": sorted({r["last_failure"] for r in done if r.get("last_failure")}),
         "setup_s": round(t0 - t_setup, 1),
         "count_s": round(time.time() - t_count, 1),
         **counted,
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{report['store']}: {report['clients']} clients × {report['seconds']:.0f} s: {report['points']} points in "
         f"{report['elapsed_s']} s = {report['points_per_s']} points/s; drain ≤ {report['drain_s_max']} s; "
-        f"{report['batches']} batches, {report['failed_attempts']} failed attempts (retried); "
+        f"{report['batches']} batches, {report['failed_attempts']} failed attempts (retried"
+        f"{': ' + ' | '.join(report['failures_seen']) if report['failures_seen'] else ''}); "
         f"missing {report['missing']}, doubled {report['doubled']}; errors: {report['errors'] or 'none'}"
     )
     if args.json:

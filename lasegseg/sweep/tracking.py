@@ -326,6 +326,7 @@ class TrialTracker:
         self.buffer = MetricBuffer(buffer_path)
         self.stats = {"batches": 0, "metrics": 0, "failed_attempts": 0}
         self.error: BaseException | None = None  # a rejection by the store: the buffer cannot be sent
+        self.last_failure = ""  # the latest transient fault, for reports
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -449,7 +450,8 @@ class TrialTracker:
                         self.error = exc
                         self._wake.notify_all()
                     return
-                log.warning("MLflow log metrics failed (%s); %d metrics buffered", _first_line(exc), len(self.buffer))
+                self.last_failure = _first_line(exc)
+                log.warning("MLflow log metrics failed (%s); %d metrics buffered", self.last_failure, len(self.buffer))
                 with self._wake:
                     if self._closing:
                         return
