@@ -83,22 +83,6 @@ def _check_pool(spec, trials: list[dict[str, Any]], cache) -> None:
             )
 
 
-def _prepare_data(spec, trials: list[dict[str, Any]], salt_dir: Path | None):
-    """Driver-side data work, once per sweep: the slice cache, the few-shot pool check, frozen-backbone features
-    and (pseudonymised sweeps) the salt. Returns (cache, feature paths, salt or None)."""
-    from lasegseg.config import from_flat
-    from lasegseg.train.features import build_sweep_features
-    from lasegseg.train.trial import open_cache
-
-    # Decode once: every trial memory-maps this cache instead of reading NIfTI again.
-    cache = open_cache(from_flat(trials[0]))
-    _check_pool(spec, trials, cache)
-    # Frozen backbones: one pass over every slice now, so frozen trials only memory-map the features.
-    feature_paths = build_sweep_features(trials, cache)
-    salt = _pseudonym_salt(salt_dir, cache.cases) if salt_dir is not None else None
-    return cache, feature_paths, salt
-
-
 def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:
     """The sweep's salt (created once, kept private in the sweep folder) and the local alias → id key."""
     from lasegseg.data.pseudonym import KEY_FILE, Pseudonymizer, load_or_create_salt
@@ -197,28 +181,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and state.get("status") == "running":
         print(f"note: an earlier run of '{name}' did not finish; starting a new sweep (use --resume to continue it)")
 
+    # Decode once, driver side: every trial memory-maps this cache instead of reading NIfTI again.
+    from lasegseg.config import from_flat
+    from lasegseg.train.trial import open_cache
+
+    cache = open_cache(from_flat(trials[0]))
+    _check_pool(spec, trials, cache)
+    # Frozen backbones: one pass over every slice now, so frozen trials only memory-map the features.
+    from lasegseg.train.features import build_sweep_features
+
+    feature_paths = build_sweep_features(trials, cache)
     # A resumed sweep keeps the choice of its first run: one sweep never mixes real ids and aliases.
     pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
+    salt = _pseudonym_salt(sweep_dir, cache.cases) if pseudonymize else None
+
     artifact_root = None if tracking_uri.startswith(("http://", "https://")) else (sweep_dir / "mlartifacts").as_uri()
-    env = {**tracking.tracking_env(tracking_uri), "LASEGSEG_CACHE": os.environ.get("LASEGSEG_CACHE", "")}
-    first = next((t for t in trials if t.get("model.backbone", "none") != "none"), None)
-    if first is not None:
-        env["LASEGSEG_PREWARM_BACKBONE"] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
-    env = {k: v for k, v in env.items() if v}
-
-    # Start-up work overlaps: Ray (and its workers' warm-up) starts in this thread while the data caches are built
-    # and the MLflow store is opened (a fresh sqlite store creates its tables) in two others. Errors surface below.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lasegseg-startup") as pool:
-        data_job = pool.submit(_prepare_data, spec, trials, sweep_dir if pseudonymize else None)
-        exp_job = pool.submit(tracking.ensure_experiment, tracking_uri, name, artifact_root)
-        try:
-            _init_ray(env, None)
-        finally:
-            cache, feature_paths, salt = data_job.result()
-            experiment_id = exp_job.result()
-
+    experiment_id = tracking.ensure_experiment(tracking_uri, name, artifact_location=artifact_root)
     if args.resume:
         parent_run_id = state["parent_run_id"]
         tracking.client(tracking_uri).update_run(parent_run_id, status="RUNNING")
@@ -236,6 +214,12 @@ def run(args: argparse.Namespace) -> int:
 
     from lasegseg.sweep.tune_runner import run_stages
 
+    env = {**tracking.tracking_env(tracking_uri), "LASEGSEG_CACHE": os.environ.get("LASEGSEG_CACHE", "")}
+    first = next((t for t in trials if t.get("model.backbone", "none") != "none"), None)
+    if first is not None:
+        env["LASEGSEG_PREWARM_BACKBONE"] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
+    env = {k: v for k, v in env.items() if v}
+    _init_ray(env, None)
     ctx = {
         "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
         "cache_path": str(cache.path), "threads": max(1, int(res.cpus_per_trial)), "feature_paths": feature_paths,
