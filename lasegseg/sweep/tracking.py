@@ -417,8 +417,9 @@ class TrialTracker:
             raise LasegsegError(f"MLflow store {self.tracking_uri} rejected metrics: {_first_line(self.error)}")
         if len(self.buffer):
             raise LasegsegError(
-                f"MLflow store {self.tracking_uri} unreachable for {seconds:.0f} s; {len(self.buffer)} metrics of "
-                f"run {self.run_id} wait in {self.buffer.path or 'memory'} (set {RETRY_ENV} to wait longer)"
+                f"MLflow store {self.tracking_uri} did not take the buffered metrics within {seconds:.0f} s "
+                f"(unreachable or too slow); {len(self.buffer)} metrics of run {self.run_id} wait in "
+                f"{self.buffer.path or 'memory'} (set {RETRY_ENV} to wait longer)"
             )
 
     def _kick(self) -> None:

@@ -198,7 +198,7 @@ def test_finish_waits_for_the_store_and_gives_up_after_its_bound(sqlite_uri, tmp
     flaky = _start(other)
     flaky.down = True
     t0 = time.perf_counter()
-    with pytest.raises(LasegsegError, match="unreachable for 2 s"):
+    with pytest.raises(LasegsegError, match="did not take the buffered metrics within 2 s"):
         other.finish({"test_dice_mean": 0.5})
     assert time.perf_counter() - t0 < 10
     other.close()
