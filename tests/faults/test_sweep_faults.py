@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import sweep_env, sweep_runs
+
 ROOT = Path(__file__).resolve().parents[2]
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _result_lines(trial_dir: Path) -> list[dict]:
@@ -51,17 +44,6 @@ def _scratch() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("lasegseg-trial-*"))
 
 
-def _runs(uri: str, experiment: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("lasegseg.role") == "sweep"]
-    trials = [r for r in runs if r.data.tags.get("lasegseg.role") == "trial"]
-    return client, parents, trials
-
-
 def _assert_each_epoch_once(client, run, epochs: int) -> None:
     for key in ("train_loss", "val_dice", "lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
@@ -81,7 +63,7 @@ def test_trial_killed_mid_epoch_resumes_in_its_run_and_ends_as_if_never_killed(p
     cmd = [sys.executable, str(FEWSHOT), "--config", str(sweep), "--data", str(phantom_dir), "--tracking-uri", uri,
            "--storage-path", str(tmp_path / "runs")]  # fmt: skip
     scratch_before = _scratch()
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     grid = tmp_path / "runs" / "fault" / "tune" / "grid"
     killed, killed_after = None, None
     deadline = time.time() + 600
@@ -106,7 +88,7 @@ def test_trial_killed_mid_epoch_resumes_in_its_run_and_ends_as_if_never_killed(p
     assert after[0] == killed_after + 1  # …which the next attempt redid from the checkpoint, not from epoch 0
     # SIGKILL skips cleanup; the next attempt removed the killed process's scratch checkpoints.
     assert _scratch() <= scratch_before
-    client, parents, trials = _runs(uri, "fault")
+    client, _, parents, trials = sweep_runs(uri, "fault")
     assert len(parents) == 1 and len(trials) == 1
     run = trials[0]
     assert run.info.status == "FINISHED"
@@ -134,7 +116,7 @@ def test_killed_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
         "--set", "data.image_size=28", "--set", "seed=0", "--max-concurrent", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     grid = tmp_path / "runs" / "lasegseg-demo" / "tune" / "grid"
     deadline = time.time() + 900
@@ -148,16 +130,16 @@ def test_killed_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
     proc.communicate(timeout=60)
     time.sleep(2)
-    client, _, before = _runs(uri, "lasegseg-demo")
+    client, _, _, before = sweep_runs(uri, "lasegseg-demo")
     finished_before = {r.data.tags["lasegseg.trial_id"]: r.info.end_time for r in before
                        if r.info.status == "FINISHED"}  # fmt: skip
     assert len(finished_before) >= 3
 
-    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=1500)
+    resumed = subprocess.run(cmd + ["--resume"], env=sweep_env(), capture_output=True, text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for name in done_before:  # finished trials were not run again…
         assert sum(bool(ln.get("done")) for ln in _result_lines(grid / name)) == 1
-    client, parents, trials = _runs(uri, "lasegseg-demo")
+    client, _, parents, trials = sweep_runs(uri, "lasegseg-demo")
     assert len(parents) == 1
     assert len(trials) == 8 and len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 8  # …nor duplicated
     assert all(t.info.status == "FINISHED" for t in trials)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.helpers import sweep_env, sweep_runs
+
 ROOT = Path(__file__).resolve().parents[2]
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
 
 pytestmark = pytest.mark.slow
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _sweep_cmd(data: Path, storage: Path, uri: str, *extra: str) -> list[str]:
@@ -33,24 +25,13 @@ def _sweep_cmd(data: Path, storage: Path, uri: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _children(uri: str, experiment: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("lasegseg.role") == "sweep"]
-    trials = [r for r in runs if r.data.tags.get("lasegseg.role") == "trial"]
-    return client, exp, parents, trials
-
-
 @pytest.fixture(scope="module")
 def demo_sweep(phantom_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     # --pseudonymize: what MLflow receives must hold aliases only (checked below); results are otherwise unchanged.
     proc = subprocess.run(
-        _sweep_cmd(phantom_dir, tmp / "runs", uri, "--pseudonymize"), env=_env(tmp), capture_output=True, text=True,
+        _sweep_cmd(phantom_dir, tmp / "runs", uri, "--pseudonymize"), env=sweep_env(), capture_output=True, text=True,
         timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -59,7 +40,7 @@ def demo_sweep(phantom_dir, tmp_path_factory):
 
 def test_demo_sweep_logs_one_parent_and_every_trial(demo_sweep):
     tmp, uri, proc = demo_sweep
-    client, exp, parents, trials = _children(uri, "lasegseg-demo")
+    client, exp, parents, trials = sweep_runs(uri, "lasegseg-demo")
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     assert len(parents) == 1
     parent = parents[0]
@@ -126,7 +107,7 @@ def test_aggregate_command_rebuilds_the_summary_from_mlflow_alone(demo_sweep, tm
 )
 def test_bad_sweeps_are_refused_before_any_trial(phantom_dir, tmp_path, extra, needle):
     cmd = _sweep_cmd(phantom_dir, tmp_path / "runs", f"sqlite:///{tmp_path / 'db.sqlite'}") + extra
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=sweep_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "lasegseg-demo" / "tune").exists()
@@ -134,7 +115,7 @@ def test_bad_sweeps_are_refused_before_any_trial(phantom_dir, tmp_path, extra, n
 
 def test_missing_data_folder_is_refused(tmp_path):
     cmd = _sweep_cmd(tmp_path / "nowhere", tmp_path / "runs", f"sqlite:///{tmp_path / 'db.sqlite'}")
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=sweep_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -158,7 +139,7 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(phantom_dir, tmp_path):
     """`ray start --head` (token auth) then `ray job submit --working-dir . -- python sweeps/fewshot.py …`."""
     ray_bin = Path(sys.executable).parent / "ray"
-    env = _env(tmp_path)
+    env = sweep_env()
     env["RAY_AUTH_MODE"] = "token"
     gcs, dash = _free_port(), _free_port()
     start = subprocess.run(
@@ -177,7 +158,7 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(phantom_dir, tmp_pat
         )  # fmt: skip
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in (submit.stdout + submit.stderr).lower()
-        _, _, parents, trials = _children(uri, "fault")
+        _, _, parents, trials = sweep_runs(uri, "fault")
         assert len(parents) == 1 and len(trials) == 1 and trials[0].info.status == "FINISHED"
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
