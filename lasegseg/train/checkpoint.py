@@ -256,6 +256,8 @@ def save_train_state(
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng |= {f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
         save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
         write_json_atomic(tmp / "state.json", {"scalars": scalars, "optimizer": opt_meta})
         commit_dir(tmp, folder)
@@ -279,7 +281,11 @@ def load_train_state(
         meta = json.loads((folder / "state.json").read_text())
         load_checkpoint_state(seg, load_file(str(folder / "current.safetensors")))
         _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
-        torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+        rng = load_file(str(folder / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        cuda_states = [rng[f"cuda{i}"] for i in range(len(rng) - 1) if f"cuda{i}" in rng]
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
         best_path = folder / "best.safetensors"
         best = load_file(str(best_path)) if best_path.is_file() else None
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
