@@ -89,7 +89,10 @@ def recover_dir(final: Path) -> Path:
     final = Path(final)
     previous = _previous(final)
     if not final.exists() and previous.is_dir():
-        os.replace(previous, final)
+        try:
+            os.replace(previous, final)
+        except OSError:
+            return previous  # a read-only location: read the complete previous version where it is
     return final
 
 
