@@ -37,6 +37,7 @@ import pyarrow.ipc as ipc
 from lasegseg.data.preprocess import preprocess_case
 from lasegseg.data.types import LoadedCase
 from lasegseg.errors import DataError
+from lasegseg.fsio import discard_dir, fsync_dir, fsync_file, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ SLICES_FILE = "slices.arrow"
 CASES_FILE = "cases.arrow"
 MANIFEST_FILE = "manifest.json"
 FILE_HASHES_FILE = "file_hashes.json"
-_CHUNK = 8 << 20
 _STALE_SECONDS = 24 * 3600
 
 ListCases = Callable[[Path, str], Sequence[Any]]
@@ -155,16 +155,6 @@ def dataset_files(root: str | os.PathLike, layout: str = "") -> list[Path]:
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _arrays_digest(case: LoadedCase) -> str:
     h = hashlib.sha256()
     for arr in (np.asarray(case.image, np.float32), np.asarray(case.label, bool), np.asarray(case.affine, float)):
@@ -201,7 +191,7 @@ class _FileDigests:
         if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
             return hit["sha256"]
         try:
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
         except OSError as err:
             raise DataError(f"dataset file '{path}' cannot be read: {err.strerror}") from None
         self.entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
@@ -313,7 +303,7 @@ def build_cache(
                 raise
             logger.info("slice cache %s was built concurrently; keeping that one", final)
         else:
-            _fsync_dir(cache_dir)
+            fsync_dir(cache_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -401,8 +391,8 @@ def _case_batch(case: LoadedCase, index: int, first_row: int, num_slices: int) -
 
 
 def _file_record(path: Path, rows: int) -> dict[str, Any]:
-    _fsync_file(path)
-    return {"rows": rows, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+    fsync_file(path)
+    return {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -410,35 +400,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    # Without it a power cut after the rename could expose a cache whose pages never reached the disk.
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem supports fsync on a directory
-    finally:
-        os.close(fd)
-
-
-def _discard(path: Path) -> None:
-    """Move a cache folder aside (atomic, so readers never see it half-deleted), then delete it."""
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(path, trash)
-    except FileNotFoundError:
-        return  # another process discarded it first
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _sweep_stale(cache_dir: Path) -> None:
@@ -630,7 +591,7 @@ def _check_file(path: Path, record: dict[str, Any], *, full: bool) -> None:
         raise DataError(f"cache file '{path}' is missing") from None
     if size != record["bytes"]:
         raise DataError(f"cache file '{path}' is truncated or altered: {size} bytes, manifest says {record['bytes']}")
-    if full and _sha256_file(path) != record["sha256"]:
+    if full and sha256_file(path) != record["sha256"]:
         raise DataError(f"cache file '{path}' is corrupt: its sha256 does not match the manifest")
 
 
@@ -698,7 +659,7 @@ def get_or_build_cache(
             return SliceCache.open(path, verify=verify)
         except DataError as err:
             logger.warning("rebuilding slice cache: %s", err)
-            _discard(path)
+            discard_dir(path)
     meta = {"layout": layout, "fingerprint": fingerprint, "data_root": str(root.absolute())}
     built = build_cache(lambda: load_cases(root, layout), cache_dir, key, image_size, clip_low, clip_high, meta=meta)
     # Just written and hashed by build_cache (or by a concurrent builder), so a size check is enough here.

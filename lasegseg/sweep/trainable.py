@@ -11,6 +11,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from lasegseg.fsio import pid_alive
+
 RUN_FILE = "mlflow_run.json"
 SCRATCH_PREFIX = "lasegseg-trial-"
 
@@ -19,14 +21,8 @@ def _remove_orphaned_scratch() -> None:
     """Scratch folders of trial processes that were killed (SIGKILL skips every ``finally``)."""
     for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
         pid = folder.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
 
 
 def _open_shared_cache(ctx: dict[str, Any], cfg):

@@ -11,7 +11,6 @@ safetensors, and a JSON with the epoch, scheduler step, best metrics and RNG sta
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -23,18 +22,11 @@ import torch
 
 from lasegseg.config import Config, from_flat
 from lasegseg.errors import ModelError
+from lasegseg.fsio import fsync_dir, fsync_file, pid_alive, sha256_file
 
 MODEL_FORMAT = "lasegseg-model-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def atomic_dir(final: Path) -> Path:
@@ -49,18 +41,8 @@ def _remove_orphans(final: Path) -> None:
     """Delete temporary folders of earlier writers of ``final`` that died before committing."""
     for tmp in final.parent.glob(f".{final.name}.tmp*-*"):
         pid = tmp.name[len(f".{final.name}.tmp") :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _previous(final: Path) -> Path:
@@ -80,7 +62,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(final, previous)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -100,25 +82,8 @@ def _fsync_tree(folder: Path) -> None:
     """Flush a folder's files and the folder itself, so a committed checkpoint survives a power cut too."""
     for path in folder.iterdir():
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not support fsync on folders
-    finally:
-        os.close(fd)
+            fsync_file(path)
+    fsync_dir(folder)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

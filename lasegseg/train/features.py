@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lasegseg.errors import DataError
+from lasegseg.fsio import discard_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ FEATURES_VERSION = 1
 FEATURES_DIR = "features"
 MANIFEST_FILE = "manifest.json"
 STORAGE_DTYPE = "float16"
-_CHUNK = 8 << 20
 
 
 def features_root(cache: Any) -> Path:
@@ -129,7 +129,7 @@ class FeatureCache:
             if size != record["bytes"]:
                 raise DataError(f"feature file '{fpath}' is truncated or altered: {size} bytes, manifest says "
                                 f"{record['bytes']}")  # fmt: skip
-            if verify == "full" and _sha256_file(fpath) != record["sha256"]:
+            if verify == "full" and sha256_file(fpath) != record["sha256"]:
                 raise DataError(f"feature file '{fpath}' is corrupt: its sha256 does not match the manifest")
         try:
             out = cls(path, manifest)
@@ -234,7 +234,7 @@ def _try_open(final: Path, verify: Literal["full", "size"]) -> FeatureCache | No
         return FeatureCache.open(final, verify=verify)
     except DataError as err:
         logger.warning("rebuilding feature cache: %s", err)
-        _discard(final)
+        discard_dir(final)
         return None
 
 
@@ -323,25 +323,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _discard(path: Path) -> None:
-    """Move a damaged folder aside (atomic for readers), then delete it."""
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(path, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def distinct_frozen_backbones(trials: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -287,8 +287,8 @@ def test_second_run_reads_no_volume_and_rehashes_nothing(tmp_path, dataset, monk
     assert calls == ["fake"]
     assert (tmp_path / "cache" / "file_hashes.json").is_file()
     hashed = []
-    real = cache_mod._sha256_file
-    monkeypatch.setattr(cache_mod, "_sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     second = build(dataset, tmp_path / "cache")
     assert calls == ["fake"]
     assert second.key == first.key and np.array_equal(second.images, first.images)
