@@ -25,3 +25,18 @@ def sweep_runs(uri: str, experiment: str):
     parents = [r for r in runs if r.data.tags.get("lasegseg.role") == "sweep"]
     trials = [r for r in runs if r.data.tags.get("lasegseg.role") == "trial"]
     return client, exp, parents, trials
+
+
+def postgres_test_uri() -> str:
+    """``$LASEGSEG_TEST_PG_URI`` (a database named for tests, as `.ci/postgres` makes it), else skip the test."""
+    import re
+
+    import pytest
+
+    uri = os.environ.get("LASEGSEG_TEST_PG_URI")
+    if not uri:
+        pytest.skip('no PostgreSQL for the tests: run `eval "$(.ci/postgres)"` (CI does) to set LASEGSEG_TEST_PG_URI')
+    if not re.search(r"/\w*(ci|test)\w*$", uri):
+        pytest.skip(f"{uri}: tests write to and wipe this database, so its name must contain 'ci' or 'test'")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
+    return uri

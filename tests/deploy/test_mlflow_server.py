@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import postgres_test_uri
 from tests.sweep.test_sweep_e2e import _one_trial_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,12 +175,7 @@ def test_unsafe_starts_are_refused_with_a_clear_message(tmp_path, args, extra, n
 
 
 def _postgres_uri() -> str:
-    uri = os.environ.get("LASEGSEG_TEST_PG_URI")
-    if not uri:
-        pytest.skip('no PostgreSQL for the tests: run `eval "$(.ci/postgres)"` (CI does) to set LASEGSEG_TEST_PG_URI')
-    if not re.search(r"/\w*(ci|test)\w*$", uri):
-        pytest.skip(f"{uri}: the test wipes this database, so its name must contain 'ci' or 'test'")
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
+    uri = postgres_test_uri()
     pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (Flask-WTF)")
     return uri
 

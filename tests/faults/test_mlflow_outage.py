@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 
 from lasegseg.errors import LasegsegError
 from lasegseg.sweep.tracking import EPOCH_METRICS, TrialTracker, ensure_experiment, pending_path, start_parent
+from tests.helpers import postgres_test_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
@@ -63,13 +63,6 @@ class Flaky:
         return call
 
 
-def _pg_uri() -> str | None:
-    uri = os.environ.get("LASEGSEG_TEST_PG_URI")
-    if uri and re.search(r"/\w*(ci|test)\w*$", uri):
-        return uri
-    return None
-
-
 @pytest.fixture(scope="module")
 def sqlite_uri(tmp_path_factory) -> str:
     """One database for the unit tests (creating its tables takes seconds); each test has its own experiment."""
@@ -80,11 +73,7 @@ def sqlite_uri(tmp_path_factory) -> str:
 def store_uri(request, sqlite_uri) -> str:
     if request.param == "sqlite":
         return sqlite_uri
-    uri = _pg_uri()
-    if uri is None:
-        pytest.skip("no PostgreSQL for the tests: set LASEGSEG_TEST_PG_URI (CI does, via .ci/postgres)")
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
-    return uri
+    return postgres_test_uri()
 
 
 def _tracker(uri: str, tmp_path: Path, trial_id: str = "t0", retry_seconds: float = 20.0) -> TrialTracker:

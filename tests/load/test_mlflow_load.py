@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import postgres_test_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "mlflow_load.py"
@@ -24,22 +25,12 @@ SECONDS = float(os.environ.get("LASEGSEG_LOAD_SECONDS", "120"))
 pytestmark = pytest.mark.load
 
 
-def _pg_uri() -> str:
-    uri = os.environ.get("LASEGSEG_TEST_PG_URI")
-    if not uri:
-        pytest.skip('no PostgreSQL for the tests: run `eval "$(.ci/postgres)"` (CI does) to set LASEGSEG_TEST_PG_URI')
-    if not re.search(r"/\w*(ci|test)\w*$", uri):
-        pytest.skip(f"{uri}: only a database named for tests is written to (its name must contain 'ci' or 'test')")
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
-    return uri
-
-
 @pytest.mark.parametrize("store", ["embedded", "sqlite", "postgresql"])
 def test_16_clients_log_every_point_exactly_once(store, tmp_path, record_property):
     cmd = [sys.executable, str(BENCH), "--store", store, "--clients", str(CLIENTS), "--seconds", str(SECONDS),
            "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "report.json")]  # fmt: skip
     if store == "postgresql":
-        cmd += ["--pg-uri", _pg_uri()]
+        cmd += ["--pg-uri", postgres_test_uri()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SECONDS + 600)
     summary = next((ln for ln in proc.stdout.splitlines() if ln.startswith(f"{store}: ")), "")
