@@ -246,9 +246,6 @@ def _trial_features(cfg: Config, model, data: TrialData, device: torch.device) -
     """The cached features this trial trains on, or None when it runs the backbone (see ``train.feature_cache``)."""
     if not model.frozen or not cfg.train.feature_cache:
         return None
-    if cfg.train.augment == "spatial":
-        logger.warning("feature cache off: spatial augmentation changes the backbone input every epoch")
-        return None
     if cfg.train.augment != "none":
         logger.warning("feature cache off: %s augmentation changes the backbone input every epoch", cfg.train.augment)
         return None
