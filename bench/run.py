@@ -648,10 +648,11 @@ def fixed_costs(runs: list[SweepRun]) -> tuple[list[float], list[float], list[fl
     """Fixed costs in seconds over sweeps, None when no sweep wrote trial_timings.csv.
 
     Returns:
-        ``(cold, cold_from_start, warm)``: cold = the first ``concurrency`` trials to start in a sweep (each on a
-        fresh worker), from the driver's scheduling time; cold_from_start = the same trials' first step measured
-        from the Tune experiment's start, so the worker process start and its imports count too (Tune schedules a
-        trial only once its worker is up); warm = the other trials (reused workers).
+        ``(cold, cold_from_start, warm)``: cold = the first ``concurrency`` trials to start in a sweep (each the
+        first of its worker), from the driver's scheduling time; cold_from_start = the same trials' first step
+        measured from the Tune experiment's start, so whatever the worker still had to do (a process start and
+        its imports if it was not started warm with the cluster) counts too; warm = the other trials (reused
+        workers).
     """
     cold, cold_from_start, warm, found = [], [], [], False
     for run in runs:
@@ -688,6 +689,18 @@ def bench_fixed(b: Bench) -> None:
                 f"{r.grid}/c{r.concurrency} {c[1][0]:.1f}s" for r in runs if (c := fixed_costs([r])) and c[1]
             )
         b.report.add("fixed", name, statistics.median(values) if values else None, unit="s", goal=goal, detail=detail)
+    # Whether the first trials found warm workers (started with the local cluster, torch & co. imported) or paid a
+    # process start: trial_timings.csv records each trial's worker.
+    warm_started, total = 0, 0
+    for run in runs:
+        start, rows = _tune_start(run.sweep_dir), _timings(run.sweep_dir) or []
+        total += len(rows)
+        warm_started += sum(
+            1 for r in rows if start is not None and r.get("worker_prewarmed") == "true"
+            and 0 < float(r.get("worker_started_at") or 0) < start
+        )  # fmt: skip
+    b.report.add("fixed", "trials on warm pre-started workers", warm_started, unit="",
+                 detail=f"{warm_started} of {total} trials (info)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

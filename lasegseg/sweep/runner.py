@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -93,23 +94,76 @@ def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:
     return salt
 
 
+def _local_cpus(res) -> int | None:
+    """CPUs for the sweep's own local cluster: what ``max_concurrent`` trials use, at most this machine's.
+
+    Ray starts (and lasegseg warms) one worker per CPU with the cluster; a one-at-a-time sweep on a large machine
+    needs one, not a warm process per core. None (every core) when ``max_concurrent`` is 0 (as many as fit).
+    """
+    if not res.max_concurrent or res.cpus_per_trial <= 0:
+        return None
+    return max(1, min(os.cpu_count() or 1, math.ceil(res.max_concurrent * res.cpus_per_trial)))
+
+
 def _init_ray(env: dict[str, str], cpus: float | None) -> None:
+    """Join the cluster under ``RAY_ADDRESS``, else start a private local one whose workers start warm.
+
+    On an existing cluster the variables travel in the job's ``runtime_env`` and its setup hook warms each trial's
+    worker. The local cluster gets them from this process's environment instead, with ``RAY_preload_python_modules``
+    so the workers Ray starts with it (one per CPU) import torch, transformers and the trial code while this
+    driver is still building caches: Tune then places its first trials on those processes, whereas a job-level
+    ``runtime_env`` would make Ray start new, cold ones for them.
+    """
     # Per-epoch checkpoints of short trials trip Tune's "snapshotting too often" warning; it is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     if ray.is_initialized():
         return
-    # Workers import torch/transformers/MLflow and load the backbone as they start, not on each trial's path.
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "lasegseg.sweep.tune_runner.prewarm_worker"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
-    else:
+        hook = "lasegseg.sweep.tune_runner.prewarm_worker"
+        ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": hook}, log_to_driver=True)
+        return
+    from lasegseg.sweep.tune_runner import PRELOAD_MODULE
+
+    # Ray's processes inherit the environment they are started with; this process's own is restored after.
+    package_root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    preload = ",".join(m for m in (os.environ.get("RAY_preload_python_modules", ""), PRELOAD_MODULE) if m)
+    started_with = {**env, "RAY_preload_python_modules": preload, "PYTHONPATH": pythonpath}
+    saved = {key: os.environ.get(key) for key in started_with}
+    os.environ.update(started_with)
+    try:
         # A private local cluster: dashboard off (nothing listens for browsers), token auth as Ray sets it up.
         ray.init(
-            include_dashboard=False, runtime_env=runtime_env, num_cpus=int(cpus) if cpus else None,
+            include_dashboard=False, num_cpus=int(cpus) if cpus else None,
             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
         )  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    _trial_actors_on_started_workers()
+
+
+def _trial_actors_on_started_workers() -> None:
+    """Let Tune's trial actors take the workers the local cluster started (warm) instead of new processes.
+
+    Ray hands an actor only to a worker started for the same runtime environment, and Tune gives each trainable
+    actor ``{"env_vars": DEFAULT_ENV_VARS + a few propagated ones}``, whose one default, ``PL_DISABLE_FORK``, is
+    for PyTorch Lightning (not used here). With it dropped the environment is empty like that of the workers Ray
+    started with the cluster, and the first trials skip a cold process start (~7 s of imports on 2 cores). If a
+    later Ray moves this table, trials simply start cold again; ``worker_prewarmed`` in trial_timings.csv and
+    the sweep tests show which happened.
+    """
+    try:
+        from ray.tune.execution import class_cache
+
+        class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on Ray's internals
+        pass
 
 
 def ui_hint(tracking_uri: str, experiment_id: str) -> str:
@@ -187,6 +241,14 @@ def run(args: argparse.Namespace) -> int:
 
     cache = open_cache(from_flat(trials[0]))
     _check_pool(spec, trials, cache)
+    # Ray first: the workers it starts import torch & co. while this process builds features and the MLflow store.
+    from lasegseg.sweep.tune_runner import PREWARM_ENV
+
+    env = {**tracking.tracking_env(tracking_uri), "LASEGSEG_CACHE": os.environ.get("LASEGSEG_CACHE", "")}
+    first = next((t for t in trials if t.get("model.backbone", "none") != "none"), None)
+    if first is not None:
+        env[PREWARM_ENV] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
+    _init_ray({k: v for k, v in env.items() if v}, _local_cpus(res))
     # Frozen backbones: one pass over every slice now, so frozen trials only memory-map the features.
     from lasegseg.train.features import build_sweep_features
 
@@ -214,12 +276,6 @@ def run(args: argparse.Namespace) -> int:
 
     from lasegseg.sweep.tune_runner import run_stages
 
-    env = {**tracking.tracking_env(tracking_uri), "LASEGSEG_CACHE": os.environ.get("LASEGSEG_CACHE", "")}
-    first = next((t for t in trials if t.get("model.backbone", "none") != "none"), None)
-    if first is not None:
-        env["LASEGSEG_PREWARM_BACKBONE"] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
-    env = {k: v for k, v in env.items() if v}
-    _init_ray(env, None)
     ctx = {
         "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
         "cache_path": str(cache.path), "threads": max(1, int(res.cpus_per_trial)), "feature_paths": feature_paths,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -61,6 +62,12 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             threads.
     """
     trial_started_at = time.time()
+    from lasegseg.sweep.tune_runner import worker_info
+
+    worker = worker_info()  # before this trial's own imports: was the process warm when the trial came?
+    # Tune logs every per-epoch checkpoint at INFO, which the driver echoes: one line per epoch per trial.
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     import torch
     from ray import tune
 
@@ -116,7 +123,8 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             report = {**metrics, "epoch": epoch, "done": False}
             if not timings.get("reported"):
                 # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
-                report |= {"trial_started_at": trial_started_at, "first_step_at": timings.get("first_step_at", 0.0)}
+                report |= {"trial_started_at": trial_started_at, "first_step_at": timings.get("first_step_at", 0.0),
+                           **worker}  # fmt: skip
                 timings["reported"] = True
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
 

@@ -12,40 +12,69 @@ from typing import Any
 from lasegseg.sweep.spec import SweepSpec, cell_key
 
 TIMINGS_FILE = "trial_timings.csv"
-TIMING_FIELDS = ("trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s")
+TIMING_FIELDS = (
+    "trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
+    "worker_pid", "worker_started_at", "worker_prewarmed",
+)  # fmt: skip
 
 
 PREWARM_ENV = "LASEGSEG_PREWARM_BACKBONE"
+PRELOAD_MODULE = "lasegseg.sweep.preload"
+_PREWARMED = False
 
 
-def prewarm_worker() -> None:
-    """Ray ``worker_process_setup_hook``: pay a fresh worker's one-time costs when the process starts.
+def prewarm_worker(*, full: bool = True) -> None:
+    """Pay a fresh Ray worker's one-time costs when the process starts, before Tune hands it a trial.
 
-    torch, transformers' DINOv2, the MLflow client and its store connection and the sweep's first backbone
-    (``$LASEGSEG_PREWARM_BACKBONE``) are loaded before Tune hands the worker a trial, so the trial's own path
-    finds them in memory. A failure here only loses the head start: the trial loads them itself.
+    torch, transformers' DINOv2, the trial modules and the MLflow client are imported. With ``full`` the worker
+    also opens the tracking store and loads the sweep's first backbone (``$LASEGSEG_PREWARM_BACKBONE``). Two
+    callers: the ``worker_process_setup_hook`` of a sweep on an existing cluster (one worker per trial actor,
+    ``full``), and :mod:`lasegseg.sweep.preload` on the sweep's own local cluster, where Ray starts one worker per
+    CPU before the driver has created the store (imports only: a giant backbone per idle worker would cost
+    gigabytes, and a sqlite store must be created by one process). A failure here only loses the head start:
+    the trial loads them itself.
+
+    Args:
+        full: also connect to the tracking store and load the backbone.
     """
     import logging
 
+    global _PREWARMED
     try:
+        import mlflow.tracking  # noqa: F401
         import torch  # noqa: F401
         from transformers import Dinov2Model, Dinov2WithRegistersModel  # noqa: F401
 
         import lasegseg.sweep.trainable  # noqa: F401
         import lasegseg.train.trial  # noqa: F401
-        from lasegseg.sweep.tracking import client
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if uri:
-            client(uri).search_experiments(max_results=1)
-        backbone = os.environ.get(PREWARM_ENV, "")
-        if backbone:
-            from lasegseg.models.segmenter import load_backbone
+        if full:
+            from lasegseg.sweep.tracking import client
 
-            name, _, registers = backbone.partition("|")
-            load_backbone(name, registers=registers == "True")
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if uri:
+                client(uri).search_experiments(max_results=1)
+            name = os.environ.get(PREWARM_ENV, "")
+            if name:
+                from lasegseg.models.segmenter import load_backbone
+
+                name, _, registers = name.partition("|")
+                load_backbone(name, registers=registers == "True")
+        _PREWARMED = True
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop a worker from starting
         logging.getLogger(__name__).warning("worker warm-up skipped: %s", exc)
+
+
+def worker_info() -> dict[str, Any]:
+    """This worker process as the driver's trial_timings.csv records it: pid, when the process started (wall
+    clock; 0 if unknown) and whether :func:`prewarm_worker` had finished in it."""
+    try:
+        import psutil
+
+        started = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil comes with Ray; the row only loses a column without it
+        started = 0.0
+    return {"worker_pid": os.getpid(), "worker_started_at": started, "worker_prewarmed": _PREWARMED}
 
 
 def _trainable(ctx: dict[str, Any], res):
@@ -106,7 +135,9 @@ def _timings_callback(sweep_dir: Path):
     the trainable was entered and when it reached its first optimizer step (from its first report).
 
     ``fixed_cost_s = first_step_at - scheduled_at`` is what a trial costs before it trains: scheduling, worker
-    start, imports, data attach, model build. Rows of earlier runs of the sweep (``--resume``) are kept.
+    start, imports, data attach, model build. ``worker_pid``, ``worker_started_at`` (process start, wall clock)
+    and ``worker_prewarmed`` tell a trial on a warm worker from one that paid a process start. Rows of earlier
+    runs of the sweep (``--resume``) are kept.
     """
     from ray import tune
 
@@ -135,6 +166,9 @@ def _timings_callback(sweep_dir: Path):
                 "trial_id": trial.trial_id, "run_name": _trial_name(trial).rsplit("·", 1)[0],
                 "scheduled_at": f"{scheduled:.3f}", "started_at": f"{float(result['trial_started_at']):.3f}",
                 "first_step_at": f"{first:.3f}", "fixed_cost_s": f"{first - scheduled:.3f}" if first else "",
+                "worker_pid": result.get("worker_pid", ""),
+                "worker_started_at": f"{float(result.get('worker_started_at') or 0):.3f}",
+                "worker_prewarmed": str(bool(result.get("worker_prewarmed", False))).lower(),
             })  # fmt: skip
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             with open(tmp, "w", newline="") as fh:

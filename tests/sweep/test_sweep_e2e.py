@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,21 @@ def test_demo_sweep_logs_one_parent_and_every_trial(demo_sweep):
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "train_loss")]
         assert steps == [0]
     assert len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 16
+
+
+def test_trials_run_on_the_warm_workers_the_cluster_started(demo_sweep):
+    """No trial paid a process start: every one ran in a worker that Ray started with the local cluster (and that
+    imported torch & co. while the driver built its caches), two of them for max_concurrent 2."""
+    tmp, uri, proc = demo_sweep
+    sweep_dir = tmp / "runs" / "lasegseg-demo"
+    with open(sweep_dir / "trial_timings.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16
+    assert all(r["worker_prewarmed"] == "true" for r in rows)
+    states = list(sweep_dir.glob("tune/*/experiment_state-*.json"))
+    tune_start = min(float(json.loads(p.read_text())["stats"]["start_time"]) for p in states)
+    assert all(0 < float(r["worker_started_at"]) < tune_start for r in rows)
+    assert len({r["worker_pid"] for r in rows}) == 2
 
 
 def test_pseudonymized_sweep_sends_no_patient_id_to_mlflow(demo_sweep, phantom_dir):

@@ -1,9 +1,14 @@
-"""The driver's trial_timings.csv (the benchmark reads exactly these columns) and the worker warm-up hook."""
+"""The driver's trial_timings.csv (the benchmark reads exactly these columns), the worker warm-up and the local
+cluster's start (warm workers for the first trials)."""
 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +26,8 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     a = _trial("t_00000", **{"model.mode": "frozen", "data.patients": 2})
     cb.on_trial_start(iteration=0, trials=[a], trial=a)
     scheduled = cb.scheduled["t_00000"]
-    cb.on_trial_result(0, [a], a, {"trial_started_at": scheduled + 0.5, "first_step_at": scheduled + 1.25})
+    worker = {"worker_pid": 4242, "worker_started_at": scheduled - 9.0, "worker_prewarmed": True}
+    cb.on_trial_result(0, [a], a, {"trial_started_at": scheduled + 0.5, "first_step_at": scheduled + 1.25, **worker})
     cb.on_trial_result(0, [a], a, {"train_loss": 0.3})  # later reports carry no timings
     cb.on_trial_restore(iteration=1, trials=[a], trial=a)  # a retry is a new attempt with its own fixed cost
     cb.on_trial_result(1, [a], a, {"trial_started_at": time.time(), "first_step_at": time.time() + 2.0})
@@ -30,12 +36,16 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
         rows = list(reader)
     assert tuple(reader.fieldnames) == (
         "trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
+        "worker_pid", "worker_started_at", "worker_prewarmed",
     )  # fmt: skip
     assert [r["trial_id"] for r in rows] == ["t_00000", "t_00000"]
     assert rows[0]["run_name"] == "multiscale·frozen·p2·lr0.0003·s0"
     assert float(rows[0]["fixed_cost_s"]) == pytest.approx(1.25, abs=2e-3)
     assert float(rows[0]["first_step_at"]) - float(rows[0]["scheduled_at"]) == pytest.approx(1.25, abs=2e-3)
     assert float(rows[1]["fixed_cost_s"]) > 1.9
+    assert (rows[0]["worker_pid"], rows[0]["worker_prewarmed"]) == ("4242", "true")
+    assert float(rows[0]["worker_started_at"]) == pytest.approx(scheduled - 9.0, abs=2e-3)
+    assert (rows[1]["worker_pid"], rows[1]["worker_prewarmed"]) == ("", "false")  # a worker that did not say
     # A resumed sweep appends to the file instead of replacing it.
     again = tune_runner._timings_callback(tmp_path)
     b = _trial("t_00001")
@@ -55,3 +65,102 @@ def test_prewarm_loads_the_backbone_template(monkeypatch):
     assert [key[:2] for key in segmenter._BACKBONE_TEMPLATE] == [("tiny", False)]
     monkeypatch.setenv(tune_runner.PREWARM_ENV, "no-such-backbone|False")
     tune_runner.prewarm_worker()  # a bad name only skips the warm-up
+
+
+def test_worker_info_describes_this_process(monkeypatch):
+    monkeypatch.setattr(tune_runner, "_PREWARMED", False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = tune_runner.worker_info()
+    assert before["worker_pid"] == os.getpid() and before["worker_prewarmed"] is False
+    assert 0 < before["worker_started_at"] < time.time()
+    tune_runner.prewarm_worker(full=False)
+    assert tune_runner.worker_info()["worker_prewarmed"] is True
+
+
+def test_preload_module_warms_a_fresh_process_without_touching_store_or_weights(tmp_path):
+    """What a worker of the local cluster runs as it starts: imports only (no sqlite store, no backbone)."""
+    db = tmp_path / "mlflow.db"
+    code = (
+        "import sys; import lasegseg.sweep.preload; from lasegseg.sweep import tune_runner as t; "
+        "from lasegseg.models import segmenter as s; "
+        "print(sorted(m for m in ('torch', 'transformers', 'mlflow.tracking', 'lasegseg.train.trial') "
+        "if m in sys.modules), t.worker_info()['worker_prewarmed'], len(s._BACKBONE_TEMPLATE))"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", tune_runner.PREWARM_ENV: "tiny|False"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[0] == "['lasegseg.train.trial', 'mlflow.tracking', 'torch', 'transformers'] True 0"
+    assert not db.exists()  # the driver creates the store; a worker racing it would run the migrations twice
+
+
+class _FakeRay:
+    """``ray.init`` that records the environment the cluster's processes would inherit."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        self.calls.append((kwargs, dict(os.environ)))
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    import ray
+    from ray.tune.execution import class_cache
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
+    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", {"PL_DISABLE_FORK": "1"})
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_preload_python_modules"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    # The driver keeps this one on purpose (Tune reads it in this process); set here, so the test restores it.
+    monkeypatch.setenv("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    return fake
+
+
+def test_local_cluster_inherits_the_sweep_env_and_preloads_workers(fake_ray):
+    from ray.tune.execution import class_cache
+
+    from lasegseg.sweep import runner
+
+    before = dict(os.environ)
+    runner._init_ray({"MLFLOW_TRACKING_URI": "sqlite:////s/mlflow.db", "LASEGSEG_CACHE": "/c"}, 2)
+    ((kwargs, env),) = fake_ray.calls
+    assert "runtime_env" not in kwargs  # a runtime_env would keep trial actors off the workers started warm
+    assert kwargs["num_cpus"] == 2 and kwargs["include_dashboard"] is False
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:////s/mlflow.db" and env["LASEGSEG_CACHE"] == "/c"
+    assert env["RAY_preload_python_modules"] == tune_runner.PRELOAD_MODULE
+    root = str(Path(runner.__file__).resolve().parents[2])
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
+    assert dict(os.environ) == before  # this process's environment is as it was
+    assert "PL_DISABLE_FORK" not in class_cache.DEFAULT_ENV_VARS  # Tune's actors get an empty runtime env
+
+
+def test_existing_cluster_gets_the_env_in_the_job_runtime_env(fake_ray, monkeypatch):
+    from lasegseg.sweep import runner
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    before = dict(os.environ)
+    runner._init_ray({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, None)
+    ((kwargs, env),) = fake_ray.calls
+    assert kwargs["runtime_env"] == {
+        "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        "worker_process_setup_hook": "lasegseg.sweep.tune_runner.prewarm_worker",
+    }
+    assert "RAY_preload_python_modules" not in env and dict(os.environ) == before
+
+
+@pytest.mark.parametrize(
+    "max_concurrent,cpus_per_trial,expected",
+    [(1, 1.0, 1), (4, 0.5, 2), (3, 0.5, 2), (0, 1.0, None), (2, 0.0, None), (10**6, 1.0, os.cpu_count())],
+)
+def test_local_cluster_cpus_follow_max_concurrent(max_concurrent, cpus_per_trial, expected):
+    from lasegseg.sweep import runner
+
+    res = SimpleNamespace(max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial)
+    assert runner._local_cpus(res) == expected
