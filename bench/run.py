@@ -664,8 +664,11 @@ def fixed_costs(runs: list[SweepRun]) -> tuple[list[float], list[float], list[fl
         cold += [float(r["fixed_cost_s"]) for r in rows[: run.concurrency]]
         warm += [float(r["fixed_cost_s"]) for r in rows[run.concurrency :]]
         start = _tune_start(run.sweep_dir)
-        if start is not None:
-            cold_from_start += [float(r["first_step_at"]) - start for r in rows[: run.concurrency]]
+        for r in rows[: run.concurrency]:
+            # The driver's own record of when Tune began (before any trial's resources were asked for), else Tune's.
+            began = float(r.get("tune_started_at") or 0) or start
+            if began is not None:
+                cold_from_start.append(float(r["first_step_at"]) - began)
     return (cold, cold_from_start, warm) if found else None
 
 
@@ -693,11 +696,11 @@ def bench_fixed(b: Bench) -> None:
     # process start: trial_timings.csv records each trial's worker.
     warm_started, total = 0, 0
     for run in runs:
-        start, rows = _tune_start(run.sweep_dir), _timings(run.sweep_dir) or []
+        rows = _timings(run.sweep_dir) or []
         total += len(rows)
         warm_started += sum(
-            1 for r in rows if start is not None and r.get("worker_prewarmed") == "true"
-            and 0 < float(r.get("worker_started_at") or 0) < start
+            1 for r in rows if r.get("worker_prewarmed") == "true"
+            and 0 < float(r.get("worker_started_at") or 0) < float(r.get("tune_started_at") or 0)
         )  # fmt: skip
     b.report.add("fixed", "trials on warm pre-started workers", warm_started, unit="",
                  detail=f"{warm_started} of {total} trials (info)")  # fmt: skip

@@ -130,7 +130,12 @@ def _init_ray(env: dict[str, str], cpus: float | None) -> None:
     package_root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     preload = ",".join(m for m in (os.environ.get("RAY_preload_python_modules", ""), PRELOAD_MODULE) if m)
-    started_with = {**env, "RAY_preload_python_modules": preload, "PYTHONPATH": pythonpath}
+    # Ray keeps as many idle workers as CPUs are *unreserved*: once Tune's placement group holds a trial's CPUs,
+    # the warm worker waiting for that trial would be stopped as surplus and a cold one started. A fixed limit
+    # (the cluster's CPUs) keeps it.
+    soft_limit = os.environ.get("RAY_num_workers_soft_limit") or str(int(cpus) if cpus else os.cpu_count() or 1)
+    started_with = {**env, "RAY_preload_python_modules": preload, "RAY_num_workers_soft_limit": soft_limit,
+                    "PYTHONPATH": pythonpath}  # fmt: skip
     saved = {key: os.environ.get(key) for key in started_with}
     os.environ.update(started_with)
     try:

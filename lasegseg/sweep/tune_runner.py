@@ -13,7 +13,7 @@ from lasegseg.sweep.spec import SweepSpec, cell_key
 
 TIMINGS_FILE = "trial_timings.csv"
 TIMING_FIELDS = (
-    "trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
+    "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
     "worker_pid", "worker_started_at", "worker_prewarmed",
 )  # fmt: skip
 
@@ -136,8 +136,9 @@ def _timings_callback(sweep_dir: Path):
 
     ``fixed_cost_s = first_step_at - scheduled_at`` is what a trial costs before it trains: scheduling, worker
     start, imports, data attach, model build. ``worker_pid``, ``worker_started_at`` (process start, wall clock)
-    and ``worker_prewarmed`` tell a trial on a warm worker from one that paid a process start. Rows of earlier
-    runs of the sweep (``--resume``) are kept.
+    and ``worker_prewarmed`` tell a trial on a warm worker from one that paid a process start: a worker started
+    before ``tune_started_at`` (this Tune run's start) was not started for the trial. Rows of earlier runs of the
+    sweep (``--resume``) are kept.
     """
     from ray import tune
 
@@ -146,10 +147,14 @@ def _timings_callback(sweep_dir: Path):
     class Timings(tune.Callback):
         def __init__(self) -> None:
             self.scheduled: dict[str, float] = {}
+            self.tune_started_at = time.time()
             self.rows: list[dict[str, Any]] = []
             if path.is_file():
                 with open(path, newline="") as fh:
                     self.rows = list(csv.DictReader(fh))
+
+        def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+            self.tune_started_at = time.time()  # before Tune asks Ray for any trial's resources or worker
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.scheduled[trial.trial_id] = time.time()
@@ -164,6 +169,7 @@ def _timings_callback(sweep_dir: Path):
             first = float(result["first_step_at"])
             self.rows.append({
                 "trial_id": trial.trial_id, "run_name": _trial_name(trial).rsplit("·", 1)[0],
+                "tune_started_at": f"{self.tune_started_at:.3f}",
                 "scheduled_at": f"{scheduled:.3f}", "started_at": f"{float(result['trial_started_at']):.3f}",
                 "first_step_at": f"{first:.3f}", "fixed_cost_s": f"{first - scheduled:.3f}" if first else "",
                 "worker_pid": result.get("worker_pid", ""),

@@ -87,20 +87,25 @@ def test_only_accepts_each_benchmark_and_refuses_others():
         run.parse_only("step,gpu")
 
 
-def _timings_csv(sweep_dir: Path, rows: list[tuple[str, float, float]]) -> None:
+def _timings_csv(sweep_dir: Path, rows: list[tuple], tune_started: float | None = None) -> None:
+    """Rows ``(trial_id, started, cost)`` or ``(…, worker_started_at, prewarmed)``; the columns the driver writes."""
     sweep_dir.mkdir(parents=True)
     with open(sweep_dir / "trial_timings.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s"])
-        for trial_id, started, cost in rows:
-            writer.writerow([trial_id, trial_id, started, started, started + cost, cost])
+        writer.writerow(["trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at",
+                         "fixed_cost_s", "worker_pid", "worker_started_at", "worker_prewarmed"])  # fmt: skip
+        for trial_id, started, cost, *worker in rows:
+            worker_started, prewarmed = worker or ("", "")
+            writer.writerow([trial_id, trial_id, "" if tune_started is None else tune_started, started, started,
+                             started + cost, cost, 1, worker_started, prewarmed])  # fmt: skip
 
 
 def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, capsys):
     two = tmp_path / "c2"
     _timings_csv(two, [("c", 12.0, 0.3), ("a", 10.0, 4.0), ("d", 13.0, 0.5), ("b", 10.5, 2.5)])
     one = tmp_path / "c1"
-    _timings_csv(one, [("x", 1.0, 1.5), ("y", 2.0, 0.2)])
+    # The driver recorded Tune's start itself (7.0); its worker started warm before that, the second one did not.
+    _timings_csv(one, [("x", 8.0, 1.5, 2.0, "true"), ("y", 9.0, 0.2, 7.5, "true")], tune_started=7.0)
     missing = tmp_path / "none"
     runs = [run.SweepRun("g", 2, 1.0, 0, 0, two, tmp_path), run.SweepRun("g", 1, 1.0, 0, 0, one, tmp_path),
             run.SweepRun("g", 1, 1.0, 0, 0, missing, tmp_path)]  # fmt: skip
@@ -109,7 +114,7 @@ def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, 
     (two / "tune" / "grid" / "experiment_state-x.json").write_text(json.dumps({"stats": {"start_time": 5.0}}))
     cold, cold_from_start, warm = run.fixed_costs(runs)
     assert sorted(cold) == [1.5, 2.5, 4.0] and sorted(warm) == [0.2, 0.3, 0.5]
-    assert sorted(cold_from_start) == [8.0, 9.0]
+    assert sorted(cold_from_start) == [2.5, 8.0, 9.0]  # c1: first step 9.5 - 7.0 (the driver's record)
     assert run.fixed_costs(runs[2:]) is None
 
     bench = run.Bench.__new__(run.Bench)
@@ -119,7 +124,9 @@ def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, 
     assert "driver did not write trial_timings.csv" in capsys.readouterr().out
     bench.report, bench.sweeps = run.Report(), {("g", 2): runs[0], ("g", 1): runs[1]}
     run.bench_fixed(bench)
-    assert [(r.value, r.verdict) for r in bench.report.rows] == [(2.5, "PASS"), (8.5, "MISS"), (0.3, "PASS")]
+    assert [(r.value, r.verdict) for r in bench.report.rows] == [
+        (2.5, "PASS"), (8.0, "MISS"), (0.3, "PASS"), (1, "info"),  # 1 of 6 trials on a worker started warm
+    ]  # fmt: skip
 
 
 def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):

@@ -23,6 +23,8 @@ def _trial(trial_id: str, **flat):
 
 def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     cb = tune_runner._timings_callback(tmp_path)
+    cb.setup(stop=None, num_samples=1, total_num_samples=1)
+    tune_started = cb.tune_started_at
     a = _trial("t_00000", **{"model.mode": "frozen", "data.patients": 2})
     cb.on_trial_start(iteration=0, trials=[a], trial=a)
     scheduled = cb.scheduled["t_00000"]
@@ -35,12 +37,14 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
         reader = csv.DictReader(fh)
         rows = list(reader)
     assert tuple(reader.fieldnames) == (
-        "trial_id", "run_name", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
+        "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
         "worker_pid", "worker_started_at", "worker_prewarmed",
     )  # fmt: skip
     assert [r["trial_id"] for r in rows] == ["t_00000", "t_00000"]
     assert rows[0]["run_name"] == "multiscale·frozen·p2·lr0.0003·s0"
     assert float(rows[0]["fixed_cost_s"]) == pytest.approx(1.25, abs=2e-3)
+    assert float(rows[0]["tune_started_at"]) == pytest.approx(tune_started, abs=2e-3)
+    assert tune_started <= scheduled
     assert float(rows[0]["first_step_at"]) - float(rows[0]["scheduled_at"]) == pytest.approx(1.25, abs=2e-3)
     assert float(rows[1]["fixed_cost_s"]) > 1.9
     assert (rows[0]["worker_pid"], rows[0]["worker_prewarmed"]) == ("4242", "true")
@@ -115,7 +119,7 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", fake.init)
     monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
     monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", {"PL_DISABLE_FORK": "1"})
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_preload_python_modules"):
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_preload_python_modules", "RAY_num_workers_soft_limit"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     # The driver keeps this one on purpose (Tune reads it in this process); set here, so the test restores it.
@@ -135,6 +139,7 @@ def test_local_cluster_inherits_the_sweep_env_and_preloads_workers(fake_ray):
     assert kwargs["num_cpus"] == 2 and kwargs["include_dashboard"] is False
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:////s/mlflow.db" and env["LASEGSEG_CACHE"] == "/c"
     assert env["RAY_preload_python_modules"] == tune_runner.PRELOAD_MODULE
+    assert env["RAY_num_workers_soft_limit"] == "2"  # warm idle workers outlive Tune's CPU reservations
     root = str(Path(runner.__file__).resolve().parents[2])
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert dict(os.environ) == before  # this process's environment is as it was
