@@ -137,7 +137,7 @@ def overlay_figure(
             if mask.any() and not mask.all():
                 ax.contour(mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
         ax.set_anchor("N")  # a non-square slice hangs under its title instead of floating mid-panel
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, y=1.0, pad=6.0)  # fixed position: skips the per-axes tick layout
         ax.set_axis_off()
     handles = [
         Line2D([], [], color=TRUTH_COLOR, lw=2, label="ground truth"),
