@@ -90,7 +90,7 @@ def run_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, pati
     train_y = torch.cat([slices[c][1] for c in train_ids])
 
     torch.manual_seed(seed)
-    model = build_segmenter(ModelConfig(backbone="tiny", decoder=decoder, mode=mode))
+    model = build_segmenter(ModelConfig(backbone=args.backbone, decoder=decoder, mode=mode))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=56)
+    p.add_argument("--backbone", default="tiny", help="model.backbone: tiny, a size name, a hub id or a local folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--out", default="", help="save each trial's best weights here")

@@ -21,6 +21,11 @@
 Every process runs with OMP_NUM_THREADS=1 and one CPU per trial (the 4-trial memory run uses 0.5 so that four fit
 on two cores). Sweeps share their runs between benchmarks within one invocation; each sweep starts from an empty
 cache folder, so its time includes building the slice and feature caches (the tiny backbone is made once).
+
+``--backbone vit-s-shape`` runs the grids (sweep, memory, naive, fixed) on a randomly initialised DINOv2 with
+ViT-S/14's shape instead of the tiny one, loaded from a local folder through the same ``from_pretrained`` path: on
+a CPU it costs what a real backbone costs relative to the decoders (17× the tiny one at 56 px), which is what the
+frozen-feature cache is for. Expect the naive side to take several times longer.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ sys.path.insert(0, str(ROOT))
 
 BENCHMARKS = ("step", "data", "sweep", "memory", "naive", "fixed")
 IMAGE_SIZE = 56
+# Random-weight stand-ins for the grids' backbone (--backbone): name → transformers Dinov2Config fields.
+BENCH_BACKBONES: dict[str, dict[str, int] | None] = {
+    "tiny": None,  # lasegseg's own tiny DINOv2 (4 blocks of width 128)
+    "vit-s-shape": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+}
 PHANTOM_CASES = 12
 FIXED_COST_GOAL_S = 3.0
 
@@ -149,6 +159,7 @@ class Grid:
     patients: list[int]
     seeds: list[int]
     epochs: int
+    backbone: str = "tiny"
 
     @property
     def size(self) -> int:
@@ -157,7 +168,7 @@ class Grid:
     def yaml(self) -> str:
         return (
             f"name: bench-{self.name}\n"
-            f"base: {{model.backbone: tiny, model.mode: {self.mode}, data.image_size: {IMAGE_SIZE}, "
+            f"base: {{model.backbone: '{self.backbone}', model.mode: {self.mode}, data.image_size: {IMAGE_SIZE}, "
             f"train.epochs: {self.epochs}, train.batch_size: 16}}\n"
             f"grid: {{model.decoder: [{', '.join(self.decoders)}], optim.lr: [{', '.join(map(repr, self.lrs))}]}}\n"
             f"fewshot: [{', '.join(f'{{data.patients: {p}}}' for p in self.patients)}]\n"
@@ -168,7 +179,8 @@ class Grid:
     def naive_args(self) -> list[str]:
         return ["--decoders", ",".join(self.decoders), "--modes", self.mode, "--lrs", ",".join(map(repr, self.lrs)),
                 "--patients", ",".join(map(str, self.patients)), "--seeds", ",".join(map(str, self.seeds)),
-                "--epochs", str(self.epochs), "--image-size", str(IMAGE_SIZE), "--batch-size", "16"]  # fmt: skip
+                "--epochs", str(self.epochs), "--image-size", str(IMAGE_SIZE), "--batch-size", "16",
+                "--backbone", self.backbone]  # fmt: skip
 
 
 def grids(quick: bool, epochs: int | None = None) -> dict[str, Grid]:
@@ -208,16 +220,41 @@ class SweepRun:
     launched: float = 0.0
 
 
+def make_random_backbone(folder: Path, shape: dict[str, int]) -> Path:
+    """A seeded, randomly initialised DINOv2 of the given shape, saved like a downloaded one (``from_pretrained``).
+
+    Args:
+        folder: where config.json and model.safetensors go (reused when present).
+        shape: Dinov2Config fields (width, depth, heads, MLP size); patch 14 as every DINOv2.
+    """
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Dinov2Model(Dinov2Config(patch_size=14, image_size=518, **shape))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 class Bench:
     """Shared state of one invocation: scratch folder, phantom, tiny backbone and the sweeps already run."""
 
-    def __init__(self, tmp: Path, quick: bool, report: Report, epochs: int | None = None) -> None:
+    def __init__(
+        self, tmp: Path, quick: bool, report: Report, epochs: int | None = None, backbone: str = "tiny"
+    ) -> None:
         self.tmp, self.quick, self.report = tmp, quick, report
         self.grids = grids(quick, epochs)
         self.sweeps: dict[tuple[str, int], SweepRun] = {}
         self.base_cache = tmp / "base-cache"
         os.environ["LASEGSEG_CACHE"] = str(self.base_cache)
         self._phantom: Path | None = None
+        if BENCH_BACKBONES[backbone] is not None:
+            folder = make_random_backbone(self.base_cache / "backbones" / backbone, BENCH_BACKBONES[backbone])
+            for g in self.grids.values():
+                g.backbone = str(folder)
 
     @property
     def phantom(self) -> Path:
@@ -741,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON here")
     parser.add_argument("--epochs", type=int, default=None, help="override the grids' epochs (smoke runs)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (sweep logs, outputs)")
+    parser.add_argument("--backbone", default="tiny", choices=sorted(BENCH_BACKBONES),
+                        help="the grids' backbone: the tiny DINOv2, or a random one of ViT-S's shape")  # fmt: skip
     args = parser.parse_args(argv)
     selected = parse_only(args.only)
     # One intra-op thread everywhere, this process included: both sides of every ratio run alike.
@@ -754,10 +793,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lasegseg-bench-") as scratch:
         tmp = Path(args.keep) if args.keep else Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        bench = Bench(tmp, args.quick, report, args.epochs)
+        bench = Bench(tmp, args.quick, report, args.epochs, backbone=args.backbone)
         for g in bench.grids.values():
             print(f"grid {g.name}: {g.size} trials ({len(g.decoders)} decoders × {len(g.lrs)} lr × "
-                  f"{len(g.patients)} few-shot sizes × {len(g.seeds)} seeds), {g.epochs} epochs, {IMAGE_SIZE} px",
+                  f"{len(g.patients)} few-shot sizes × {len(g.seeds)} seeds), {g.epochs} epochs, {IMAGE_SIZE} px, "
+                  f"backbone {args.backbone}",
                   flush=True)  # fmt: skip
         runners = {"step": bench_step, "data": bench_data, "sweep": bench_sweep, "memory": bench_memory,
                    "naive": bench_naive, "fixed": bench_fixed}  # fmt: skip
@@ -771,8 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     print(f"\nsummary (wall {wall:.0f} s)\n{report.summary()}", flush=True)
     if args.json:
-        payload = {"machine": machine(), "quick": args.quick, "benchmarks": selected, "wall_s": wall,
-                   "rows": [asdict(r) for r in report.rows]}  # fmt: skip
+        payload = {"machine": machine(), "quick": args.quick, "backbone": args.backbone, "benchmarks": selected,
+                   "wall_s": wall, "rows": [asdict(r) for r in report.rows]}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
 

@@ -64,6 +64,26 @@ def test_grid_yaml_and_naive_arguments_describe_the_same_trials(tmp_path):
     assert {g.epochs for g in run.grids(quick=True, epochs=1).values()} == {1}
 
 
+def test_vit_s_shaped_backbone_reaches_both_sides_through_from_pretrained(tmp_path, monkeypatch):
+    """--backbone vit-s-shape: one random DINOv2 folder of ViT-S's shape, named by the sweep YAML and naive.py alike."""
+    from lasegseg.models.segmenter import load_backbone
+    from lasegseg.sweep.spec import load_spec
+
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))  # Bench points it at its own folder
+    bench = run.Bench(tmp_path, True, run.Report(), backbone="vit-s-shape")
+    folder = tmp_path / "base-cache" / "backbones" / "vit-s-shape"
+    for grid in bench.grids.values():
+        assert grid.backbone == str(folder)
+        path = tmp_path / f"{grid.name}.yaml"
+        path.write_text(grid.yaml())
+        assert {t["model.backbone"] for t in load_spec(path).trials()} == {str(folder)}
+        assert naive.build_parser().parse_args(["--data", "x", *grid.naive_args()]).backbone == str(folder)
+    backbone = load_backbone(str(folder))
+    assert backbone.embed_dim == 384 and backbone.model.config.num_hidden_layers == 12
+    assert run.make_random_backbone(folder, run.BENCH_BACKBONES["vit-s-shape"]) == folder  # made once, then reused
+    assert run.Bench(tmp_path / "t", True, run.Report()).grids["frozen"].backbone == "tiny"
+
+
 def test_report_rows_judge_goals_and_print_a_summary(capsys):
     report = run.Report()
     assert report.ratio("step", "slow", [1.2, 1.1], [1.0, 1.0], goal="≤ 1.05").verdict == "MISS"
