@@ -110,6 +110,8 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             # The trial completed before the driver died but Tune never recorded it: report, do not retrain.
             tune.report({**finished, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
             return
+        if resume_dir is not None and not (resume_dir / "state.json").is_file():
+            resume_dir = None  # the final marker of a run MLflow does not hold as finished: train it again
         if resume_dir is not None:
             state = json.loads((resume_dir / "state.json").read_text())["scalars"]
             tracker.log_history(state.get("history", []))
@@ -137,7 +139,16 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         )  # fmt: skip
         tracker.finish(results, artifact_dir=out)
         final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        tune.report({**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
+        # A finished trial needs no training state: the last report's checkpoint holds only the MLflow run id, so
+        # Tune (num_to_keep=1) drops the last epoch's weights and optimizer moments (hundreds of MB per trial with
+        # a fine-tuned ViT-S, GBs with ViT-g), and a restore of this trial finds its finished run instead.
+        marker = work / "finished"
+        marker.mkdir()
+        (marker / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+        tune.report(
+            {**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id},
+            checkpoint=tune.Checkpoint.from_directory(str(marker)),
+        )
     except Exception as exc:
         if tracker is not None:
             message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,17 @@ def test_trials_run_on_the_warm_workers_the_cluster_started(demo_sweep):
     assert all(r["worker_prewarmed"] == "true" for r in rows)
     assert all(0 < float(r["worker_started_at"]) < float(r["tune_started_at"]) for r in rows)
     assert len({r["worker_pid"] for r in rows}) == 2
+
+
+def test_finished_trials_keep_no_training_state(demo_sweep):
+    """Tune keeps one checkpoint per trial; once a trial has finished it is the run-id marker, not the weights and
+    optimizer moments of its last epoch."""
+    tmp, uri, proc = demo_sweep
+    client, exp, parents, trials = sweep_runs(uri, "lasegseg-demo")
+    kept = sorted((tmp / "runs" / "lasegseg-demo" / "tune").glob("*/trial_*/checkpoint_*"))
+    assert len(kept) == 16
+    assert {sorted(p.name for p in c.iterdir()) == ["mlflow_run.json"] for c in kept} == {True}
+    assert {json.loads((c / "mlflow_run.json").read_text())["run_id"] for c in kept} == {t.info.run_id for t in trials}
 
 
 def test_pseudonymized_sweep_sends_no_patient_id_to_mlflow(demo_sweep, phantom_dir):

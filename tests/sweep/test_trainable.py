@@ -1,0 +1,80 @@
+"""The Tune trainable outside Tune: what it reports and checkpoints, and how it restores a trial that had finished."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lasegseg.config import Config
+from lasegseg.sweep import tracking, trainable
+
+
+class _Tune:
+    """The parts of ``ray.tune`` the trainable uses, recording each report and keeping a copy of its checkpoint."""
+
+    def __init__(self, trial_dir: Path, checkpoint=None):
+        self.trial_dir, self.checkpoint, self.reports = trial_dir, checkpoint, []
+
+    def get_context(self):
+        return SimpleNamespace(get_trial_dir=lambda: str(self.trial_dir), get_trial_id=lambda: "abc_00000")
+
+    def get_checkpoint(self):
+        return self.checkpoint
+
+    def report(self, metrics, checkpoint=None):
+        kept = None
+        if checkpoint is not None:  # Tune persists the folder before the trainable's scratch copy goes away
+            kept = self.trial_dir / f"checkpoint_{len(list(self.trial_dir.glob('checkpoint_*'))):06d}"
+            shutil.copytree(checkpoint.path, kept)
+        self.reports.append((dict(metrics), kept))
+
+
+@pytest.fixture
+def sweep_ctx(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "trainable", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = tracking.start_parent(uri, exp, "trainable", params={}, tags={})
+    return {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "threads": 1}
+
+
+def _run(monkeypatch, tmp_path, ctx, flat, checkpoint=None) -> _Tune:
+    from ray import tune
+
+    fake = _Tune(tmp_path / "trial", checkpoint)
+    fake.trial_dir.mkdir(exist_ok=True)
+    for name in ("get_context", "get_checkpoint", "report"):
+        monkeypatch.setattr(tune, name, getattr(fake, name))
+    trainable.run_tune_trial({"trial": flat}, ctx)
+    return fake
+
+
+def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom_dir, tmp_path, monkeypatch, sweep_ctx):
+    from ray import tune
+
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))
+    flat = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "train.epochs": 2,
+                               "model.decoder": "linear", "model.mode": "frozen"}).to_flat()  # fmt: skip
+    first = _run(monkeypatch, tmp_path, sweep_ctx, flat)
+    epochs, (final, marker) = first.reports[:-1], first.reports[-1]
+    assert [m["epoch"] for m, _ in epochs] == [0, 1] and all(not m["done"] for m, _ in epochs)
+    assert all((kept / "state.json").is_file() for _, kept in epochs)  # resumable while it trains
+    assert final["done"] and sorted(p.name for p in marker.iterdir()) == [trainable.RUN_FILE]
+    run_id = json.loads((marker / trainable.RUN_FILE).read_text())["run_id"]
+    assert run_id == final["mlflow_run_id"]
+
+    # Restored from the marker (the driver died before Tune recorded the end): one report, no training.
+    again = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
+    ((metrics, kept),) = again.reports
+    assert metrics["done"] and kept is None
+    assert metrics["test_dice_mean"] == pytest.approx(final["test_dice_mean"])
+    assert metrics["mlflow_run_id"] == run_id
+
+    # A marker whose run MLflow does not hold as finished is trained again, in the same run, from epoch 0.
+    tracking.client(sweep_ctx["tracking_uri"]).update_run(run_id, status="RUNNING")
+    retried = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
+    assert [m["epoch"] for m, _ in retried.reports] == [0, 1, 1] and retried.reports[-1][0]["done"]
+    assert retried.reports[-1][0]["mlflow_run_id"] == run_id
