@@ -135,7 +135,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         out = trial_dir / "result"
         results = run_trial(
             cfg, out, data=data, on_epoch=on_epoch, checkpoint_dir=work / "state", resume_from=resume_dir,
-            timings=timings, alias=alias,
+            timings=timings, alias=alias, durable_checkpoints=False,  # scratch: Tune copies it to its storage
         )  # fmt: skip
         tracker.finish(results, artifact_dir=out)
         final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

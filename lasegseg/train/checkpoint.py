@@ -49,20 +49,28 @@ def _previous(final: Path) -> Path:
     return final.with_name(f".{final.name}.previous")
 
 
-def commit_dir(tmp: Path, final: Path) -> None:
+def commit_dir(tmp: Path, final: Path, *, durable: bool = True) -> None:
     """Replace ``final`` with the completed ``tmp`` so a reader never sees a half-written folder.
 
     A folder cannot be renamed over a non-empty one, so the old version is first moved aside to
     ``.<name>.previous``. A process killed between the two renames leaves no ``final`` but a complete
     ``.previous``, which :func:`recover_dir` (called by every reader and writer here) puts back.
+
+    Args:
+        tmp: the completed folder.
+        final: where it goes.
+        durable: fsync the files and folders, so the commit also survives a power cut (off for scratch copies
+            that another component persists, e.g. a trial's training state that Tune copies to its storage).
     """
-    _fsync_tree(tmp)
+    if durable:
+        _fsync_tree(tmp)
     previous = _previous(final)
     if final.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(final, previous)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -208,8 +216,19 @@ def save_train_state(
     optimizer: torch.optim.Optimizer,
     scalars: dict[str, Any],
     best_state: dict[str, torch.Tensor] | None,
+    *,
+    durable: bool = True,
 ) -> Path:
-    """Everything needed to continue a trial bit-for-bit: weights, optimizer moments, counters, RNG."""
+    """Everything needed to continue a trial bit-for-bit: weights, optimizer moments, counters, RNG.
+
+    Args:
+        folder: the training-state folder (replaced atomically).
+        seg: the segmenter being trained.
+        optimizer: its optimizer.
+        scalars: JSON-able counters and history.
+        best_state: the best weights so far, if any.
+        durable: fsync the commit (see :func:`commit_dir`).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -218,7 +237,7 @@ def save_train_state(
     folder = Path(folder)
     tmp = atomic_dir(folder)
     try:
-        save_file(_contiguous(state_for_checkpoint(seg)), str(tmp / "current.safetensors"))
+        save_file(state_for_checkpoint(seg), str(tmp / "current.safetensors"))  # already independent CPU copies
         if best_state is not None:
             save_file(_contiguous(best_state), str(tmp / "best.safetensors"))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
@@ -228,7 +247,7 @@ def save_train_state(
             rng |= {f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
         save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
         write_json_atomic(tmp / "state.json", {"scalars": scalars, "optimizer": opt_meta})
-        commit_dir(tmp, folder)
+        commit_dir(tmp, folder, durable=durable)
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"{folder}: could not write the checkpoint ({exc}); the previous one is unchanged") from exc
     finally:

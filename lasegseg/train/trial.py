@@ -285,6 +285,7 @@ def run_trial(
     resume_from: Path | None = None,
     timings: dict[str, Any] | None = None,
     alias: Callable[[str], str] | None = None,
+    durable_checkpoints: bool = True,
 ) -> dict[str, Any]:
     """Train one model and return its metrics (also written to ``out_dir``).
 
@@ -300,6 +301,8 @@ def run_trial(
         timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step)
             and ``feature_cache`` (bool), for a sweep's fixed-cost accounting.
         alias: maps case ids to the names written to ``out_dir`` and returned (``--pseudonymize``).
+        durable_checkpoints: fsync each training-state commit; off where the folder is a scratch copy that another
+            component persists (a sweep trial's, which Tune copies to its storage after every epoch).
     """
     from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, param_groups, state_for_checkpoint
 
@@ -371,7 +374,9 @@ def run_trial(
         state["history"].append({"epoch": epoch, **metrics})
         saved = None
         if checkpoint_dir is not None:
-            saved = ckpt.save_train_state(Path(checkpoint_dir), model, optimizer, state, best_weights)
+            saved = ckpt.save_train_state(
+                Path(checkpoint_dir), model, optimizer, state, best_weights, durable=durable_checkpoints
+            )
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_dice=f"{metrics.get('val_dice', math.nan):.3f}")
             bar.update(1)

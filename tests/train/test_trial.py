@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,24 @@ def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
     for a, b in zip(full["history"], resumed["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
     assert resumed["test_dice_mean"] == pytest.approx(full["test_dice_mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_training_state_is_fsynced_only_when_it_must_survive_alone(phantom_dir, tmp_path, monkeypatch, durable):
+    """A sweep trial's state is a scratch copy that Tune copies to its storage: no fsync; the CLI's folder is the
+    only copy: every file and the folders are flushed. Either way the folder resumes the trial."""
+    from lasegseg.train import checkpoint
+
+    synced = []
+    monkeypatch.setattr(checkpoint, "fsync_file", lambda path: synced.append(Path(path).name))
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda path: synced.append(Path(path).name + "/"))
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
+    run_trial(cfg, checkpoint_dir=tmp_path / "state", durable_checkpoints=durable)
+    files = {"current.safetensors", "best.safetensors", "optimizer.safetensors", "rng.safetensors"}
+    assert {n for n in synced if n.endswith(".safetensors")} == (files if durable else set())
+    assert (tmp_path / "state" / "state.json").is_file()
+    resumed = run_trial(cfg, resume_from=tmp_path / "state")
+    assert [h["epoch"] for h in resumed["history"]] == [0]
 
 
 def test_few_shot_rows_follow_the_config(phantom_dir):
