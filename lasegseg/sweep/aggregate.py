@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lasegseg.config import coerce, config_hash, config_keys
+from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError, LasegsegError
 from lasegseg.sweep.tracking import check_reachable
 
@@ -63,21 +64,13 @@ def _tracking(tracking_uri: str) -> Iterator[Any]:
     is_http = urlparse(tracking_uri).scheme in ("http", "https")
     # MLflow retries an unreachable server for minutes by default; within this call, retry briefly
     # (unless the user chose their own values).
-    saved = {k: os.environ.get(k) for k in _HTTP_ENV} if is_http else {}
-    for key, value in _HTTP_ENV.items() if is_http else ():
-        os.environ.setdefault(key, value)
-    try:
-        yield MlflowClient(tracking_uri=tracking_uri)
-    except MlflowException as exc:
-        raise LasegsegError(f"MLflow tracking store {tracking_uri}: {_first_line(exc)}") from exc
-    except OSError as exc:  # requests' ConnectionError is an OSError; so are artifact-store failures
-        raise LasegsegError(f"MLflow tracking store {tracking_uri}: {_first_line(exc)}") from exc
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with scoped_environ(_HTTP_ENV if is_http else {}, override=False):
+        try:
+            yield MlflowClient(tracking_uri=tracking_uri)
+        except MlflowException as exc:
+            raise LasegsegError(f"MLflow tracking store {tracking_uri}: {_first_line(exc)}") from exc
+        except OSError as exc:  # requests' ConnectionError is an OSError; so are artifact-store failures
+            raise LasegsegError(f"MLflow tracking store {tracking_uri}: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

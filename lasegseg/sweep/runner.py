@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError, DataError, LasegsegError
 
 log = logging.getLogger("lasegseg.sweep")
@@ -136,20 +137,12 @@ def _init_ray(env: dict[str, str], cpus: float | None) -> None:
     soft_limit = os.environ.get("RAY_num_workers_soft_limit") or str(int(cpus) if cpus else os.cpu_count() or 1)
     started_with = {**env, "RAY_preload_python_modules": preload, "RAY_num_workers_soft_limit": soft_limit,
                     "PYTHONPATH": pythonpath}  # fmt: skip
-    saved = {key: os.environ.get(key) for key in started_with}
-    os.environ.update(started_with)
-    try:
+    with scoped_environ(started_with):
         # A private local cluster: dashboard off (nothing listens for browsers), token auth as Ray sets it up.
         ray.init(
             include_dashboard=False, num_cpus=int(cpus) if cpus else None,
             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
         )  # fmt: skip
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     _trial_actors_on_started_workers()
 
 
