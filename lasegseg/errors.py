@@ -21,3 +21,9 @@ class DataError(LasegsegError):
 
 class ModelError(LasegsegError):
     """A model folder, backbone or checkpoint cannot be loaded."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error reports."""
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -1,16 +1,21 @@
-"""Durable-file helpers shared by the slice cache, the feature cache and checkpoints.
+"""Durable-file helpers shared by the caches, checkpoints, exports and every file the project writes.
 
-Content hashes, fsync of files and folders, discarding a damaged folder without readers ever seeing it
-half-deleted, and telling whether the process that left a temporary folder is still alive.
+Atomic writes of files (temp file + rename) and folders (temp folder + two renames, recoverable), content hashes,
+fsync of files and folders, discarding a damaged folder without readers ever seeing it half-deleted, and telling
+whether the process that left a temporary folder is still alive.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 8 << 20
 
@@ -65,3 +70,122 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    data: bytes | str | Callable[[Path], Any],
+    *,
+    durable: bool = False,
+    mode: int | None = None,
+) -> Path:
+    """Write a file so that readers see the old content or the new, never a part: a temporary file beside ``path``
+    is written, then renamed over it. On any error (a full disk, a serialiser that raises) nothing changes.
+
+    Args:
+        path: the file.
+        data: its content (``str`` is written as UTF-8), or a function that writes the temporary path it is given
+            (``lambda p: frame.to_parquet(p)``).
+        durable: fsync the file before the rename, so it also survives a power cut.
+        mode: permission bits set before the rename (e.g. ``0o600`` for a secret: never readable by others).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if durable:
+            fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any, *, durable: bool = True) -> Path:
+    """``payload`` as indented JSON via :func:`atomic_write` (numpy scalars and paths become plain values)."""
+    return atomic_write(path, json.dumps(payload, indent=2, default=_json_default) + "\n", durable=durable)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 128) -> Path:
+    """Save a matplotlib figure as PNG through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor()))
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary folder beside ``final``; pass it to :func:`commit_dir` once complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    _remove_orphans(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp{os.getpid()}-", dir=final.parent))
+
+
+def _remove_orphans(final: Path) -> None:
+    """Delete temporary folders of earlier writers of ``final`` that died before committing."""
+    for tmp in final.parent.glob(f".{final.name}.tmp*-*"):
+        pid = tmp.name[len(f".{final.name}.tmp") :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _previous(final: Path) -> Path:
+    return final.with_name(f".{final.name}.previous")
+
+
+def commit_dir(tmp: Path, final: Path, *, durable: bool = True) -> None:
+    """Replace ``final`` with the completed ``tmp`` so a reader never sees a half-written folder.
+
+    A folder cannot be renamed over a non-empty one, so the old version is first moved aside to
+    ``.<name>.previous``. A process killed between the two renames leaves no ``final`` but a complete
+    ``.previous``, which :func:`recover_dir` (called by every reader and writer of such folders) puts back.
+
+    Args:
+        tmp: the completed folder.
+        final: where it goes.
+        durable: fsync the files and folders, so the commit also survives a power cut (off for scratch copies
+            that another component persists, e.g. a trial's training state that Tune copies to its storage).
+    """
+    final = Path(final)
+    if durable:
+        for path in Path(tmp).iterdir():
+            if path.is_file():
+                fsync_file(path)
+        fsync_dir(Path(tmp))
+    previous = _previous(final)
+    if final.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    os.replace(tmp, final)
+    if durable:
+        fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> Path:
+    """Put back the last committed version of ``final`` if a commit was interrupted between its renames."""
+    final = Path(final)
+    previous = _previous(final)
+    if not final.exists() and previous.is_dir():
+        try:
+            os.replace(previous, final)
+        except OSError:
+            return previous  # a read-only location: read the complete previous version where it is
+    return final

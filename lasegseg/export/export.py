@@ -174,7 +174,7 @@ def export_best(
     Returns:
         the metrics.json payload, plus ``registered`` (``{"name", "version", "alias"}``) when registered.
     """
-    from lasegseg.train.checkpoint import atomic_dir, commit_dir, write_json_atomic
+    from lasegseg.fsio import atomic_dir, commit_dir, write_json_atomic
 
     start = time.perf_counter()
     selection = select_best(tracking_uri, experiment, metric, parent_run_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lasegseg.train.overlay import save_figure
+from lasegseg.fsio import save_figure
 
 AXES = {"data.fraction": "fraction", "data.patients": "patients"}
 METRICS = {"test_dice_mean": ("dice", "Test Dice"), "test_iou_mean": ("iou", "Test IoU")}

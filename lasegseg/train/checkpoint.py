@@ -10,11 +10,8 @@ safetensors, and a JSON with the epoch, scheduler step, best metrics and RNG sta
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,101 +19,11 @@ import torch
 
 from lasegseg.config import Config, from_flat
 from lasegseg.errors import ModelError
-from lasegseg.fsio import fsync_dir, fsync_file, pid_alive, sha256_file
+from lasegseg.fsio import atomic_dir, commit_dir, recover_dir, sha256_file, write_json_atomic
 
 MODEL_FORMAT = "lasegseg-model-v1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary folder beside ``final``; pass it to :func:`commit_dir` once complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(final)
-    _remove_orphans(final)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp{os.getpid()}-", dir=final.parent))
-
-
-def _remove_orphans(final: Path) -> None:
-    """Delete temporary folders of earlier writers of ``final`` that died before committing."""
-    for tmp in final.parent.glob(f".{final.name}.tmp*-*"):
-        pid = tmp.name[len(f".{final.name}.tmp") :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _previous(final: Path) -> Path:
-    return final.with_name(f".{final.name}.previous")
-
-
-def commit_dir(tmp: Path, final: Path, *, durable: bool = True) -> None:
-    """Replace ``final`` with the completed ``tmp`` so a reader never sees a half-written folder.
-
-    A folder cannot be renamed over a non-empty one, so the old version is first moved aside to
-    ``.<name>.previous``. A process killed between the two renames leaves no ``final`` but a complete
-    ``.previous``, which :func:`recover_dir` (called by every reader and writer here) puts back.
-
-    Args:
-        tmp: the completed folder.
-        final: where it goes.
-        durable: fsync the files and folders, so the commit also survives a power cut (off for scratch copies
-            that another component persists, e.g. a trial's training state that Tune copies to its storage).
-    """
-    if durable:
-        _fsync_tree(tmp)
-    previous = _previous(final)
-    if final.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(final, previous)
-    os.replace(tmp, final)
-    if durable:
-        fsync_dir(final.parent)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> Path:
-    """Put back the last committed version of ``final`` if a commit was interrupted between its renames."""
-    final = Path(final)
-    previous = _previous(final)
-    if not final.exists() and previous.is_dir():
-        try:
-            os.replace(previous, final)
-        except OSError:
-            return previous  # a read-only location: read the complete previous version where it is
-    return final
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush a folder's files and the folder itself, so a committed checkpoint survives a power cut too."""
-    for path in folder.iterdir():
-        if path.is_file():
-            fsync_file(path)
-    fsync_dir(folder)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``; on any error nothing changes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

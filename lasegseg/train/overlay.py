@@ -8,13 +8,12 @@ by Agg, never through pyplot: no global backend switch, safe in threads and note
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from lasegseg.fsio import save_figure
 
 TRUTH_COLOR = "#00ff00"
 PRED_COLOR = "#ff00ff"
@@ -22,21 +21,6 @@ PRED_COLOR = "#ff00ff"
 PANEL_INCHES = 3.5
 LEGEND_INCHES = 0.5
 DPI = 128
-
-
-def save_figure(fig: Any, path: str | Path, *, dpi: int = DPI) -> Path:
-    """Save a matplotlib figure as PNG atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def pick_slices(truth_volume: np.ndarray, k: int = 3) -> list[int]:

@@ -1,0 +1,39 @@
+"""Where things live: the cache root, the sweep folders and the default tracking store.
+
+Each location is worked out here and nowhere else; every other module asks this one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "LASEGSEG_CACHE"
+STORAGE_ENV = "LASEGSEG_STORAGE"
+DEFAULT_STORAGE = "runs"
+TRACKING_DB = "mlflow.db"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The node-local cache folder: ``cache_dir`` if given (non-empty), else ``$LASEGSEG_CACHE``, else
+    ``~/.cache/lasegseg``.
+
+    Args:
+        cache_dir: an explicit folder; ``None`` or ``""`` (the config default) falls through.
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "lasegseg"
+
+
+def pending_metrics_dir() -> Path:
+    """Where trials' unsent MLflow metrics wait between attempts (node-local, outlives a trial's process)."""
+    return cache_root() / "mlflow-pending"
+
+
+def default_tracking_uri(sweep_dir: str | os.PathLike) -> str:
+    """The embedded store: a sqlite database inside the sweep folder (safe for concurrent writers on one machine)."""
+    return f"sqlite:///{(Path(sweep_dir) / TRACKING_DB).resolve()}"
