@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load("run")
-naive = _load("naive")
+from bench import bench_fixed, common, harness, naive, run
 
 
 def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_path, capsys):
@@ -48,7 +35,7 @@ def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_pat
 def test_grid_yaml_and_naive_arguments_describe_the_same_trials(tmp_path):
     from lasegseg.sweep.spec import load_spec
 
-    grid = run.grids(quick=True)["frozen"]
+    grid = harness.grids(quick=True)["frozen"]
     path = tmp_path / "grid.yaml"
     path.write_text(grid.yaml())
     trials = load_spec(path).trials()
@@ -60,8 +47,8 @@ def test_grid_yaml_and_naive_arguments_describe_the_same_trials(tmp_path):
     assert {float(v) for v in args.lrs.split(",")} == {t["optim.lr"] for t in trials}
     assert {int(v) for v in args.patients.split(",")} == {t["data.patients"] for t in trials}
     assert args.image_size == trials[0]["data.image_size"] and args.epochs == grid.epochs
-    assert run.grids(quick=False)["frozen"].size == 36
-    assert {g.epochs for g in run.grids(quick=True, epochs=1).values()} == {1}
+    assert harness.grids(quick=False)["frozen"].size == 36
+    assert {g.epochs for g in harness.grids(quick=True, epochs=1).values()} == {1}
 
 
 def test_vit_s_shaped_backbone_reaches_both_sides_through_from_pretrained(tmp_path, monkeypatch):
@@ -70,7 +57,7 @@ def test_vit_s_shaped_backbone_reaches_both_sides_through_from_pretrained(tmp_pa
     from lasegseg.sweep.spec import load_spec
 
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))  # Bench points it at its own folder
-    bench = run.Bench(tmp_path, True, run.Report(), backbone="vit-s-shape")
+    bench = harness.Bench(tmp_path, True, common.Report(), backbone="vit-s-shape")
     folder = tmp_path / "base-cache" / "backbones" / "vit-s-shape"
     for grid in bench.grids.values():
         assert grid.backbone == str(folder)
@@ -80,12 +67,13 @@ def test_vit_s_shaped_backbone_reaches_both_sides_through_from_pretrained(tmp_pa
         assert naive.build_parser().parse_args(["--data", "x", *grid.naive_args()]).backbone == str(folder)
     backbone = load_backbone(str(folder))
     assert backbone.embed_dim == 384 and backbone.model.config.num_hidden_layers == 12
-    assert run.make_random_backbone(folder, run.BENCH_BACKBONES["vit-s-shape"]) == folder  # made once, then reused
-    assert run.Bench(tmp_path / "t", True, run.Report()).grids["frozen"].backbone == "tiny"
+    # Made once, then reused.
+    assert harness.make_random_backbone(folder, harness.BENCH_BACKBONES["vit-s-shape"]) == folder
+    assert harness.Bench(tmp_path / "t", True, common.Report()).grids["frozen"].backbone == "tiny"
 
 
 def test_report_rows_judge_goals_and_print_a_summary(capsys):
-    report = run.Report()
+    report = common.Report()
     assert report.ratio("step", "slow", [1.2, 1.1], [1.0, 1.0], goal="≤ 1.05").verdict == "MISS"
     fast = report.ratio("naive", "speed-up", [2.0, 3.0], [10.0, 12.0], goal="≥ 5", invert=True)
     assert fast.value == pytest.approx(5.0) and fast.verdict == "PASS"
@@ -127,23 +115,23 @@ def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, 
     # The driver recorded Tune's start itself (7.0); its worker started warm before that, the second one did not.
     _timings_csv(one, [("x", 8.0, 1.5, 2.0, "true"), ("y", 9.0, 0.2, 7.5, "true")], tune_started=7.0)
     missing = tmp_path / "none"
-    runs = [run.SweepRun("g", 2, 1.0, 0, 0, two, tmp_path), run.SweepRun("g", 1, 1.0, 0, 0, one, tmp_path),
-            run.SweepRun("g", 1, 1.0, 0, 0, missing, tmp_path)]  # fmt: skip
+    runs = [harness.SweepRun("g", 2, 1.0, 0, 0, two, tmp_path), harness.SweepRun("g", 1, 1.0, 0, 0, one, tmp_path),
+            harness.SweepRun("g", 1, 1.0, 0, 0, missing, tmp_path)]  # fmt: skip
     # Tune's experiment state of the 2-worker sweep: it started 5 s before trial "a" (started 10.0, first step 14.0).
     (two / "tune" / "grid").mkdir(parents=True)
     (two / "tune" / "grid" / "experiment_state-x.json").write_text(json.dumps({"stats": {"start_time": 5.0}}))
-    cold, cold_from_start, warm = run.fixed_costs(runs)
+    cold, cold_from_start, warm = bench_fixed.fixed_costs(runs)
     assert sorted(cold) == [1.5, 2.5, 4.0] and sorted(warm) == [0.2, 0.3, 0.5]
     assert sorted(cold_from_start) == [2.5, 8.0, 9.0]  # c1: first step 9.5 - 7.0 (the driver's record)
-    assert run.fixed_costs(runs[2:]) is None
+    assert bench_fixed.fixed_costs(runs[2:]) is None
 
-    bench = run.Bench.__new__(run.Bench)
-    bench.report, bench.sweeps = run.Report(), {("g", 1): runs[2]}
-    run.bench_fixed(bench)
+    bench = harness.Bench.__new__(harness.Bench)
+    bench.report, bench.sweeps = common.Report(), {("g", 1): runs[2]}
+    bench_fixed.measure(bench)
     assert [r.verdict for r in bench.report.rows] == ["n/a"] * 3
     assert "driver did not write trial_timings.csv" in capsys.readouterr().out
-    bench.report, bench.sweeps = run.Report(), {("g", 2): runs[0], ("g", 1): runs[1]}
-    run.bench_fixed(bench)
+    bench.report, bench.sweeps = common.Report(), {("g", 2): runs[0], ("g", 1): runs[1]}
+    bench_fixed.measure(bench)
     assert [(r.value, r.verdict) for r in bench.report.rows] == [
         (2.5, "PASS"), (8.0, "MISS"), (0.3, "PASS"), (1, "info"),  # 1 of 6 trials on a worker started warm
     ]  # fmt: skip
@@ -155,6 +143,6 @@ def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):
     child = "import time; x = bytearray(64 << 20); time.sleep(1.0)"
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
     proc = subprocess.Popen([sys.executable, "-c", parent])
-    rss, pss = run.peak_memory_of_tree(proc, interval=0.05)
+    rss, pss = common.peak_memory_of_tree(proc, interval=0.05)
     assert proc.returncode == 0
     assert rss >= 64 << 20 and 0 < pss <= rss
