@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from lasegseg.models.backbones import (
     Backbone,
+    BackboneFamily,
+    backbone_family,
     build_backbone,
     check_backbone_name,
     fingerprint,
+    list_backbone_families,
     list_backbones,
+    register_backbone_family,
     tiny_backbone_dir,
     weights_fingerprint,
 )
@@ -24,7 +28,9 @@ from lasegseg.models.segmenter import (
 
 __all__ = [
     "Backbone",
+    "BackboneFamily",
     "Segmenter",
+    "backbone_family",
     "build_backbone",
     "build_segmenter",
     "check_backbone_name",
@@ -33,10 +39,12 @@ __all__ = [
     "create_decoder",
     "decoder_spec",
     "fingerprint",
+    "list_backbone_families",
     "list_backbones",
     "list_decoders",
     "load_checkpoint_state",
     "param_groups",
+    "register_backbone_family",
     "register_decoder",
     "state_for_checkpoint",
     "tiny_backbone_dir",

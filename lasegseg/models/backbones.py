@@ -1,4 +1,7 @@
-"""DINOv2 backbones through transformers: named sizes, hub ids, local folders and a tiny random model.
+"""Backbone families through transformers (DINOv2): named sizes, hub ids, local folders and a tiny random model.
+
+A family is one registry entry (:class:`BackboneFamily`): its patch size, named sizes and their layer tables, hub
+ids, transformers model classes, LoRA target modules and tiny random config.
 
 Every backbone — the tiny one included — is loaded with ``from_pretrained`` from a folder or hub id, so tests
 exercise the same path as real weights. The tiny model is created once per cache folder from a fixed seed and
@@ -13,7 +16,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,35 +26,124 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasegseg.errors import ModelError
+from lasegseg.paths import cache_root
 
-SIZES = ("small", "base", "large", "giant")
 NONE = "none"
-
-# Multi-layer feature taps per architecture, as in dinov2's depth/segmentation heads (0-based block indices).
-LAYER_INDICES: dict[str, list[int]] = {
-    "tiny": [0, 1, 2, 3],
-    "small": [2, 5, 8, 11],
-    "base": [2, 5, 8, 11],
-    "large": [4, 11, 17, 23],
-    "giant": [9, 19, 29, 39],
-}
-# (hidden_size, num_hidden_layers) → size, so a local copy of e.g. dinov2-large gets the large table.
-_SIZE_BY_ARCH = {(384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"}
-
-# 4 blocks of width 128 on a 14-px patch: 112 px images give an 8×8 grid and ~0.9 M parameters, small enough to
-# train for tens of epochs on two CPU cores.
-TINY_CONFIG: dict[str, object] = {
-    "hidden_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "mlp_ratio": 4,
-    "patch_size": 14,
-    "image_size": 112,
-    "layerscale_value": 1.0,
-    "drop_path_rate": 0.0,
-}
 TINY_SEED = 0
-TINY_NUM_REGISTERS = 4
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """A registry entry: one family of ViT backbones in transformers, with everything that differs between families.
+
+    Args:
+        name: prefix of the named sizes (``dinov2`` → ``dinov2-small`` …).
+        display_name: the family in messages.
+        patch_size: pixels per patch.
+        sizes: the named sizes, written ``<name>-<size>``.
+        layer_indices: multi-layer feature taps (0-based block indices) per size and for ``tiny``.
+        arch_sizes: ``(hidden_size, num_hidden_layers)`` → size, so that a local copy of a named size gets its table.
+        hub_id: hub id of a named size, formatted with ``size``.
+        registers_hub_id: the same for the with-registers variant.
+        model_classes: transformers ``model_type`` → model class name, for every variant of the family.
+        registers_model_types: the model types in ``model_classes`` that have register tokens.
+        final_norm: attribute of the model that holds its final layer norm.
+        lora_targets: candidate name sets of the attention projections LoRA adapts; the first set the model has
+            wins (transformers renamed them between versions).
+        tiny_name: short name of the tiny random model (saved under ``<cache>/backbones/<tiny_name>[-reg]``).
+        tiny_config: transformers config fields of the tiny model, the patch size aside.
+        tiny_num_registers: register tokens of its with-registers variant.
+    """
+
+    name: str
+    display_name: str
+    patch_size: int
+    sizes: tuple[str, ...]
+    layer_indices: Mapping[str, list[int]]
+    arch_sizes: Mapping[tuple[int, int], str]
+    hub_id: str
+    registers_hub_id: str
+    model_classes: Mapping[str, str]
+    registers_model_types: tuple[str, ...]
+    final_norm: str
+    lora_targets: tuple[tuple[str, ...], ...]
+    tiny_name: str
+    tiny_config: Mapping[str, object]
+    tiny_num_registers: int
+
+
+_FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def register_backbone_family(family: BackboneFamily) -> BackboneFamily:
+    """Register a backbone family; its tiny name and named sizes become backbone names.
+
+    Args:
+        family: the entry; registering a name twice is an error.
+    """
+    if family.name in _FAMILIES:
+        raise ValueError(f"backbone family '{family.name}' is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def list_backbone_families() -> list[str]:
+    """Registered backbone family names, sorted."""
+    return sorted(_FAMILIES)
+
+
+def backbone_family(name: str) -> BackboneFamily:
+    """The registry entry of the family ``name``.
+
+    Args:
+        name: a registered family name; anything else raises ModelError listing the valid names.
+    """
+    if name not in _FAMILIES:
+        raise ModelError(f"unknown backbone family '{name}' (valid families: {', '.join(list_backbone_families())})")
+    return _FAMILIES[name]
+
+
+def _family_of_model_type(model_type: str) -> BackboneFamily | None:
+    """The family whose transformers models include ``model_type``, or None."""
+    return next((f for f in _FAMILIES.values() if model_type in f.model_classes), None)
+
+
+register_backbone_family(
+    BackboneFamily(
+        name="dinov2",
+        display_name="DINOv2",
+        patch_size=14,
+        sizes=("small", "base", "large", "giant"),
+        # As in dinov2's depth/segmentation heads.
+        layer_indices={
+            "tiny": [0, 1, 2, 3],
+            "small": [2, 5, 8, 11],
+            "base": [2, 5, 8, 11],
+            "large": [4, 11, 17, 23],
+            "giant": [9, 19, 29, 39],
+        },
+        arch_sizes={(384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"},
+        hub_id="facebook/dinov2-{size}",
+        registers_hub_id="facebook/dinov2-with-registers-{size}",
+        model_classes={"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"},
+        registers_model_types=("dinov2_with_registers",),
+        final_norm="layernorm",
+        lora_targets=(("q_proj", "v_proj"), ("query", "value")),
+        tiny_name="tiny",
+        # 4 blocks of width 128 on a 14-px patch: 112 px images give an 8×8 grid and ~0.9 M parameters, small
+        # enough to train for tens of epochs on two CPU cores.
+        tiny_config={
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "mlp_ratio": 4,
+            "image_size": 112,
+            "layerscale_value": 1.0,
+            "drop_path_rate": 0.0,
+        },
+        tiny_num_registers=4,
+    )
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,24 +152,21 @@ _FINGERPRINT_BYTES = 4096
 
 
 def list_backbones() -> list[str]:
-    """The backbone short names; any hub id (``org/name``) or local folder is accepted as well."""
-    return ["tiny", *(f"dinov2-{s}" for s in SIZES)]
-
-
-def cache_root() -> Path:
-    """``$LASEGSEG_CACHE`` or ``~/.cache/lasegseg``."""
-    return Path(os.environ.get("LASEGSEG_CACHE") or Path.home() / ".cache" / "lasegseg").expanduser()
+    """The backbone short names (per family: its tiny model, then its sizes); any hub id (``org/name``) or local
+    folder is accepted as well."""
+    return [n for f in _FAMILIES.values() for n in (f.tiny_name, *(f"{f.name}-{size}" for size in f.sizes))]
 
 
 class Backbone(nn.Module):
-    """A DINOv2 model that maps a grayscale batch to a list of patch-feature maps.
+    """A model of a registered family (DINOv2) that maps a grayscale batch to a list of patch-feature maps.
 
     Args:
-        model: a transformers ``Dinov2Model`` or ``Dinov2WithRegistersModel``.
+        model: a transformers model of a registered family (``Dinov2Model`` or ``Dinov2WithRegistersModel``).
         layer_indices: 0-based transformer blocks whose (final-layernormed) outputs are returned.
         source: where the weights came from (hub id or folder), for messages and metadata.
 
     Attributes:
+        family: the backbone family name.
         embed_dim: channels of every feature map.
         patch_size: pixels per patch; inputs are padded right/bottom to a multiple of it.
         layer_indices: the tapped blocks.
@@ -90,8 +180,13 @@ class Backbone(nn.Module):
             raise ModelError(
                 f"backbone '{source}': layer indices {layer_indices} outside 0..{cfg.num_hidden_layers - 1}"
             )
+        family = _family_of_model_type(cfg.model_type)
+        if family is None:
+            raise ModelError(f"backbone '{source}' is a '{cfg.model_type}' model, not {_family_display_names()}")
         self.model = model
         self.source = source
+        self.family = family.name
+        self._final_norm = family.final_norm
         self.embed_dim = int(cfg.hidden_size)
         self.patch_size = int(cfg.patch_size)
         self.layer_indices = list(layer_indices)
@@ -127,7 +222,7 @@ class Backbone(nn.Module):
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         h, w = (height + pad_h) // p, (width + pad_w) // p
         hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states
-        norm = self.model.layernorm
+        norm = getattr(self.model, self._final_norm)
         # hidden[0] is the embedding output, hidden[i + 1] the output of block i.
         return [
             norm(hidden[i + 1][:, self.num_prefix_tokens :]).reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
@@ -162,37 +257,43 @@ class Backbone(nn.Module):
 
 
 def build_backbone(name: str, *, registers: bool = False, gradient_checkpointing: bool = False) -> Backbone:
-    """Load a DINOv2 backbone.
+    """Load a backbone of a registered family.
 
     Args:
-        name: ``tiny``, ``dinov2-small|base|large|giant``, a hub id (``org/name``) or a local folder.
+        name: ``tiny``, ``dinov2-small|base|large|giant`` (see :func:`list_backbones`), a hub id (``org/name``) or a
+            local folder.
         registers: pick the with-registers variant of ``tiny`` and the named sizes; a hub id or folder is what
             its config says, and asking for registers on one without them is an error.
         gradient_checkpointing: recompute activations in backward (for large/giant when fine-tuning).
     """
     source, size, local = _resolve(name, registers=registers)
     model = _load(source, local=local)
-    has_registers = model.config.model_type == "dinov2_with_registers"
-    if registers and not has_registers:
-        raise ModelError(f"model.registers=true but backbone '{name}' ({source}) is a DINOv2 without registers")
+    config = model.config
+    family = _family_of_model_type(config.model_type)  # never None: _load accepts only registered model types
+    if registers and config.model_type not in family.registers_model_types:
+        raise ModelError(
+            f"model.registers=true but backbone '{name}' ({source}) is a {family.display_name} without registers"
+        )
     if size is None:
-        size = _SIZE_BY_ARCH.get((model.config.hidden_size, model.config.num_hidden_layers))
-    indices = LAYER_INDICES[size] if size else _even_indices(model.config.num_hidden_layers)
+        size = family.arch_sizes.get((config.hidden_size, config.num_hidden_layers))
+    indices = family.layer_indices[size] if size else _even_indices(config.num_hidden_layers)
     backbone = Backbone(model, indices, source=source)
     if gradient_checkpointing:
         backbone.set_gradient_checkpointing(True)
     return backbone
 
 
-def tiny_backbone_dir(*, registers: bool = False) -> Path:
-    """The folder of the tiny random DINOv2, created on first use (safe when processes race).
+def tiny_backbone_dir(*, registers: bool = False, family: str = "dinov2") -> Path:
+    """The folder of a family's tiny random model, created on first use (safe when processes race).
 
     Args:
         registers: the with-registers variant (``tiny-reg``).
+        family: a registered backbone family.
     """
-    final = cache_root() / "backbones" / ("tiny-reg" if registers else "tiny")
+    tiny_name = backbone_family(family).tiny_name
+    final = cache_root() / "backbones" / (f"{tiny_name}-reg" if registers else tiny_name)
     if not (final / "config.json").is_file():
-        _create_tiny(final, registers=registers)
+        _create_tiny(final, registers=registers, family=family)
     return final
 
 
@@ -236,15 +337,31 @@ def check_backbone_name(name: str, *, registers: bool = False) -> None:
     _resolve(name, registers=registers, create=False)
 
 
+def lora_target_modules(backbone: Backbone) -> list[str]:
+    """Names of the attention projections LoRA adapts in ``backbone``: the first of its family's candidate sets
+    that the model has.
+
+    Args:
+        backbone: a backbone from :func:`build_backbone`.
+    """
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.model.named_modules()}
+    candidates = backbone_family(backbone.family).lora_targets
+    for names in candidates:
+        if set(names) <= leaves:
+            return list(names)
+    raise ModelError(f"backbone '{backbone.source}' has none of the LoRA target modules {candidates}")
+
+
 def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, str | None, bool]:
     """``name`` → (source for ``from_pretrained``, size key of the layer table or None, source is local)."""
     if name == NONE:
         raise ModelError("backbone 'none' has no model (it selects the decoder-only baseline, model.decoder=unet)")
-    if name == "tiny":
-        return str(tiny_backbone_dir(registers=registers) if create else "tiny"), "tiny", True
-    if name.startswith("dinov2-") and name.removeprefix("dinov2-") in SIZES:
-        size = name.removeprefix("dinov2-")
-        return f"facebook/dinov2-{'with-registers-' if registers else ''}{size}", size, False
+    for family in _FAMILIES.values():
+        if name == family.tiny_name:
+            return str(tiny_backbone_dir(registers=registers, family=family.name) if create else name), "tiny", True
+        size = name.removeprefix(f"{family.name}-")
+        if name.startswith(f"{family.name}-") and size in family.sizes:
+            return (family.registers_hub_id if registers else family.hub_id).format(size=size), size, False
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path), None, True
@@ -257,18 +374,25 @@ def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, s
     )
 
 
-def _load(source: str, *, local: bool) -> nn.Module:
-    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
+def _family_display_names() -> str:
+    return " or ".join(f.display_name for f in _FAMILIES.values())
 
-    classes = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+
+def _load(source: str, *, local: bool) -> nn.Module:
+    import transformers
+
     where = "folder" if local else "hub id"
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local)
-        if config.model_type not in classes:
-            raise ModelError(f"backbone {where} '{source}' holds a '{config.model_type}' model, not DINOv2")
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+        family = _family_of_model_type(config.model_type)
+        if family is None:
+            raise ModelError(
+                f"backbone {where} '{source}' holds a '{config.model_type}' model, not {_family_display_names()}"
+            )
+        model_class = getattr(transformers, family.model_classes[config.model_type])
         # A local load takes milliseconds: its progress bars would only clutter every trial's log.
         with _progress_bars(enabled=not local):
-            return classes[config.model_type].from_pretrained(
+            return model_class.from_pretrained(
                 source, config=config, attn_implementation="sdpa", local_files_only=local
             )
     except ModelError:
@@ -299,19 +423,22 @@ def _even_indices(num_layers: int, n: int = 4) -> list[int]:
     return [round((k + 1) * num_layers / n) - 1 for k in range(n)]
 
 
-def _create_tiny(final: Path, *, registers: bool) -> None:
-    """Write the tiny model to a temporary sibling folder and rename it into place atomically."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+def _create_tiny(final: Path, *, registers: bool, family: str = "dinov2") -> None:
+    """Write a family's tiny model to a temporary sibling folder and rename it into place atomically."""
+    import transformers
 
+    fam = backbone_family(family)
+    model_type = next((t for t in fam.model_classes if (t in fam.registers_model_types) == registers), None)
+    if model_type is None:
+        raise ModelError(f"backbone family '{family}' has no model {'with' if registers else 'without'} registers")
+    fields = {**fam.tiny_config, "patch_size": fam.patch_size}
+    if registers:
+        fields["num_register_tokens"] = fam.tiny_num_registers
+    model_class = getattr(transformers, fam.model_classes[model_type])
     # transformers' random init draws from torch's global generator; without the fork the first trial on a fresh
     # machine (the one that creates this folder) would initialise its decoder from a different RNG state.
     with torch.random.fork_rng(devices=[]):
-        if registers:
-            model: nn.Module = Dinov2WithRegistersModel(
-                Dinov2WithRegistersConfig(**TINY_CONFIG, num_register_tokens=TINY_NUM_REGISTERS)
-            )
-        else:
-            model = Dinov2Model(Dinov2Config(**TINY_CONFIG))
+        model: nn.Module = model_class(transformers.AutoConfig.for_model(model_type, **fields))
     _seed_weights(model, TINY_SEED)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,15 +11,20 @@ import torch.nn.functional as F
 from lasegseg.errors import ModelError
 from lasegseg.models import backbones
 from lasegseg.models.backbones import (
-    LAYER_INDICES,
     Backbone,
+    backbone_family,
     build_backbone,
     check_backbone_name,
     fingerprint,
+    list_backbone_families,
     list_backbones,
+    lora_target_modules,
     tiny_backbone_dir,
     weights_fingerprint,
 )
+
+DINOV2 = backbone_family("dinov2")
+LAYER_INDICES = DINOV2.layer_indices
 
 
 def _weights(backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -37,7 +43,7 @@ def test_tiny_is_saved_as_safetensors_and_reloaded(_cache: Path, registers: bool
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert fingerprint(first) == fingerprint(second)
-    assert first.num_prefix_tokens == (1 + backbones.TINY_NUM_REGISTERS if registers else 1)
+    assert first.num_prefix_tokens == (1 + DINOV2.tiny_num_registers if registers else 1)
 
 
 def test_tiny_weights_do_not_depend_on_the_cache_or_global_seed(tmp_path: Path, monkeypatch) -> None:
@@ -77,7 +83,7 @@ def test_tiny_layer_table_and_attributes() -> None:
     backbone = build_backbone("tiny")
     assert backbone.layer_indices == LAYER_INDICES["tiny"]
     assert backbone.num_features_levels == len(backbone.layer_indices) == 4
-    assert backbone.embed_dim == backbones.TINY_CONFIG["hidden_size"]
+    assert backbone.embed_dim == DINOV2.tiny_config["hidden_size"]
     assert backbone.patch_size == 14
     assert backbone.model.config._attn_implementation == "sdpa"
 
@@ -237,3 +243,82 @@ def test_folder_with_another_model_type(tmp_path: Path) -> None:
 def test_registers_requested_on_a_folder_without_them() -> None:
     with pytest.raises(ModelError, match="without registers"):
         build_backbone(str(tiny_backbone_dir()), registers=True)
+
+
+# ----------------------------------------------------------------------------------------- the family registry
+
+
+@pytest.mark.parametrize("family", list_backbone_families())
+@pytest.mark.parametrize("registers", [False, True])
+def test_every_family_builds_its_tiny_model_and_runs_forward(family: str, registers: bool) -> None:
+    fam = backbone_family(family)
+    backbone = build_backbone(fam.tiny_name, registers=registers)
+    assert backbone.family == family
+    assert backbone.patch_size == fam.patch_size
+    assert backbone.embed_dim == fam.tiny_config["hidden_size"]
+    assert backbone.layer_indices == fam.layer_indices["tiny"]
+    assert backbone.num_prefix_tokens == 1 + (fam.tiny_num_registers if registers else 0)
+    size = 3 * fam.patch_size + 5
+    torch.manual_seed(0)
+    feats = backbone(torch.rand(2, 1, size, size))
+    assert len(feats) == backbone.num_features_levels
+    for f in feats:
+        assert f.shape == (2, backbone.embed_dim, 4, 4)
+        assert torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("family", list_backbone_families())
+def test_every_family_names_its_sizes_and_their_layer_tables(family: str) -> None:
+    fam = backbone_family(family)
+    assert fam.tiny_name in list_backbones()
+    for size in fam.sizes:
+        name = f"{family}-{size}"
+        assert name in list_backbones()
+        check_backbone_name(name, registers=True)
+        assert backbones._resolve(name, registers=False) == (fam.hub_id.format(size=size), size, False)
+        assert backbones._resolve(name, registers=True) == (fam.registers_hub_id.format(size=size), size, False)
+        taps = fam.layer_indices[size]
+        assert taps == sorted(taps) and len(set(taps)) == len(taps) >= 1
+    for (_, depth), size in fam.arch_sizes.items():
+        assert max(fam.layer_indices[size]) == depth - 1  # the last tap is the last block
+
+
+@pytest.mark.parametrize("family", list_backbone_families())
+def test_every_family_has_lora_targets_in_its_tiny_model(family: str) -> None:
+    backbone = build_backbone(backbone_family(family).tiny_name)
+    targets = lora_target_modules(backbone)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.model.named_modules()}
+    assert targets and set(targets) <= leaves
+
+
+def test_unknown_family_lists_the_valid_ones() -> None:
+    with pytest.raises(ModelError, match="unknown backbone family 'dinov9'") as err:
+        backbone_family("dinov9")
+    assert all(name in str(err.value) for name in list_backbone_families())
+
+
+def test_a_new_family_is_one_registry_entry(monkeypatch) -> None:
+    """Its tiny name and sizes become backbone names that resolve to its hub ids, without loading anything."""
+    entry = dataclasses.replace(
+        DINOV2,
+        name="toyvit",
+        display_name="ToyViT",
+        patch_size=16,
+        sizes=("s", "b"),
+        hub_id="toy/toyvit-{size}16",
+        registers_hub_id="toy/toyvit-{size}16-reg",
+        tiny_name="tiny-toyvit",
+    )
+    monkeypatch.setitem(backbones._FAMILIES, "toyvit", entry)
+    assert list_backbones()[-3:] == ["tiny-toyvit", "toyvit-s", "toyvit-b"]
+    assert backbones._resolve("toyvit-b", registers=True) == ("toy/toyvit-b16-reg", "b", False)
+    check_backbone_name("tiny-toyvit")
+    with pytest.raises(ModelError, match="unknown backbone 'toyvit-l'") as err:
+        check_backbone_name("toyvit-l")
+    assert "toyvit-s" in str(err.value)
+
+
+def test_registering_a_family_twice_fails() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        backbones.register_backbone_family(DINOV2)
+    assert list_backbone_families() == ["dinov2"]

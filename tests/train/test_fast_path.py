@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lasegseg.train.trial import augment_batch
+from lasegseg.train.augment import augment_batch
 
 
 def test_trials_never_import_monai(phantom_dir):
