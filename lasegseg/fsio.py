@@ -7,6 +7,7 @@ whether the process that left a temporary folder is still alive.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,6 +79,8 @@ def atomic_write(
     *,
     durable: bool = False,
     mode: int | None = None,
+    suffix: str = ".tmp",
+    exclusive: bool = False,
 ) -> Path:
     """Write a file so that readers see the old content or the new, never a part: a temporary file beside ``path``
     is written, then renamed over it. On any error (a full disk, a serialiser that raises) nothing changes.
@@ -87,11 +90,15 @@ def atomic_write(
         data: its content (``str`` is written as UTF-8), or a function that writes the temporary path it is given
             (``lambda p: frame.to_parquet(p)``).
         durable: fsync the file before the rename, so it also survives a power cut.
-        mode: permission bits set before the rename (e.g. ``0o600`` for a secret: never readable by others).
+        mode: permission bits set before the rename (e.g. ``0o600`` for a secret: never readable by others);
+            ``None`` keeps the temporary file's private ``0o600``, :func:`plain_file_mode` gives what ``open()`` would.
+        suffix: ending of the temporary file's name, for writers that pick a format by extension (``".nii.gz"``).
+        exclusive: create ``path`` only if it does not exist yet: the first of several concurrent writers wins and
+            the others leave its content in place (a hard link, which never overwrites, instead of a rename).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     tmp = Path(name)
     try:
         if mode is not None:
@@ -104,11 +111,27 @@ def atomic_write(
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         if durable:
             fsync_file(tmp)
-        os.replace(tmp, path)
+        if exclusive:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def plain_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file: ``0o666`` less the process umask.
+
+    For :func:`atomic_write` of files that others should read like any other file (volumes, a shared cache), since
+    its temporary file starts private.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any, *, durable: bool = True) -> Path:

@@ -10,15 +10,14 @@ Layout of ``<cache_dir>/<key>/``::
                    native_label large_binary (np.packbits of the C-ordered bool (X, Y, Z) label)
     manifest.json  version, key, params, case list, row count, and bytes + sha256 of both arrow files
 
-``<cache_dir>/file_hashes.json`` remembers the sha256 of every dataset file keyed by (path, size, mtime_ns), so
-the second run fingerprints a dataset from ``stat`` calls alone. Caches are written into a temporary folder and
-renamed into place, so readers see a whole cache or none. Only numpy and pyarrow are imported: the cache is meant
-to be opened by many light processes that share the page cache instead of copying slices per trial.
+The key comes from :mod:`lasegseg.data.fingerprint` (dataset content + preprocessing). Caches are written into a
+temporary folder and renamed into place, so readers see a whole cache or none. Only numpy and pyarrow are imported:
+the cache is meant to be opened by many light processes that share the page cache instead of copying slices per
+trial.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,189 +27,31 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from lasegseg.data.preprocess import preprocess_case
+from lasegseg.data.fingerprint import CACHE_VERSION, cache_key, dataset_fingerprint
+from lasegseg.data.preprocess import Preprocessing, preprocess_case
 from lasegseg.data.types import LoadedCase
 from lasegseg.errors import DataError
-from lasegseg.fsio import discard_dir, fsync_dir, fsync_file, sha256_file
+from lasegseg.fsio import atomic_write, discard_dir, fsync_dir, fsync_file, plain_file_mode, sha256_file
+from lasegseg.paths import cache_root
+
+if TYPE_CHECKING:
+    from lasegseg.config import Config
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
 SLICES_FILE = "slices.arrow"
 CASES_FILE = "cases.arrow"
 MANIFEST_FILE = "manifest.json"
-FILE_HASHES_FILE = "file_hashes.json"
 _STALE_SECONDS = 24 * 3600
 
 ListCases = Callable[[Path, str], Sequence[Any]]
 LoadCases = Callable[[Path, str], Iterable[LoadedCase]]
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache_dir`` if given (non-empty), else ``$LASEGSEG_CACHE``, else ``~/.cache/lasegseg``.
-
-    Args:
-        cache_dir: an explicit folder; ``None`` or ``""`` (the config default) falls through.
-    """
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LASEGSEG_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "lasegseg"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fingerprint and key
-
-
-def dataset_fingerprint(
-    cases_or_paths: Iterable[Any], layout: str = "", *, cache_dir: str | os.PathLike | None = None
-) -> str:
-    """A sha256 of the dataset's content, independent of where the dataset folder lives.
-
-    Args:
-        cases_or_paths: :class:`~lasegseg.data.types.Case` objects (or anything with ``case_id``, ``image_path``
-            and ``label_path``), plain file paths (named relative to their common folder), or in-memory
-            :class:`LoadedCase` objects without paths (their arrays are hashed).
-        layout: the dataset layout; part of the fingerprint because it decides how labels are read.
-        cache_dir: folder of ``file_hashes.json``, the per-file digest cache (default :func:`default_cache_dir`).
-
-    Returns:
-        64 hex characters. File bytes are hashed in chunks; a file whose (path, size, mtime_ns) matches the digest
-        cache is not read again.
-    """
-    digests = _FileDigests(default_cache_dir(cache_dir) / FILE_HASHES_FILE)
-    entries: dict[str, str] = {}
-    paths: list[Path] = []
-
-    def add(name: str, digest: str) -> None:
-        if name in entries:
-            raise DataError(f"dataset lists '{name}' twice (duplicate case id?)")
-        entries[name] = digest
-
-    for item in cases_or_paths:
-        if isinstance(item, (str, os.PathLike)):
-            paths.append(Path(item))
-        elif getattr(item, "image_path", None) is not None and getattr(item, "label_path", None) is not None:
-            add(f"{item.case_id}/image", digests.digest(Path(item.image_path)))
-            add(f"{item.case_id}/label", digests.digest(Path(item.label_path)))
-            if getattr(item, "layout", None):
-                add(f"{item.case_id}/layout", str(item.layout))
-        elif isinstance(item, LoadedCase):
-            add(f"{item.case_id}/arrays", _arrays_digest(item))
-        else:
-            raise TypeError(f"cannot fingerprint {type(item).__name__}; pass Case, LoadedCase or a path")
-    if paths:
-        root = os.path.commonpath([str(p.absolute().parent) for p in paths])
-        for p in paths:
-            add(Path(os.path.relpath(p.absolute(), root)).as_posix(), digests.digest(p))
-    digests.save()
-    payload = json.dumps({"layout": layout, "files": sorted(entries.items())}, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def cache_key(fingerprint: str, image_size: int, clip_low: float, clip_high: float, layout: str) -> str:
-    """The cache folder name for a dataset fingerprint and preprocessing parameters.
-
-    Args:
-        fingerprint: from :func:`dataset_fingerprint`.
-        image_size, clip_low, clip_high: preprocessing parameters (``data.*`` config keys).
-        layout: the dataset layout as configured.
-
-    Returns:
-        24 hex characters; :data:`CACHE_VERSION` is part of it, so a format change never reuses an old cache.
-    """
-    payload = {
-        "version": CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "image_size": int(image_size),
-        "clip_low": float(clip_low),
-        "clip_high": float(clip_high),
-        "layout": str(layout),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def dataset_files(root: str | os.PathLike, layout: str = "") -> list[Path]:
-    """Every regular, non-hidden file under ``root``, sorted: the conservative content listing for fingerprints.
-
-    Args:
-        root: dataset folder.
-        layout: unused; present so this fits the ``list_cases(root, layout)`` injection point.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder '{root}' does not exist")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return out
-
-
-def _arrays_digest(case: LoadedCase) -> str:
-    h = hashlib.sha256()
-    for arr in (np.asarray(case.image, np.float32), np.asarray(case.label, bool), np.asarray(case.affine, float)):
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).data)
-    return h.hexdigest()
-
-
-class _FileDigests:
-    """sha256 per file remembered by (absolute path, size, mtime_ns) in a small JSON file.
-
-    A rewrite that keeps both size and mtime_ns is not noticed; that is the usual make/rsync trade-off for not
-    rereading gigabytes of NIfTI on every run.
-    """
-
-    def __init__(self, json_path: Path):
-        self.json_path = json_path
-        self.dirty = False
-        self.entries: dict[str, dict[str, Any]] = {}
-        try:
-            data = json.loads(json_path.read_text())
-            if data.get("version") == 1 and isinstance(data.get("files"), dict):
-                self.entries = data["files"]
-        except (OSError, ValueError, AttributeError):
-            pass  # a missing or damaged digest cache only costs rehashing
-
-    def digest(self, path: Path) -> str:
-        name = str(path.absolute())
-        try:
-            st = os.stat(path)
-        except OSError as err:
-            raise DataError(f"dataset file '{path}' cannot be read: {err.strerror}") from None
-        hit = self.entries.get(name)
-        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-            return hit["sha256"]
-        try:
-            digest = sha256_file(path)
-        except OSError as err:
-            raise DataError(f"dataset file '{path}' cannot be read: {err.strerror}") from None
-        self.entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        files = {k: v for k, v in self.entries.items() if os.path.exists(k)}
-        try:
-            self.json_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.json_path.with_name(f".{self.json_path.name}.{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps({"version": 1, "files": files}))
-            # Concurrent runs each replace the whole file; the loser's new digests are merely recomputed later.
-            os.replace(tmp, self.json_path)
-        except OSError as err:
-            logger.warning("could not save dataset file digests to %s: %s", self.json_path, err)
-        self.dirty = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,9 +90,7 @@ def build_cache(
     cases: Iterable[LoadedCase] | Callable[[], Iterable[LoadedCase]],
     cache_dir: str | os.PathLike,
     key: str,
-    image_size: int,
-    clip_low: float = 0.5,
-    clip_high: float = 99.5,
+    preprocessing: Preprocessing,
     *,
     meta: dict[str, Any] | None = None,
 ) -> Path:
@@ -265,9 +104,8 @@ def build_cache(
     Args:
         cases: the cases, or a callable returning them (called once).
         cache_dir: parent folder of all caches.
-        key: the cache folder name, usually :func:`cache_key`.
-        image_size: square in-plane size of the cached slices.
-        clip_low, clip_high: intensity percentiles mapped to 0 and 1.
+        key: the cache folder name, usually :func:`~lasegseg.data.fingerprint.cache_key`.
+        preprocessing: slice size and intensity percentiles; recorded in the manifest's ``params``.
         meta: extra JSON-serialisable parameters recorded in the manifest (fingerprint, layout, data root …).
 
     Returns:
@@ -280,14 +118,13 @@ def build_cache(
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        names, rows = _write_arrow_files(tmp, cases() if callable(cases) else cases, image_size, clip_low, clip_high)
+        names, rows = _write_arrow_files(tmp, cases() if callable(cases) else cases, preprocessing)
         manifest = {
             "version": CACHE_VERSION,
             "key": key,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             # The preprocessing parameters win over same-named meta entries: open() trusts params["image_size"].
-            "params": dict(meta or {})
-            | {"image_size": int(image_size), "clip_low": float(clip_low), "clip_high": float(clip_high)},
+            "params": dict(meta or {}) | preprocessing.as_dict(),
             "cases": names,
             "rows": rows,
             "files": {
@@ -295,7 +132,7 @@ def build_cache(
                 CASES_FILE: _file_record(tmp / CASES_FILE, len(names)),
             },
         }
-        _write_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1), durable=True, mode=plain_file_mode())
         try:
             os.rename(tmp, final)
         except OSError:
@@ -310,7 +147,7 @@ def build_cache(
 
 
 def _write_arrow_files(
-    folder: Path, cases: Iterable[LoadedCase], image_size: int, clip_low: float, clip_high: float
+    folder: Path, cases: Iterable[LoadedCase], preprocessing: Preprocessing
 ) -> tuple[list[str], int]:
     """Write ``cases.arrow`` case by case and ``slices.arrow`` from raw spill files; returns (case ids, rows)."""
     image_spill, label_spill = folder / "images.spill", folder / "labels.spill"
@@ -326,7 +163,7 @@ def _write_arrow_files(
     ):
         for case in cases:
             _check_case(case, names)
-            images, labels = preprocess_case(case, image_size, clip_low, clip_high)
+            images, labels = preprocess_case(case, preprocessing)
             z = images.shape[0]
             fimg.write(np.ascontiguousarray(images).data)
             flbl.write(np.ascontiguousarray(labels).data)
@@ -338,6 +175,7 @@ def _write_arrow_files(
             rows += z
     if not names:
         raise DataError("no cases to cache: the dataset is empty")
+    image_size = preprocessing.image_size
     s2 = image_size * image_size
     code_arr = np.concatenate(codes)
     with pa.memory_map(str(image_spill)) as img_map, pa.memory_map(str(label_spill)) as lbl_map:
@@ -393,13 +231,6 @@ def _case_batch(case: LoadedCase, index: int, first_row: int, num_slices: int) -
 def _file_record(path: Path, rows: int) -> dict[str, Any]:
     fsync_file(path)
     return {"rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _sweep_stale(cache_dir: Path) -> None:
@@ -619,10 +450,8 @@ def _check_table(path: Path, reader: ipc.RecordBatchFileReader, schema: pa.Schem
 
 def get_or_build_cache(
     data_root: str | os.PathLike,
-    layout: str = "auto",
-    image_size: int = 448,
-    clip_low: float = 0.5,
-    clip_high: float = 99.5,
+    layout: str,
+    preprocessing: Preprocessing,
     cache_dir: str | os.PathLike | None = None,
     *,
     load_cases: LoadCases | None = None,
@@ -638,8 +467,8 @@ def get_or_build_cache(
     Args:
         data_root: dataset folder.
         layout: dataset layout (``data.layout``).
-        image_size, clip_low, clip_high: preprocessing parameters (``data.*`` config keys).
-        cache_dir: parent folder of the caches (default :func:`default_cache_dir`).
+        preprocessing: slice size and intensity percentiles (``data.*`` config keys).
+        cache_dir: parent folder of the caches (default :func:`lasegseg.paths.cache_root`).
         load_cases: ``load_cases(root, layout) -> Iterable[LoadedCase]``, called only when building (default
             :func:`load_cases_streaming`, over :func:`lasegseg.data.layouts.load_case`).
         list_cases: ``list_cases(root, layout)`` → the cases (with ``image_path``/``label_path``) or files whose
@@ -649,10 +478,10 @@ def get_or_build_cache(
             driver already opened the cache can pass ``"size"`` to skip rehashing gigabytes.
     """
     root = Path(data_root)
-    cache_dir = default_cache_dir(cache_dir)
+    cache_dir = cache_root(cache_dir)
     list_cases, load_cases = _default_readers(list_cases, load_cases)
     fingerprint = dataset_fingerprint(list_cases(root, layout), layout, cache_dir=cache_dir)
-    key = cache_key(fingerprint, image_size, clip_low, clip_high, layout)
+    key = cache_key(fingerprint, preprocessing, layout)
     path = cache_dir / key
     if path.exists():
         try:
@@ -661,9 +490,23 @@ def get_or_build_cache(
             logger.warning("rebuilding slice cache: %s", err)
             discard_dir(path)
     meta = {"layout": layout, "fingerprint": fingerprint, "data_root": str(root.absolute())}
-    built = build_cache(lambda: load_cases(root, layout), cache_dir, key, image_size, clip_low, clip_high, meta=meta)
+    built = build_cache(lambda: load_cases(root, layout), cache_dir, key, preprocessing, meta=meta)
     # Just written and hashed by build_cache (or by a concurrent builder), so a size check is enough here.
     return SliceCache.open(built, verify="size")
+
+
+def open_cache(cfg: Config) -> SliceCache:
+    """The slice cache for ``cfg.data`` (built on first use, reused afterwards).
+
+    Args:
+        cfg: the trial config; its ``data.path``, ``layout``, preprocessing and ``cache_dir`` are used.
+    """
+    from lasegseg.data.layouts import detect_layout
+
+    d = cfg.data
+    # Resolve "auto" first so that auto-detected and explicitly named layouts share one cache.
+    layout = detect_layout(d.path) if d.layout == "auto" else d.layout
+    return get_or_build_cache(d.path, layout, Preprocessing.from_config(cfg), d.cache_dir)
 
 
 def _default_readers(list_cases: ListCases | None, load_cases: LoadCases | None) -> tuple[ListCases, LoadCases]:

@@ -11,7 +11,6 @@ import bz2
 import gzip
 import logging
 import os
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from lasegseg.data.types import Volume
 from lasegseg.errors import DataError
+from lasegseg.fsio import atomic_write, plain_file_mode
 
 # Refuse volumes whose decoded data would exceed this many bytes: a corrupt or hostile header must not make us
 # allocate (or try to allocate) terabytes. The largest real LA scans (640² × 88 float32) are ~150 MB.
@@ -470,24 +470,10 @@ def write_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, 
     fmt = volume_format(path)
     if data.ndim != 3:
         raise VolumeError(path, f"can only write 3D volumes, got shape {data.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     ext = next(e for e in SUPPORTED_EXTS if path.name.lower().endswith(e))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=ext)
-    os.close(fd)
-    try:
-        if fmt == "nifti":
-            _write_nifti(tmp, data, affine, header)
-        else:
-            _write_nrrd(tmp, data, affine, header)
-        # mkstemp creates 0600; give the result the permissions a normal open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    write = _write_nifti if fmt == "nifti" else _write_nrrd
+    # The temporary file keeps the extension because nibabel picks the format (and gzip) from it.
+    return atomic_write(path, lambda tmp: write(str(tmp), data, affine, header), mode=plain_file_mode(), suffix=ext)
 
 
 def write_like(path: str | os.PathLike, mask: np.ndarray, reference: Volume) -> Path:

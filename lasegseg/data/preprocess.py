@@ -8,9 +8,57 @@ Only numpy is used so the slice cache can be built from light processes; the res
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from lasegseg.data.types import LoadedCase
+
+if TYPE_CHECKING:
+    from lasegseg.config import Config
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a raw canonical volume becomes model input; the cache, its key and every trained model agree on it.
+
+    The field names are the ``data.*`` config keys and the slice cache's manifest ``params`` keys, so a model's
+    ``config.json`` and an existing cache both read back into this value unchanged.
+
+    Args:
+        image_size: square in-plane size ``S`` of the slices.
+        clip_low, clip_high: intensity percentiles mapped to 0 and 1 (over the whole volume).
+    """
+
+    image_size: int
+    clip_low: float
+    clip_high: float
+
+    def __post_init__(self) -> None:
+        # Plain int/float whatever came in (numpy scalars, YAML ints): the cache key hashes their JSON form.
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "clip_low", float(self.clip_low))
+        object.__setattr__(self, "clip_high", float(self.clip_high))
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> Preprocessing:
+        """Read it from a flat dotted config (``{"data.image_size": 448, …}``), e.g. a model's ``config.json``.
+
+        Args:
+            flat: a flat config with the three ``data.*`` keys; a missing one is a :class:`KeyError`.
+        """
+        return cls(**{f.name: flat[f"data.{f.name}"] for f in fields(cls)})
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Preprocessing:
+        """The preprocessing a trial config trains with (``cfg.data.image_size``, ``clip_low``, ``clip_high``)."""
+        return cls.from_flat(cfg.to_flat())
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"image_size": …, "clip_low": …, "clip_high": …}``: the cache manifest's and cache key's entries."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def normalize_intensity(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -86,39 +134,37 @@ def resize_xy(volume: np.ndarray, shape_xy: tuple[int, int], order: int) -> np.n
     return np.moveaxis(stack, 0, 2)
 
 
-def preprocess_image(image: np.ndarray, image_size: int, clip_low: float = 0.5, clip_high: float = 99.5) -> np.ndarray:
+def preprocess_image(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
     """Canonical ``(X, Y, Z)`` raw image → ``(Z, S, S)`` float16 model input in ``[0, 1]``, as the cache stores it.
 
     Inference on new scans should call this too, so that the model sees exactly what it was trained on.
 
     Args:
         image: raw intensities in canonical orientation.
-        image_size: square in-plane size ``S``.
-        clip_low, clip_high: intensity percentiles mapped to 0 and 1 (over the whole volume).
+        preprocessing: slice size and intensity percentiles.
     """
-    norm = normalize_intensity(image, clip_low, clip_high)
-    images = _resize_stack(np.moveaxis(norm, 2, 0), (image_size, image_size), order=1)
+    norm = normalize_intensity(image, preprocessing.clip_low, preprocessing.clip_high)
+    size = preprocessing.image_size
+    images = _resize_stack(np.moveaxis(norm, 2, 0), (size, size), order=1)
     # Linear blends of [0, 1] values can round a hair outside it.
     np.clip(images, 0.0, 1.0, out=images)
     return images.astype(np.float16)
 
 
-def preprocess_case(
-    case: LoadedCase, image_size: int, clip_low: float = 0.5, clip_high: float = 99.5
-) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_case(case: LoadedCase, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """Normalise, resize and reorder one case into slices-first stacks for the cache.
 
     Args:
         case: a validated case in canonical orientation.
-        image_size: square in-plane size ``S``.
-        clip_low, clip_high: intensity percentiles mapped to 0 and 1 (over the whole volume).
+        preprocessing: slice size and intensity percentiles.
 
     Returns:
         ``images`` float16 ``(Z, S, S)`` in ``[0, 1]`` (see :func:`preprocess_image`) and ``labels`` uint8
         ``(Z, S, S)`` in ``{0, 1}`` (nearest neighbour).
     """
-    images = preprocess_image(case.image, image_size, clip_low, clip_high)
-    labels = _resize_stack(np.moveaxis(np.asarray(case.label, dtype=bool), 2, 0), (image_size, image_size), order=0)
+    images = preprocess_image(case.image, preprocessing)
+    size = preprocessing.image_size
+    labels = _resize_stack(np.moveaxis(np.asarray(case.label, dtype=bool), 2, 0), (size, size), order=0)
     return images, labels.view(np.uint8)
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from lasegseg.errors import ConfigError
+from lasegseg.fsio import atomic_write
 
 SALT_ENV = "LASEGSEG_PSEUDONYM_SALT"
 SALT_FILE = ".pseudonym_salt"
@@ -66,22 +67,14 @@ class Pseudonymizer:
         path = Path(path)
         rows = {}
         if path.is_file():
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8") as fh:
                 rows = {r["alias"]: r["case_id"] for r in csv.DictReader(fh)}
         rows.update({self.alias(c): str(c) for c in case_ids})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["alias", "case_id"])
-                writer.writerows(sorted(rows.items(), key=lambda kv: kv[1]))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["alias", "case_id"])
+        writer.writerows(sorted(rows.items(), key=lambda kv: kv[1]))
+        return atomic_write(path, text.getvalue(), mode=0o600)
 
 
 def load_or_create_salt(folder: Path) -> bytes:
@@ -97,17 +90,8 @@ def load_or_create_salt(folder: Path) -> bytes:
         return env.encode("utf-8")
     path = Path(folder) / SALT_FILE
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{SALT_FILE}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(secrets.token_hex(32) + "\n")
-        try:
-            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's salt
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+        # First writer wins; a concurrent one reads the winner's salt, so all processes share one set of aliases.
+        atomic_write(path, secrets.token_hex(32) + "\n", mode=0o600, exclusive=True)
     salt = path.read_text().strip().encode("utf-8")
     if len(salt) < 16:
         raise ConfigError(f"{path}: pseudonym salt is too short (remove the file to create a new one)")

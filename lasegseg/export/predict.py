@@ -13,9 +13,9 @@ from lasegseg.errors import DataError
 
 def preprocess_volume(image_canonical: np.ndarray, cfg: Config) -> np.ndarray:
     """Canonical (X, Y, Z) raw image → (Z, S, S) model input, exactly as the slice cache stores it."""
-    from lasegseg.data.preprocess import preprocess_image
+    from lasegseg.data.preprocess import Preprocessing, preprocess_image
 
-    return preprocess_image(image_canonical, cfg.data.image_size, cfg.data.clip_low, cfg.data.clip_high)
+    return preprocess_image(image_canonical, Preprocessing.from_config(cfg))
 
 
 def segment_canonical(

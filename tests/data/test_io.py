@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import time
 import tracemalloc
 from pathlib import Path
@@ -266,6 +267,18 @@ def test_write_like_keeps_the_reference_grid(tmp_path, ref_ext, out_ext):
         header = nib.load(out).header
         assert header.get_data_dtype() == np.uint8
         assert header.get_slope_inter() in ((None, None), (1.0, 0.0))
+
+
+def test_written_volumes_get_plain_permissions_and_their_format(tmp_path):
+    old = os.umask(0o027)
+    try:
+        for name in ("v.nii.gz", "v.nii", "v.nrrd"):
+            assert stat.S_IMODE(write_volume(tmp_path / name, _data(), AFFINE).stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii", "v.nii.gz", "v.nrrd"]  # no temporary left
+    assert (tmp_path / "v.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # gzip, as the extension asks
+    assert (tmp_path / "v.nii").read_bytes()[344:348] == b"n+1\x00"  # an uncompressed single-file NIfTI-1
 
 
 def test_write_like_keeps_the_nrrd_space_of_the_reference(tmp_path):

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
 import shutil
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -13,17 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from lasegseg.config import Config
 from lasegseg.data import cache as cache_mod
-from lasegseg.data.cache import (
-    CACHE_VERSION,
-    SliceCache,
-    build_cache,
-    cache_key,
-    dataset_fingerprint,
-    default_cache_dir,
-    get_or_build_cache,
-)
+from lasegseg.data import fingerprint as fingerprint_mod
+from lasegseg.data.cache import SliceCache, build_cache, get_or_build_cache, open_cache
+from lasegseg.data.fingerprint import CACHE_VERSION, cache_key, dataset_fingerprint
 from lasegseg.data.preprocess import (
+    Preprocessing,
     normalize_intensity,
     preprocess_case,
     preprocess_image,
@@ -32,8 +30,10 @@ from lasegseg.data.preprocess import (
 )
 from lasegseg.data.types import Case, LoadedCase
 from lasegseg.errors import DataError
+from lasegseg.paths import cache_root
 
 SIZE = 28
+PREP = Preprocessing(SIZE, 0.5, 99.5)
 SHAPES = {"a": (32, 30, 6), "b": (24, 24, 5), "c": (40, 20, 7)}
 
 
@@ -79,9 +79,8 @@ def dataset(tmp_path: Path, cases):
 
 def build(dataset, cache_dir: Path, image_size: int = SIZE, **kw) -> SliceCache:
     root, list_cases, load_cases, _ = dataset
-    return get_or_build_cache(
-        root, "fake", image_size, 0.5, 99.5, cache_dir, list_cases=list_cases, load_cases=load_cases, **kw
-    )
+    prep = Preprocessing(image_size, 0.5, 99.5)
+    return get_or_build_cache(root, "fake", prep, cache_dir, list_cases=list_cases, load_cases=load_cases, **kw)
 
 
 # --- preprocess ------------------------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def test_resize_same_size_is_identity():
 
 def test_preprocess_case_shapes_and_ranges(cases):
     case = cases[2]
-    images, labels = preprocess_case(case, SIZE, 0.5, 99.5)
+    images, labels = preprocess_case(case, PREP)
     z = case.image.shape[2]
     assert images.shape == labels.shape == (z, SIZE, SIZE)
     assert images.dtype == np.float16 and labels.dtype == np.uint8
@@ -182,18 +181,31 @@ def test_preprocess_image_equals_the_public_resize_route(cases):
     # Inference built from normalize_intensity + resize_slices must see exactly the cached training inputs.
     image = cases[0].image
     route = np.moveaxis(resize_slices(normalize_intensity(image, 1.0, 99.0), SIZE, order=1), 2, 0).astype(np.float16)
-    assert np.array_equal(preprocess_image(image, SIZE, 1.0, 99.0), route)
+    assert np.array_equal(preprocess_image(image, Preprocessing(SIZE, 1.0, 99.0)), route)
+
+
+def test_preprocessing_reads_back_from_a_config_and_its_flat_view():
+    cfg = Config().replace(**{"data.image_size": 56, "data.clip_low": 1, "data.clip_high": 99})
+    prep = Preprocessing.from_config(cfg)
+    assert prep == Preprocessing.from_flat(cfg.to_flat()) == Preprocessing(56, 1.0, 99.0)
+    assert prep.as_dict() == {"image_size": 56, "clip_low": 1.0, "clip_high": 99.0}
+    assert type(prep.image_size) is int and type(prep.clip_low) is float
+    assert len({prep, Preprocessing(np.int64(56), 1, 99)}) == 1  # hashable, numpy scalars normalised
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prep.image_size = 14
+    with pytest.raises(KeyError, match="data.clip_high"):
+        Preprocessing.from_flat({"data.image_size": 56, "data.clip_low": 1.0})
 
 
 # --- cache: build and read -------------------------------------------------------------------------------------
 
 
 def test_build_then_open_roundtrip(tmp_path, cases):
-    path = build_cache(cases, tmp_path, "k1", SIZE, 0.5, 99.5, meta={"layout": "fake"})
+    path = build_cache(cases, tmp_path, "k1", PREP, meta={"layout": "fake"})
     assert sorted(p.name for p in path.iterdir()) == ["cases.arrow", "manifest.json", "slices.arrow"]
     assert [p.name for p in tmp_path.iterdir()] == ["k1"]  # no temporary folder left behind
     cache = SliceCache.open(path)
-    expected = [preprocess_case(c, SIZE, 0.5, 99.5) for c in cases]
+    expected = [preprocess_case(c, PREP) for c in cases]
     assert cache.key == "k1" and cache.image_size == SIZE and len(cache) == sum(c.image.shape[2] for c in cases)
     assert np.array_equal(cache.images, np.concatenate([e[0] for e in expected]))
     assert np.array_equal(cache.labels, np.concatenate([e[1] for e in expected]))
@@ -220,7 +232,7 @@ def test_build_then_open_roundtrip(tmp_path, cases):
 
 
 def test_views_are_memory_mapped_and_read_only(tmp_path, cases):
-    path = build_cache(cases, tmp_path, "k1", SIZE)
+    path = build_cache(cases, tmp_path, "k1", PREP)
     before = pa.total_allocated_bytes()
     cache = SliceCache.open(path)
     # Zero-copy: opening allocates nothing from Arrow's pool and the arrays do not own their memory.
@@ -237,7 +249,7 @@ def test_views_are_memory_mapped_and_read_only(tmp_path, cases):
 
 
 def test_pickle_reopens_by_path(tmp_path, cases):
-    cache = SliceCache.open(build_cache(cases, tmp_path, "k1", SIZE))
+    cache = SliceCache.open(build_cache(cases, tmp_path, "k1", PREP))
     clone = pickle.loads(pickle.dumps(cache))
     assert len(pickle.dumps(cache)) < 1000
     assert clone.path == cache.path and np.array_equal(clone.images, cache.images)
@@ -247,24 +259,24 @@ def test_build_errors(tmp_path, cases):
     bad = make_case("bad", (10, 10, 3), 0)
     bad.label = bad.label[:, :, :2]
     with pytest.raises(DataError, match="'bad'"):
-        build_cache([cases[0], bad], tmp_path, "k1", SIZE)
+        build_cache([cases[0], bad], tmp_path, "k1", PREP)
     with pytest.raises(DataError, match="duplicate"):
-        build_cache([cases[0], cases[0]], tmp_path, "k1", SIZE)
+        build_cache([cases[0], cases[0]], tmp_path, "k1", PREP)
     with pytest.raises(DataError, match="empty"):
-        build_cache([], tmp_path, "k1", SIZE)
+        build_cache([], tmp_path, "k1", PREP)
     assert list(tmp_path.iterdir()) == []  # failed builds leave neither a cache nor a temporary folder
 
 
 def test_concurrent_builders_keep_one_valid_cache(tmp_path, cases):
-    first = build_cache(cases, tmp_path, "k1", SIZE)
+    first = build_cache(cases, tmp_path, "k1", PREP)
     manifest = (first / "manifest.json").read_text()
-    assert build_cache(cases[:1], tmp_path, "k1", SIZE) == first  # the loser discards its own build
+    assert build_cache(cases[:1], tmp_path, "k1", PREP) == first  # the loser discards its own build
     assert (first / "manifest.json").read_text() == manifest
     results, errors = [], []
 
     def run():
         try:
-            results.append(build_cache(lambda: iter(cases), tmp_path, "k2", SIZE))
+            results.append(build_cache(lambda: iter(cases), tmp_path, "k2", PREP))
         except Exception as err:  # noqa: BLE001 - collected and asserted below
             errors.append(err)
 
@@ -288,7 +300,8 @@ def test_second_run_reads_no_volume_and_rehashes_nothing(tmp_path, dataset, monk
     assert (tmp_path / "cache" / "file_hashes.json").is_file()
     hashed = []
     real = cache_mod.sha256_file
-    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    for module in (cache_mod, fingerprint_mod):
+        monkeypatch.setattr(module, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     second = build(dataset, tmp_path / "cache")
     assert calls == ["fake"]
     assert second.key == first.key and np.array_equal(second.images, first.images)
@@ -321,7 +334,7 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, dataset, damage, caplog
 
 @pytest.mark.faults
 def test_damaged_manifest_is_detected(tmp_path, cases):
-    path = build_cache(cases, tmp_path, "k1", SIZE)
+    path = build_cache(cases, tmp_path, "k1", PREP)
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="manifest.json"):
         SliceCache.open(path)
@@ -336,11 +349,11 @@ def test_key_depends_on_params_and_content(tmp_path, dataset):
     assert small.key != large.key and small.images.shape[1:] == (14, 14)
     fp = dataset_fingerprint(list_cases(root, ""), "fake", cache_dir=tmp_path)
     keys = {
-        cache_key(fp, SIZE, 0.5, 99.5, "fake"),
-        cache_key(fp, SIZE, 1.0, 99.5, "fake"),
-        cache_key(fp, SIZE, 0.5, 99.0, "fake"),
-        cache_key(fp, SIZE, 0.5, 99.5, "msd"),
-        cache_key(fp, 14, 0.5, 99.5, "fake"),
+        cache_key(fp, Preprocessing(SIZE, 0.5, 99.5), "fake"),
+        cache_key(fp, Preprocessing(SIZE, 1.0, 99.5), "fake"),
+        cache_key(fp, Preprocessing(SIZE, 0.5, 99.0), "fake"),
+        cache_key(fp, Preprocessing(SIZE, 0.5, 99.5), "msd"),
+        cache_key(fp, Preprocessing(14, 0.5, 99.5), "fake"),
     }
     assert len(keys) == 5 and large.key in keys
     # The same bytes elsewhere share the fingerprint; one changed byte does not.
@@ -353,15 +366,34 @@ def test_key_depends_on_params_and_content(tmp_path, dataset):
     assert dataset_fingerprint(list_cases(root, ""), "other", cache_dir=tmp_path) != fp
 
 
+def test_keys_of_existing_caches_are_unchanged():
+    # Computed with the (image_size, clip_low, clip_high) signature this replaced: old caches stay valid.
+    fp = "0" * 64
+    assert cache_key(fp, Preprocessing(448, 0.5, 99.5), "msd") == "837f6bf863fe92f7f1fc0727"
+    assert cache_key(fp, Preprocessing(28, 1, 99), "generic") == "5acbb164ef152120e849907a"
+
+
+def test_shared_cache_files_are_readable_like_the_arrow_files(tmp_path, dataset):
+    old = os.umask(0o022)
+    try:
+        cache = build(dataset, tmp_path)
+    finally:
+        os.umask(old)
+    for path in (cache.path / "slices.arrow", cache.path / "manifest.json", tmp_path / "file_hashes.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+    params = json.loads((cache.path / "manifest.json").read_text())["params"]
+    assert {k: params[k] for k in ("image_size", "clip_low", "clip_high")} == PREP.as_dict()
+
+
 def test_fingerprint_of_paths_and_in_memory_cases(tmp_path, cases):
     root = tmp_path / "d"
     (root / "sub").mkdir(parents=True)
     (root / "x.nii").write_bytes(b"x")
     (root / "sub" / "y.nii").write_bytes(b"y")
-    fp = dataset_fingerprint(cache_mod.dataset_files(root), cache_dir=tmp_path)
+    fp = dataset_fingerprint(fingerprint_mod.dataset_files(root), cache_dir=tmp_path)
     assert fp == dataset_fingerprint([root / "sub" / "y.nii", str(root / "x.nii")], cache_dir=tmp_path)
     (root / "sub" / "y.nii").rename(root / "sub" / "z.nii")
-    assert dataset_fingerprint(cache_mod.dataset_files(root), cache_dir=tmp_path) != fp
+    assert dataset_fingerprint(fingerprint_mod.dataset_files(root), cache_dir=tmp_path) != fp
     assert dataset_fingerprint(cases, cache_dir=tmp_path) == dataset_fingerprint(cases, cache_dir=tmp_path)
     changed = make_case("a", SHAPES["a"], 1)
     assert dataset_fingerprint([changed, *cases[1:]], cache_dir=tmp_path) != dataset_fingerprint(
@@ -371,12 +403,12 @@ def test_fingerprint_of_paths_and_in_memory_cases(tmp_path, cases):
         dataset_fingerprint([root / "missing.nii"], cache_dir=tmp_path)
 
 
-def test_default_cache_dir(monkeypatch, tmp_path):
+def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "env"))
-    assert default_cache_dir() == default_cache_dir("") == tmp_path / "env"
-    assert default_cache_dir(tmp_path / "x") == tmp_path / "x"
+    assert cache_root() == cache_root("") == tmp_path / "env"
+    assert cache_root(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv("LASEGSEG_CACHE")
-    assert default_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "lasegseg"
+    assert cache_root() == Path(os.path.expanduser("~")) / ".cache" / "lasegseg"
 
 
 def test_default_readers_build_from_a_nifti_dataset(tmp_path, cases, monkeypatch):
@@ -391,12 +423,28 @@ def test_default_readers_build_from_a_nifti_dataset(tmp_path, cases, monkeypatch
     loads = []
     real = layouts.load_case
     monkeypatch.setattr(layouts, "load_case", lambda case: loads.append(case.case_id) or real(case))
-    first = get_or_build_cache(root, "generic", SIZE, cache_dir=tmp_path / "cache")
+    first = get_or_build_cache(root, "generic", PREP, cache_dir=tmp_path / "cache")
     assert loads == ["a", "b", "c"] and first.cases == ["a", "b", "c"]
     for c in cases:
         assert np.array_equal(first.native_label(c.case_id), c.label)
-    second = get_or_build_cache(root, "generic", SIZE, cache_dir=tmp_path / "cache")
+    second = get_or_build_cache(root, "generic", PREP, cache_dir=tmp_path / "cache")
     assert loads == ["a", "b", "c"] and second.key == first.key
+
+
+def test_open_cache_follows_the_config_and_resolves_auto(tmp_path, cases):
+    nib = pytest.importorskip("nibabel")
+    root = tmp_path / "generic"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for c in cases:
+        nib.save(nib.Nifti1Image(c.image, c.affine), root / "images" / f"{c.case_id}.nii.gz")
+        nib.save(nib.Nifti1Image(c.label.astype(np.uint8), c.affine), root / "labels" / f"{c.case_id}.nii.gz")
+    flat = {"data.path": str(root), "data.image_size": SIZE, "data.cache_dir": str(tmp_path / "cache")}
+    cache = open_cache(Config().replace(**flat))
+    assert cache.image_size == SIZE and cache.cases == ["a", "b", "c"]
+    explicit = get_or_build_cache(root, "generic", PREP, tmp_path / "cache")
+    assert explicit.key == cache.key  # "auto" and the detected layout share one cache
+    assert open_cache(Config().replace(**flat, **{"data.layout": "generic"})).key == cache.key
 
 
 def test_default_loader_reports_every_bad_file(tmp_path, cases):
@@ -410,5 +458,5 @@ def test_default_loader_reports_every_bad_file(tmp_path, cases):
     for cid in ("a", "c"):
         (root / "labels" / f"{cid}.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(DataError, match=r"(?s)a\.nii\.gz.*c\.nii\.gz"):
-        get_or_build_cache(root, "generic", SIZE, cache_dir=tmp_path / "cache")
+        get_or_build_cache(root, "generic", PREP, cache_dir=tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["file_hashes.json"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import given
@@ -47,6 +48,14 @@ def test_salt_file_is_private_reused_and_overridable(tmp_path, monkeypatch):
     assert len(first) >= 32
     monkeypatch.setenv(SALT_ENV, "a shared secret for all machines")
     assert load_or_create_salt(tmp_path) == b"a shared secret for all machines"
+
+
+def test_concurrent_first_runs_share_the_first_writers_salt(tmp_path, monkeypatch):
+    monkeypatch.delenv(SALT_ENV, raising=False)
+    with ThreadPoolExecutor(8) as pool:
+        salts = set(pool.map(lambda _: load_or_create_salt(tmp_path), range(32)))
+    assert salts == {(tmp_path / SALT_FILE).read_text().strip().encode()}
+    assert [p.name for p in tmp_path.iterdir()] == [SALT_FILE]  # no temporary left behind
 
 
 def test_short_salts_are_refused(tmp_path, monkeypatch):

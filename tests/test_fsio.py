@@ -1,0 +1,47 @@
+"""Atomic file writes (lasegseg.fsio): extension-preserving temporaries, first-writer-wins, permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from lasegseg.fsio import atomic_write, plain_file_mode
+
+
+def test_exclusive_write_keeps_the_first_writers_content(tmp_path):
+    path = tmp_path / "secret"
+    atomic_write(path, "first\n", mode=0o600, exclusive=True)
+    atomic_write(path, "second\n", mode=0o600, exclusive=True)
+    assert path.read_text() == "first\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    atomic_write(path, "third\n")  # without exclusive the new content replaces it
+    assert path.read_text() == "third\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["secret"]
+
+
+def test_writer_sees_the_suffix_and_plain_mode_follows_the_umask(tmp_path):
+    names = []
+    old = os.umask(0o027)
+    try:
+        assert plain_file_mode() == 0o640
+        writer = lambda p: names.append(p.name) or p.write_bytes(b"x")  # noqa: E731
+        path = atomic_write(tmp_path / "v.nii.gz", writer, mode=plain_file_mode(), suffix=".nii.gz")
+    finally:
+        os.umask(old)
+    assert names[0].startswith(".v.nii.gz.") and names[0].endswith(".nii.gz")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"x"
+    assert stat.S_IMODE(atomic_write(tmp_path / "private", b"y").stat().st_mode) == 0o600  # the default stays private
+
+
+def test_a_failing_writer_changes_nothing(tmp_path):
+    path = atomic_write(tmp_path / "f", "old")
+
+    def fail(p):
+        p.write_text("half")
+        raise RuntimeError("disk full")
+
+    for exclusive in (False, True):
+        with pytest.raises(RuntimeError):
+            atomic_write(tmp_path / ("f" if not exclusive else "g"), fail, exclusive=exclusive)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f"]
