@@ -151,6 +151,7 @@ def _model_folder(src: Path) -> Path:
 
 
 def _load_folder(folder: Path, device, source: str) -> Predictor:
+    from lasegseg.data.preprocess import Preprocessing
     from lasegseg.train.checkpoint import load_model as load_checkpoint
 
     folder = _model_folder(Path(folder))
@@ -159,16 +160,16 @@ def _load_folder(folder: Path, device, source: str) -> Predictor:
     models = [m.to(device) for m, _, _ in loaded]
     model, config, meta = loaded[0]
     if len(models) > 1:
-        keys = ("data.image_size", "data.clip_low", "data.clip_high")
-        if any(c.to_flat()[k] != config.to_flat()[k] for _, c, _ in loaded for k in keys):
-            raise ModelError(f"{folder}: ensemble members differ in preprocessing ({', '.join(keys)})")
+        # Members see one preprocessed input, so they must all have been trained on the same one.
+        distinct = list(dict.fromkeys(Preprocessing.from_config(c) for _, c, _ in loaded))
+        if len(distinct) > 1:
+            raise ModelError(f"{folder}: ensemble members differ in preprocessing ({' vs '.join(map(str, distinct))})")
         model = _ensemble(models).eval()
     return Predictor(model.to(device), config, meta, device, source)
 
 
 def resolve_registered(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     """Download the model folder a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI points at into ``dst``."""
-    from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -179,10 +180,11 @@ def resolve_registered(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     if not tracking_uri:
         raise LasegsegError(f"{uri}: no tracking URI; pass --tracking-uri or set MLFLOW_TRACKING_URI")
     from lasegseg.sweep.tracking import check_reachable
+    from lasegseg.sweep.tracking import client as tracking_client
 
     check_reachable(tracking_uri, timeout=5.0, must_exist=True)
     name, alias, version = match["name"], match["alias"], match["version"]
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = tracking_client(tracking_uri, registry=True)
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from lasegseg import options
 from lasegseg.errors import LasegsegError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
@@ -111,10 +112,12 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
+    import io
 
     from lasegseg.api import load_model
     from lasegseg.errors import DataError
     from lasegseg.export.predict import output_path_for
+    from lasegseg.fsio import atomic_write
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     files = _expand_inputs(args.inputs)
@@ -144,12 +147,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )  # fmt: skip
     csv_path = out.with_name(out.name.split(".")[0] + "_volumes.csv") if single else out / "volumes.csv"
     # Atomic like the masks: an interrupted run never leaves a half-written table next to them.
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["input", "output", "la_volume_ml"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["input", "output", "la_volume_ml"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(csv_path, table.getvalue())
     for row in rows:
         print(f"{row['output']}: LA volume {row['la_volume_ml']:.2f} mL")
     return 0
@@ -194,6 +196,19 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    # The sweep's flags come from its driver module, which imports nothing heavy at start-up.
+    from lasegseg.sweep.runner import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lasegseg.sweep.runner import run_cli
+
+    return run_cli(args, "lasegseg sweep")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lasegseg", description="DINOv2 left-atrium segmentation: data, training, sweeps and prediction."
@@ -228,14 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--patients", type=int, default=None, help="few-shot: number of training patients")
     group.add_argument("--fraction", type=float, default=None, help="few-shot: share of training slices (0, 1]")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, repeatable")
+    options.add_set(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--pseudonymize", action="store_true",
-        help="salted-hash aliases for patient ids in every output (key: OUT/pseudonyms.csv, keep it private)",
-    )  # fmt: skip
+    options.add_pseudonymize(
+        p, help="salted-hash aliases for patient ids in every output (key: OUT/pseudonyms.csv, keep it private)"
+    )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a few-shot / hyperparameter sweep on Ray Tune (as sweeps/fewshot.py)")
+    _add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("predict", help="segment volumes with a model folder, an export or a registered model")
     p.add_argument(
@@ -248,21 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default=None)
-    p.add_argument("--tracking-uri", default=None, help="for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
+    options.add_tracking(p, help="for models:/ URIs (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("aggregate", help="mean/std/CI of test and val metrics over seeds, from MLflow alone")
-    p.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    options.add_experiment(p)
+    options.add_tracking(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/<experiment>/summary)")
     p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")
     p.add_argument("--no-log", action="store_true", help="do not attach the summary to the sweep's MLflow run")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("export", help="export the best cell's model (chosen on validation) and register it")
-    p.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    options.add_experiment(p)
+    options.add_tracking(p)
     p.add_argument("--metric", default="val_dice", help="rank cells by: val_dice (default) or val_iou")
     p.add_argument("--out", default=None, help="export folder (default: runs/<experiment>/best)")
     p.add_argument("--register", default=None, metavar="NAME", help="register as MLflow model NAME, alias champion")

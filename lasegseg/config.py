@@ -20,7 +20,10 @@ PATCH_SIZE = 14
 MODES = ("frozen", "finetune", "lora")
 LAYOUTS = ("auto", "msd", "lasc2018", "lascarqs", "generic")
 AMP_CHOICES = ("auto", "bf16", "off")
+# Names of the augmentation and loss registries (lasegseg.train.augment, lasegseg.train.losses), declared here so
+# the config checks them without importing torch; each registry fails at import when it disagrees with its list.
 AUGMENT_CHOICES = ("none", "flip", "spatial")
+LOSS_CHOICES = ("dicece", "dicefocal")
 
 
 @dataclass
@@ -99,6 +102,7 @@ class TrainConfig:
         eval_every: validate every this many epochs (and after the last).
         augment: ``none``, ``flip`` (random horizontal/vertical flips) or ``spatial`` (flips plus small rotations
             and scales), applied to each batch in torch, seeded from the trial seed.
+        loss: ``dicece`` (soft Dice + cross-entropy) or ``dicefocal`` (soft Dice + focal loss, gamma 2).
         feature_cache: in frozen mode without spatial augmentation, compute the backbone features of every slice
             once (fp16, memory-mapped on disk) and train/evaluate the decoder on them.
         compile: ``torch.compile`` the decoder (frozen) or the whole model (finetune/lora).
@@ -109,6 +113,7 @@ class TrainConfig:
     amp: str = "auto"
     eval_every: int = 1
     augment: str = "none"
+    loss: str = "dicece"
     feature_cache: bool = True
     compile: bool = False
 
@@ -255,11 +260,6 @@ def validate_config(cfg: Config) -> None:
             "data.patients/data.fraction",
             "choose a few-shot subset by patient count or by fraction, not both",
         ),
-        (m.mode in MODES, "model.mode", f"must be one of {', '.join(MODES)}, got '{m.mode}'"),
-        (m.backbone_lr_mult > 0, "model.backbone_lr_mult", f"must be > 0, got {m.backbone_lr_mult}"),
-        (m.lora_rank >= 1, "model.lora_rank", f"must be >= 1, got {m.lora_rank}"),
-        (0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"),
-        (m.decoder_width >= 4, "model.decoder_width", f"must be >= 4, got {m.decoder_width}"),
         (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
         (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
         (o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}"),
@@ -273,10 +273,41 @@ def validate_config(cfg: Config) -> None:
             "train.augment",
             f"must be one of {', '.join(AUGMENT_CHOICES)}, got '{t.augment}'",
         ),
+        (t.loss in LOSS_CHOICES, "train.loss", f"must be one of {', '.join(LOSS_CHOICES)}, got '{t.loss}'"),
     ]
+    _raise_first(checks)
+    validate_model(m)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The ``model.*`` value checks (mode included), also run by the segmenter builder on a model section alone."""
+    _raise_first([
+        (m.mode in MODES, "model.mode", f"must be one of {', '.join(MODES)}, got '{m.mode}'"),
+        (m.backbone_lr_mult > 0, "model.backbone_lr_mult", f"must be > 0, got {m.backbone_lr_mult}"),
+        (m.lora_rank >= 1, "model.lora_rank", f"must be >= 1, got {m.lora_rank}"),
+        (0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"),
+        (m.decoder_width >= 4, "model.decoder_width", f"must be >= 4, got {m.decoder_width}"),
+    ])  # fmt: skip
+
+
+def _raise_first(checks: list[tuple[bool, str, str]]) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
+
+
+def frozen_backbone(flat: dict[str, Any]) -> bool:
+    """Whether the trial with this flat config trains on a fixed backbone, so that a feature cache could serve it
+    (the one definition: sweep resources, feature caches, the trial and the segmenter all ask this)."""
+    return flat.get("model.mode") == "frozen" and flat.get("model.backbone", "tiny") != "none"
+
+
+def merge_trial(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat config of a Tune trial: ``config["trial"]`` with the learning rate Optuna sampled, if any."""
+    flat = dict(config["trial"])
+    if "optim.lr" in config:
+        flat["optim.lr"] = float(config["optim.lr"])
+    return flat
 
 
 def run_name(cfg: Config) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from lasegseg.errors import LasegsegError
+from lasegseg.data.preprocess import Preprocessing
+from lasegseg.errors import LasegsegError, first_line
 
 SELECTION_METRICS = ("val_dice", "val_iou")
 """Metrics a model may be chosen on. Test metrics are reported, never used for the choice."""
@@ -122,12 +123,7 @@ def _download(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> 
             download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri)
         )
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a missing artifact
-        raise LasegsegError(f"run {run_id}: cannot download artifact '{artifact_path}' ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise LasegsegError(f"run {run_id}: cannot download artifact '{artifact_path}' ({first_line(exc)})") from None
 
 
 def _copy_model(src: Path, dst: Path, run_id: str) -> dict[str, Any]:
@@ -245,23 +241,27 @@ def _pm(stat: dict[str, float], fmt: str = ".3f") -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}"
 
 
+def _fewshot_words(config: dict[str, Any]) -> str:
+    patients, fraction = config.get("data.patients", 0), config.get("data.fraction", 1.0)
+    if patients:
+        return f"{patients} training patients"
+    if fraction < 1:
+        return f"{fraction:g} of the training slices"
+    return "all training patients"
+
+
 def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, Any]) -> str:
     """A Markdown model card: data, splits, model, preprocessing, metrics ± std over seeds, use, limits, loading."""
     sizes = payload["split_sizes"]
     n_train = payload.get("n_train_patients")
-    patients = config.get("data.patients", 0)
-    fraction = config.get("data.fraction", 1.0)
-    fewshot = "all training patients"
-    if patients:
-        fewshot = f"{patients} training patients"
-    elif fraction < 1:
-        fewshot = f"{fraction:g} of the training slices"
+    fewshot = _fewshot_words(config)
     path = str(config.get("data.path", ""))
     phantom = "phantom" in path.lower()
     st = payload["cell_metrics"]
     n = payload["n"]
     name = payload.get("registered_name") or "NAME"
     registers = " (with registers)" if config.get("model.registers") else ""
+    prep = Preprocessing.from_flat(config)
     lines = [
         f"# LA segmenter — {config.get('model.backbone')} · {config.get('model.decoder')} · {config.get('model.mode')}",
         "",
@@ -282,8 +282,8 @@ def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, 
         f"batch size {config.get('train.batch_size')}",
         "",
         "## Preprocessing",
-        f"- Axial slices of the RAS+ canonical volume, intensities clipped at percentiles {config.get('data.clip_low')}"
-        f"–{config.get('data.clip_high')} and scaled to [0, 1], resized to {config.get('data.image_size')}² px;",
+        f"- Axial slices of the RAS+ canonical volume, intensities clipped at percentiles {prep.clip_low}"
+        f"–{prep.clip_high} and scaled to [0, 1], resized to {prep.image_size}² px;",
         "  the mask is resampled back to the native grid and written with the input's affine/header.",
         "",
         f"## Metrics (mean ± sample std over {n} seed(s) of the cell)",
@@ -336,12 +336,13 @@ def register_run(tracking_uri: str, name: str, selection: Selection) -> dict[str
     The version's source is the artifact folder itself (safetensors + config.json), not an MLflow flavour, so it
     loads with :func:`lasegseg.api.load_model` without pickle. The version is tagged with the cell's metrics.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from lasegseg.sweep.tracking import client as tracking_client
 
     run_id = selection.best_run_id
     try:
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client = tracking_client(tracking_uri, registry=True)
         try:
             client.get_registered_model(name)
         except MlflowException:
@@ -361,5 +362,5 @@ def register_run(tracking_uri: str, name: str, selection: Selection) -> dict[str
         )
         client.set_registered_model_alias(name, CHAMPION, version.version)
     except MlflowException as exc:
-        raise LasegsegError(f"cannot register model '{name}' at {tracking_uri}: {_first_line(exc)}") from None
+        raise LasegsegError(f"cannot register model '{name}' at {tracking_uri}: {first_line(exc)}") from None
     return {"name": name, "version": int(version.version), "alias": CHAMPION}

@@ -18,9 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lasegseg.config import MODES, ModelConfig
+from lasegseg.config import ModelConfig, frozen_backbone, validate_model
 from lasegseg.errors import ConfigError, ModelError
-from lasegseg.models.backbones import NONE, Backbone, build_backbone, cache_root, check_backbone_name, fingerprint
+from lasegseg.models.backbones import (
+    NONE,
+    Backbone,
+    build_backbone,
+    cache_root,
+    check_backbone_name,
+    fingerprint,
+    lora_target_modules,
+)
 from lasegseg.models.decoders import create_decoder, decoder_spec
 
 NUM_CLASSES = 2
@@ -51,7 +59,8 @@ class Segmenter(nn.Module):
     @property
     def frozen(self) -> bool:
         """Whether the backbone is fixed (its features can be computed once and cached)."""
-        return self.backbone is not None and self.mode == "frozen"
+        # Without a backbone the mode is "finetune" (see __init__), so the mode alone decides here.
+        return frozen_backbone({"model.mode": self.mode})
 
     def train(self, mode: bool = True) -> Segmenter:
         """Set training mode; a frozen backbone stays in eval mode (no dropout, fixed features)."""
@@ -103,9 +112,8 @@ def check_model_config(model_cfg: ModelConfig) -> None:
         ModelError: unknown decoder or backbone name, or a backbone folder that does not exist.
         ConfigError: an invalid mode, or a backbone/decoder pair that cannot work together.
     """
+    validate_model(model_cfg)
     spec = decoder_spec(model_cfg.decoder)
-    if model_cfg.mode not in MODES:
-        raise ConfigError(f"config key 'model.mode' must be one of {', '.join(MODES)}, got '{model_cfg.mode}'")
     no_backbone = model_cfg.backbone == NONE
     if no_backbone and spec.needs_backbone:
         raise ConfigError(
@@ -152,7 +160,7 @@ def build_segmenter(model_cfg: ModelConfig, *, gradient_checkpointing: bool | No
     # Channels-last conv weights make every decoder conv run channels-last (1.2-1.6x faster on CPU, and the layout
     # tensor cores want); the backbone's feature maps already come in that layout.
     decoder.to(memory_format=torch.channels_last)
-    if model_cfg.mode == "frozen":
+    if frozen_backbone({"model.mode": model_cfg.mode, "model.backbone": model_cfg.backbone}):
         backbone.requires_grad_(False)
     elif model_cfg.mode == "lora":
         _inject_lora(backbone, model_cfg)
@@ -192,14 +200,11 @@ def _folder_stamp(name: str) -> tuple:
 def _inject_lora(backbone: Backbone, model_cfg: ModelConfig) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    # transformers ≥ 5 names the projections q_proj/v_proj, earlier versions query/value.
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.model.named_modules()}
-    targets = ["q_proj", "v_proj"] if "q_proj" in leaves else ["query", "value"]
     lora = LoraConfig(
         r=model_cfg.lora_rank,
         lora_alpha=model_cfg.lora_alpha,
         lora_dropout=model_cfg.lora_dropout,
-        target_modules=targets,
+        target_modules=lora_target_modules(backbone),
     )
     inject_adapter_in_model(lora, backbone.model)
     for name, param in backbone.named_parameters():

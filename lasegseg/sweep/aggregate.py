@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,8 +21,9 @@ import pandas as pd
 
 from lasegseg.config import coerce, config_hash, config_keys
 from lasegseg.environ import scoped_environ
-from lasegseg.errors import ConfigError, LasegsegError
-from lasegseg.sweep.tracking import check_reachable
+from lasegseg.errors import ConfigError, LasegsegError, first_line
+from lasegseg.fsio import atomic_write
+from lasegseg.sweep.tracking import check_reachable, client
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ _PAGE_SIZE = 1000
 @contextlib.contextmanager
 def _tracking(tracking_uri: str) -> Iterator[Any]:
     """An MlflowClient for ``tracking_uri`` that fails fast, with one clear line, when the store is unreachable."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     check_reachable(tracking_uri, timeout=_CONNECT_TIMEOUT_S, must_exist=True)
@@ -66,16 +64,11 @@ def _tracking(tracking_uri: str) -> Iterator[Any]:
     # (unless the user chose their own values).
     with scoped_environ(_HTTP_ENV if is_http else {}, override=False):
         try:
-            yield MlflowClient(tracking_uri=tracking_uri)
+            yield client(tracking_uri)
         except MlflowException as exc:
-            raise LasegsegError(f"MLflow tracking store {tracking_uri}: {_first_line(exc)}") from exc
+            raise LasegsegError(f"MLflow tracking store {tracking_uri}: {first_line(exc)}") from exc
         except OSError as exc:  # requests' ConnectionError is an OSError; so are artifact-store failures
-            raise LasegsegError(f"MLflow tracking store {tracking_uri}: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+            raise LasegsegError(f"MLflow tracking store {tracking_uri}: {first_line(exc)}") from exc
 
 
 def _experiment_id(client: Any, tracking_uri: str, experiment: str) -> str:
@@ -323,19 +316,6 @@ def format_table(summary: pd.DataFrame, max_rows: int = 20) -> str:
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_summary(summary: pd.DataFrame, trials: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     """Write ``summary.parquet``, ``summary.csv``, ``summary.md``, ``trials.csv`` and the few-shot plots.
 
@@ -351,10 +331,10 @@ def write_summary(summary: pd.DataFrame, trials: pd.DataFrame, out_dir: str | Pa
         "best validation Dice first (95% t-intervals in summary.csv).\n\n" + format_markdown(summary) + "\n"
     )
     paths = {
-        "summary_parquet": _write_atomic(out / "summary.parquet", lambda p: summary.to_parquet(p, engine="pyarrow")),
-        "summary_csv": _write_atomic(out / "summary.csv", lambda p: summary.to_csv(p, index=False)),
-        "summary_md": _write_atomic(out / "summary.md", lambda p: p.write_text(markdown, encoding="utf-8")),
-        "trials_csv": _write_atomic(out / "trials.csv", lambda p: trials.to_csv(p, index=False)),
+        "summary_parquet": atomic_write(out / "summary.parquet", lambda p: summary.to_parquet(p, engine="pyarrow")),
+        "summary_csv": atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False)),
+        "summary_md": atomic_write(out / "summary.md", lambda p: p.write_text(markdown, encoding="utf-8")),
+        "trials_csv": atomic_write(out / "trials.csv", lambda p: trials.to_csv(p, index=False)),
     }
     paths.update({p.stem: p for p in plot_all(summary, out)})
     return paths

@@ -7,6 +7,6 @@ not do: Ray gives an actor with a runtime environment a new process, never one o
 cluster. Importing this module anywhere else only costs those imports.
 """
 
-from lasegseg.sweep.tune_runner import prewarm_worker
+from lasegseg.sweep.worker import prewarm_worker
 
 prewarm_worker(full=False)

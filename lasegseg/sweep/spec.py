@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lasegseg.config import Config, coerce, from_flat
+from lasegseg.config import Config, coerce, from_flat, frozen_backbone
 from lasegseg.errors import ConfigError
 
 MAX_TRIALS = 5000
@@ -85,8 +85,7 @@ class Resources:
     def for_trial(self, flat: dict[str, Any]) -> dict[str, float]:
         """The ``{"cpu": …, "gpu": …}`` request of the trial with flat config ``flat``."""
         gpus = self.gpus_per_trial
-        frozen = flat.get("model.mode") == "frozen" and flat.get("model.backbone") != "none"
-        if gpus > 0 and frozen and self.frozen_gpus_per_trial is not None:
+        if gpus > 0 and frozen_backbone(flat) and self.frozen_gpus_per_trial is not None:
             gpus = self.frozen_gpus_per_trial
         return {"cpu": self.cpus_per_trial, "gpu": gpus}
 

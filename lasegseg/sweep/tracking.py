@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from lasegseg.errors import ConfigError, LasegsegError
+from lasegseg.errors import ConfigError, LasegsegError, first_line
+from lasegseg.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,14 +82,9 @@ def retry(fn: Callable[[], T], what: str, seconds: float | None = None, first_wa
         except Exception as exc:
             if not is_transient(exc) or time.monotonic() + wait > deadline:
                 raise
-            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, _first_line(exc), wait)
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, first_line(exc), wait)
             time.sleep(wait)
             wait = min(wait * 2, MAX_WAIT_S)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def own_http_retries(tracking_uri: str) -> None:
@@ -108,19 +104,21 @@ def pending_path(experiment_id: str, trial_id: str) -> Path:
     A node-local file that outlives the trial's process, and the sweep's, for the trial's next attempt. Not the
     Tune trial folder: Tune copies that to the sweep's storage, where a stale copy would look like lost metrics.
     """
-    root = Path(os.environ.get("LASEGSEG_CACHE") or Path.home() / ".cache" / "lasegseg").expanduser()
-    return root / "mlflow-pending" / f"{experiment_id}-{trial_id}.jsonl"
+    from lasegseg.paths import pending_metrics_dir
+
+    return pending_metrics_dir() / f"{experiment_id}-{trial_id}.jsonl"
 
 
-def client(tracking_uri: str):
+def client(tracking_uri: str, *, registry: bool = False):
+    """The one way lasegseg talks to MLflow: a client bound to ``tracking_uri`` (and its model registry).
+
+    Args:
+        tracking_uri: the MLflow URI.
+        registry: use the same store as the model registry (exports, ``models:/`` URIs).
+    """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def default_tracking_uri(sweep_dir: Path) -> str:
-    """The embedded store: a sqlite database inside the sweep folder (safe for concurrent writers)."""
-    return f"sqlite:///{(Path(sweep_dir) / 'mlflow.db').resolve()}"
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri if registry else None)
 
 
 def check_reachable(tracking_uri: str, timeout: float = 10.0, *, must_exist: bool = False) -> None:
@@ -273,9 +271,7 @@ class MetricBuffer:
             if i == len(self._items) or self._items[i][0] != self._items[start][0]:
                 lines.append(_buffer_line(run_id, [m for _, m in self._items[start:i]], self._items[start][0]))
                 start = i
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in lines))
 
 
 def _buffer_line(run_id: str, metrics: list[Any], kind: str) -> str:
@@ -414,7 +410,7 @@ class TrialTracker:
             while len(self.buffer) and self.error is None and time.monotonic() < deadline:
                 self._wake.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
         if self.error is not None:
-            raise LasegsegError(f"MLflow store {self.tracking_uri} rejected metrics: {_first_line(self.error)}")
+            raise LasegsegError(f"MLflow store {self.tracking_uri} rejected metrics: {first_line(self.error)}")
         if len(self.buffer):
             raise LasegsegError(
                 f"MLflow store {self.tracking_uri} did not take the buffered metrics within {seconds:.0f} s "
@@ -446,12 +442,12 @@ class TrialTracker:
             except Exception as exc:
                 self.stats["failed_attempts"] += 1
                 if not is_transient(exc):
-                    log.error("MLflow rejected metrics of run %s: %s", self.run_id, _first_line(exc))
+                    log.error("MLflow rejected metrics of run %s: %s", self.run_id, first_line(exc))
                     with self._wake:
                         self.error = exc
                         self._wake.notify_all()
                     return
-                self.last_failure = _first_line(exc)
+                self.last_failure = first_line(exc)
                 log.warning("MLflow log metrics failed (%s); %d metrics buffered", self.last_failure, len(self.buffer))
                 with self._wake:
                     if self._closing:

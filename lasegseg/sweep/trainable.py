@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lasegseg.fsio import pid_alive
+from lasegseg.sweep.worker import worker_info
 
 RUN_FILE = "mlflow_run.json"
 SCRATCH_PREFIX = "lasegseg-trial-"
@@ -28,8 +29,7 @@ def _remove_orphaned_scratch() -> None:
 
 def _open_shared_cache(ctx: dict[str, Any], cfg):
     """The driver-built cache, memory-mapped (no NIfTI is read); rebuilt locally only if this node lacks it."""
-    from lasegseg.data.cache import SliceCache
-    from lasegseg.train.trial import open_cache
+    from lasegseg.data.cache import SliceCache, open_cache
 
     path = ctx.get("cache_path")
     if path and Path(path).is_dir():
@@ -53,6 +53,105 @@ def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any]):
         return None  # run_trial rebuilds what it needs
 
 
+def _quiet_checkpoint_logs() -> None:
+    # Tune logs every per-epoch checkpoint at INFO, which the driver echoes: one line per epoch per trial.
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _alias(ctx: dict[str, Any]):
+    """The sweep's pseudonymiser (``--pseudonymize``), else None."""
+    if not ctx.get("pseudonym_salt"):
+        return None
+    from lasegseg.data.pseudonym import Pseudonymizer
+
+    return Pseudonymizer(ctx["pseudonym_salt"].encode("utf-8"), ctx.get("case_ids", ()))
+
+
+def _tracker(ctx: dict[str, Any], cfg):
+    """This trial's MLflow tracker, keyed by the Tune trial id so that a retry finds its run again."""
+    from ray import tune
+
+    from lasegseg.config import run_name
+    from lasegseg.sweep.tracking import TrialTracker, pending_path
+
+    trial_id = tune.get_context().get_trial_id()
+    return TrialTracker(
+        ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, run_name(cfg), cfg.to_flat(),
+        stage=ctx.get("stage", "trial"), buffer_path=pending_path(ctx["experiment_id"], trial_id),
+    )  # fmt: skip
+
+
+def _restored(work: Path) -> tuple[Path | None, str | None]:
+    """The folder of Tune's last checkpoint of this trial (a retry or a resumed sweep) and the MLflow run it names."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None, None
+    folder = Path(checkpoint.to_directory(str(work / "restored")))
+    run_file = folder / RUN_FILE
+    return folder, json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+
+
+def _epoch_reporter(tracker, run_id: str, first_report: dict[str, Any], timings: dict[str, Any]):
+    """``on_epoch`` for :func:`run_trial`: MLflow metrics, then a Tune report with the training state."""
+    from ray import tune
+
+    def on_epoch(epoch: int, metrics: dict[str, float], saved: Path | None) -> None:
+        if saved is not None:
+            (saved / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+        tracker.log_epoch(epoch, metrics)
+        report = {**metrics, "epoch": epoch, "done": False}
+        if not timings.get("reported"):
+            # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
+            report |= {**first_report, "first_step_at": timings.get("first_step_at", 0.0)}
+            timings["reported"] = True
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
+
+    return on_epoch
+
+
+def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path) -> None:
+    """The last report: test metrics, and a checkpoint that holds only the MLflow run id.
+
+    A finished trial needs no training state, so Tune (num_to_keep=1) drops the last epoch's weights and optimizer
+    moments (hundreds of MB per trial with a fine-tuned ViT-S, GBs with ViT-g), and a restore of this trial finds
+    its finished run instead.
+    """
+    from ray import tune
+
+    final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    marker = work / "finished"
+    marker.mkdir()
+    (marker / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+    tune.report(
+        {**final, "epoch": epochs - 1, "done": True, "mlflow_run_id": run_id},
+        checkpoint=tune.Checkpoint.from_directory(str(marker)),
+    )
+
+
+def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_dir: Path | None, first_report, alias):
+    """Fit, validate and test the trial (resuming from ``resume_dir``); returns run_trial's results."""
+    from ray import tune
+
+    from lasegseg.train.trial import prepare_data, run_trial
+
+    if resume_dir is not None:
+        tracker.log_history(json.loads((resume_dir / "state.json").read_text())["scalars"].get("history", []))
+    timings: dict[str, Any] = {}
+    data = prepare_data(cfg, cache=_open_shared_cache(ctx, cfg))
+    data.features = _open_shared_features(ctx, cfg.to_flat())
+    out = Path(tune.get_context().get_trial_dir()) / "result"
+    results = run_trial(
+        cfg, out, data=data, on_epoch=_epoch_reporter(tracker, run_id, first_report, timings),
+        checkpoint_dir=work / "state", resume_from=resume_dir, timings=timings, alias=alias,
+        durable_checkpoints=False,  # scratch: Tune copies it to its storage
+    )  # fmt: skip
+    tracker.finish(results, artifact_dir=out)
+    return results
+
+
 def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Train one trial; report every epoch with a checkpoint; record success or failure in MLflow.
 
@@ -61,49 +160,23 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_path, feature_paths,
             threads.
     """
-    trial_started_at = time.time()
-    from lasegseg.sweep.tune_runner import worker_info
-
-    worker = worker_info()  # before this trial's own imports: was the process warm when the trial came?
-    # Tune logs every per-epoch checkpoint at INFO, which the driver echoes: one line per epoch per trial.
-    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    first_report = {"trial_started_at": time.time(), **worker_info()}  # before this trial's own imports
+    _quiet_checkpoint_logs()
     import torch
     from ray import tune
 
-    from lasegseg.config import from_flat, run_name
-    from lasegseg.sweep.tracking import TrialTracker, pending_path
-    from lasegseg.train.trial import prepare_data, run_trial
+    from lasegseg.config import from_flat, merge_trial
 
-    alias = None
-    if ctx.get("pseudonym_salt"):
-        from lasegseg.data.pseudonym import Pseudonymizer
-
-        alias = Pseudonymizer(ctx["pseudonym_salt"].encode("utf-8"), ctx.get("case_ids", ()))
-    flat = dict(config["trial"])
-    if "optim.lr" in config:
-        flat["optim.lr"] = float(config["optim.lr"])
+    alias = _alias(ctx)
     if ctx.get("threads"):
         torch.set_num_threads(int(ctx["threads"]))
-    tune_ctx = tune.get_context()
-    trial_dir = Path(tune_ctx.get_trial_dir())
     tracker = None
     _remove_orphaned_scratch()
     work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
-        cfg = from_flat(flat)
-        flat = cfg.to_flat()
-        tracker = TrialTracker(
-            ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], tune_ctx.get_trial_id(),
-            run_name(cfg), flat, stage=ctx.get("stage", "trial"),
-            buffer_path=pending_path(ctx["experiment_id"], tune_ctx.get_trial_id()),
-        )  # fmt: skip
-        resume_dir, known_run = None, None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            resume_dir = Path(checkpoint.to_directory(str(work / "restored")))
-            if (resume_dir / RUN_FILE).is_file():
-                known_run = json.loads((resume_dir / RUN_FILE).read_text())["run_id"]
+        cfg = from_flat(merge_trial(config))
+        tracker = _tracker(ctx, cfg)
+        resume_dir, known_run = _restored(work)
         run_id = tracker.start(known_run)
         finished = tracker.finished_results()
         if finished is not None:
@@ -112,43 +185,8 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             return
         if resume_dir is not None and not (resume_dir / "state.json").is_file():
             resume_dir = None  # the final marker of a run MLflow does not hold as finished: train it again
-        if resume_dir is not None:
-            state = json.loads((resume_dir / "state.json").read_text())["scalars"]
-            tracker.log_history(state.get("history", []))
-
-        timings: dict[str, Any] = {}
-
-        def on_epoch(epoch: int, metrics: dict[str, float], saved: Path | None) -> None:
-            if saved is not None:
-                (saved / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
-            tracker.log_epoch(epoch, metrics)
-            report = {**metrics, "epoch": epoch, "done": False}
-            if not timings.get("reported"):
-                # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
-                report |= {"trial_started_at": trial_started_at, "first_step_at": timings.get("first_step_at", 0.0),
-                           **worker}  # fmt: skip
-                timings["reported"] = True
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
-
-        data = prepare_data(cfg, cache=_open_shared_cache(ctx, cfg))
-        data.features = _open_shared_features(ctx, flat)
-        out = trial_dir / "result"
-        results = run_trial(
-            cfg, out, data=data, on_epoch=on_epoch, checkpoint_dir=work / "state", resume_from=resume_dir,
-            timings=timings, alias=alias, durable_checkpoints=False,  # scratch: Tune copies it to its storage
-        )  # fmt: skip
-        tracker.finish(results, artifact_dir=out)
-        final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        # A finished trial needs no training state: the last report's checkpoint holds only the MLflow run id, so
-        # Tune (num_to_keep=1) drops the last epoch's weights and optimizer moments (hundreds of MB per trial with
-        # a fine-tuned ViT-S, GBs with ViT-g), and a restore of this trial finds its finished run instead.
-        marker = work / "finished"
-        marker.mkdir()
-        (marker / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
-        tune.report(
-            {**final, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id},
-            checkpoint=tune.Checkpoint.from_directory(str(marker)),
-        )
+        results = _train(cfg, ctx, tracker, run_id, work, resume_dir, first_report, alias)
+        _report_final(results, cfg.train.epochs, run_id, work)
     except Exception as exc:
         if tracker is not None:
             message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from lasegseg.fsio import atomic_write
 from lasegseg.sweep.spec import SweepSpec, cell_key
 
 TIMINGS_FILE = "trial_timings.csv"
@@ -16,65 +17,6 @@ TIMING_FIELDS = (
     "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
     "worker_pid", "worker_started_at", "worker_prewarmed",
 )  # fmt: skip
-
-
-PREWARM_ENV = "LASEGSEG_PREWARM_BACKBONE"
-PRELOAD_MODULE = "lasegseg.sweep.preload"
-_PREWARMED = False
-
-
-def prewarm_worker(*, full: bool = True) -> None:
-    """Pay a fresh Ray worker's one-time costs when the process starts, before Tune hands it a trial.
-
-    torch, transformers' DINOv2, the trial modules and the MLflow client are imported. With ``full`` the worker
-    also opens the tracking store and loads the sweep's first backbone (``$LASEGSEG_PREWARM_BACKBONE``). Two
-    callers: the ``worker_process_setup_hook`` of a sweep on an existing cluster (one worker per trial actor,
-    ``full``), and :mod:`lasegseg.sweep.preload` on the sweep's own local cluster, where Ray starts one worker per
-    CPU before the driver has created the store (imports only: a giant backbone per idle worker would cost
-    gigabytes, and a sqlite store must be created by one process). A failure here only loses the head start:
-    the trial loads them itself.
-
-    Args:
-        full: also connect to the tracking store and load the backbone.
-    """
-    import logging
-
-    global _PREWARMED
-    try:
-        import mlflow.tracking  # noqa: F401
-        import torch  # noqa: F401
-        from transformers import Dinov2Model, Dinov2WithRegistersModel  # noqa: F401
-
-        import lasegseg.sweep.trainable  # noqa: F401
-        import lasegseg.train.trial  # noqa: F401
-
-        if full:
-            from lasegseg.sweep.tracking import client
-
-            uri = os.environ.get("MLFLOW_TRACKING_URI")
-            if uri:
-                client(uri).search_experiments(max_results=1)
-            name = os.environ.get(PREWARM_ENV, "")
-            if name:
-                from lasegseg.models.segmenter import load_backbone
-
-                name, _, registers = name.partition("|")
-                load_backbone(name, registers=registers == "True")
-        _PREWARMED = True
-    except Exception as exc:  # noqa: BLE001 - a warm-up must never stop a worker from starting
-        logging.getLogger(__name__).warning("worker warm-up skipped: %s", exc)
-
-
-def worker_info() -> dict[str, Any]:
-    """This worker process as the driver's trial_timings.csv records it: pid, when the process started (wall
-    clock; 0 if unknown) and whether :func:`prewarm_worker` had finished in it."""
-    try:
-        import psutil
-
-        started = psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - psutil comes with Ray; the row only loses a column without it
-        started = 0.0
-    return {"worker_pid": os.getpid(), "worker_started_at": started, "worker_prewarmed": _PREWARMED}
 
 
 def _trainable(ctx: dict[str, Any], res):
@@ -95,12 +37,9 @@ def _trainable(ctx: dict[str, Any], res):
 
 
 def _trial_name(trial) -> str:
-    from lasegseg.config import from_flat, run_name
+    from lasegseg.config import from_flat, merge_trial, run_name
 
-    flat = dict(trial.config["trial"])
-    if "optim.lr" in trial.config:
-        flat["optim.lr"] = float(trial.config["optim.lr"])
-    return f"{run_name(from_flat(flat, validate=False))}·{trial.trial_id}"
+    return f"{run_name(from_flat(merge_trial(trial.config), validate=False))}·{trial.trial_id}"
 
 
 def _dirname(trial) -> str:
@@ -176,14 +115,17 @@ def _timings_callback(sweep_dir: Path):
                 "worker_started_at": f"{float(result.get('worker_started_at') or 0):.3f}",
                 "worker_prewarmed": str(bool(result.get("worker_prewarmed", False))).lower(),
             })  # fmt: skip
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=TIMING_FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows)
-            os.replace(tmp, path)
+            atomic_write(path, _csv_text(self.rows))
 
     return Timings()
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TIMING_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def _run_config(name: str, sweep_dir: Path, res):

@@ -153,7 +153,7 @@ def save_train_state(
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng |= {f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
         save_file(_contiguous(rng), str(tmp / "rng.safetensors"))
-        write_json_atomic(tmp / "state.json", {"scalars": scalars, "optimizer": opt_meta})
+        write_json_atomic(tmp / "state.json", {"scalars": scalars, "optimizer": opt_meta}, durable=durable)
         commit_dir(tmp, folder, durable=durable)
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"{folder}: could not write the checkpoint ({exc}); the previous one is unchanged") from exc

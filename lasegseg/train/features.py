@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lasegseg.config import frozen_backbone
 from lasegseg.errors import DataError
 from lasegseg.fsio import discard_dir, sha256_file
 
@@ -348,8 +349,7 @@ def feature_slot(flat: dict[str, Any]) -> str:
 def uses_feature_cache(flat: dict[str, Any]) -> bool:
     """Whether a trial with this flat config trains on cached features (frozen, no augmentation, cache on)."""
     return (
-        flat.get("model.mode") == "frozen"
-        and flat.get("model.backbone") != "none"
+        frozen_backbone(flat)
         and flat.get("train.augment", "none") == "none"
         and bool(flat.get("train.feature_cache", True))
     )

@@ -7,6 +7,7 @@ Pure compute: no ray, no mlflow. A sweep drives it through ``on_epoch`` (report 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import time
@@ -19,17 +20,17 @@ import numpy as np
 import torch
 
 from lasegseg.config import Config, run_name
+from lasegseg.data.cache import open_cache
+from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
+from lasegseg.train.augment import augment_batch
 from lasegseg.train.features import FeatureCache, compute_precision, get_or_build_features, to_device
 from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native
-from lasegseg.train.losses import DiceCELoss
+from lasegseg.train.losses import build_loss
 from lasegseg.train.metrics import case_metrics, dice_iou, summarize
 
 logger = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float], "Path | None"], None]
-# Spatial augmentation: rotations up to ±10°, isotropic scales in [0.9, 1.1].
-_MAX_ROTATION = math.radians(10.0)
-_MAX_SCALE_STEP = 0.1
 
 
 @dataclass
@@ -47,20 +48,6 @@ class TrialData:
     split: Any
     train_rows: np.ndarray
     features: FeatureCache | None = None
-
-
-def open_cache(cfg: Config):
-    """The slice cache for ``cfg.data`` (built on first use, reused afterwards)."""
-    from lasegseg.data.cache import get_or_build_cache
-    from lasegseg.data.layouts import detect_layout
-
-    d = cfg.data
-    # Resolve "auto" first so that auto-detected and explicitly named layouts share one cache.
-    layout = detect_layout(d.path) if d.layout == "auto" else d.layout
-    return get_or_build_cache(
-        d.path, layout=layout, image_size=d.image_size, clip_low=d.clip_low, clip_high=d.clip_high,
-        cache_dir=d.cache_dir or None,
-    )  # fmt: skip
 
 
 def prepare_data(cfg: Config, cache: Any = None) -> TrialData:
@@ -150,62 +137,19 @@ def evaluate(
     return rows
 
 
-def _loss_fn():
-    # MONAI's DiceCELoss(to_onehot_y=True, softmax=True, batch=True) in plain torch: importing MONAI costs ~8 s
-    # per fresh worker process. batch=True pools the Dice over the batch so slices without LA give no 0/0 terms.
-    return DiceCELoss()
-
-
-def augment_batch(x: torch.Tensor, y: torch.Tensor, kind: str, generator: torch.Generator):
-    """Random flips (``flip``) plus small rotations and scales (``spatial``) of an image/label batch.
-
-    Args:
-        x: ``(B, 1, H, W)`` float images.
-        y: ``(B, 1, H, W)`` integer labels.
-        kind: ``none``, ``flip`` or ``spatial``.
-        generator: a CPU generator seeded from the trial seed and epoch (the draw is the same on any device).
-    """
-    if kind == "none":
-        return x, y
-    b = x.shape[0]
-    flips = torch.rand(b, 2, generator=generator) < 0.5
-    sign = 1.0 - 2.0 * flips.float()  # -1 flips the axis
-    if kind == "flip":
-        for axis, dim in ((0, -1), (1, -2)):
-            sel = flips[:, axis].to(x.device)
-            if bool(flips[:, axis].any()):
-                x = torch.where(sel[:, None, None, None], x.flip(dim), x)
-                y = torch.where(sel[:, None, None, None], y.flip(dim), y)
-        return x, y
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * _MAX_ROTATION
-    scale = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * _MAX_SCALE_STEP
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    # Sampling grid = rotation / scale applied after the flips: [R / s] @ diag(sign_x, sign_y).
-    theta = torch.stack(
-        [
-            torch.stack([cos * sign[:, 0], -sin * sign[:, 1], torch.zeros(b)], 1),
-            torch.stack([sin * sign[:, 0], cos * sign[:, 1], torch.zeros(b)], 1),
-        ],
-        dim=1,
-    ).to(x.device, x.dtype)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = torch.nn.functional.grid_sample(y.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return x, y.long()
-
-
 def train_one_epoch(
     model, optimizer, loss_fn, images: np.ndarray, labels: np.ndarray, order: np.ndarray, *, batch_size: int,
-    device: torch.device, amp: str, lr_at: Callable[[int], float] | None = None,
+    device: torch.device, amp: str, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     features: FeatureCache | None = None, forward: Callable | None = None, augment: str = "none",
     generator: torch.Generator | None = None, before_step: Callable[[], None] | None = None,
-) -> float:  # fmt: skip
-    """One pass over ``order`` (row indices of the cache); returns the mean loss.
+) -> tuple[float, float]:  # fmt: skip
+    """One pass over ``order`` (row indices of the cache); returns the mean loss and the last step's learning rate.
 
     Rows of a batch are read sorted (sequential pages of the memory map); fp16/uint8 cross to the device (pinned,
     non-blocking on CUDA) and are widened there; the loss is accumulated on the device so no step waits for the GPU.
 
     Args:
+        scheduler: stepped after every optimizer step (the learning-rate schedule is per step).
         features: train the decoder on these cached backbone features (frozen mode, no augmentation).
         forward: the callable that maps the batch to logits (e.g. a compiled model or decoder); default ``model``,
             or ``model.decode`` with ``features``.
@@ -218,17 +162,13 @@ def train_one_epoch(
     if forward is None:
         forward = model.decode if features is not None else model
     total = torch.zeros((), device=device)
-    steps = 0
+    steps, lr = 0, optimizer.param_groups[-1]["lr"]
     for start in range(0, len(order), batch_size):
         idx = np.sort(order[start : start + batch_size])
         x = to_device(torch.from_numpy(np.asarray(images[idx]))[:, None], device).float()
         y = to_device(torch.from_numpy(np.asarray(labels[idx]))[:, None], device).long()
         if augment != "none":
             x, y = augment_batch(x, y, augment, generator)
-        if lr_at is not None:
-            factor = lr_at(steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
         with autocast_context(device, amp):
             logits = forward(features.batch(idx, device), x) if features is not None else forward(x)
             loss = loss_fn(logits.float(), y)
@@ -236,10 +176,13 @@ def train_one_epoch(
         loss.backward()
         if before_step is not None:
             before_step()
+        lr = optimizer.param_groups[-1]["lr"]
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.detach()
         steps += 1
-    return float(total) / max(1, steps)
+    return float(total) / max(1, steps), lr
 
 
 def _trial_features(cfg: Config, model, data: TrialData, device: torch.device) -> FeatureCache | None:
@@ -273,6 +216,131 @@ def _compiled_forward(cfg: Config, model, features: FeatureCache | None) -> Call
     return torch.compile(model)
 
 
+def _optimizer(cfg: Config, model, steps_per_epoch: int):
+    """AdamW over the segmenter's parameter groups and its per-step schedule: linear warmup, then cosine decay."""
+    from lasegseg.models.segmenter import param_groups
+
+    groups = param_groups(model, cfg.optim.lr, cfg.model.backbone_lr_mult, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    total = steps_per_epoch * cfg.train.epochs
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, o.min_lr_ratio))
+    return optimizer, scheduler
+
+
+@dataclass
+class _Progress:
+    """What an epoch loop carries from epoch to epoch and into a checkpoint (``scalars`` in the training state)."""
+
+    state: dict[str, Any]
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def start(cls, resume_from: Path | None, model, optimizer, scheduler) -> _Progress:
+        """A fresh start, or the state a previous attempt saved (weights, optimizer, schedule step, RNG)."""
+        state = {"epoch": 0, "step": 0, "best_val_dice": -1.0, "best_epoch": -1, "history": []}
+        if resume_from is None:
+            return cls(state)
+        state, best = ckpt.load_train_state(Path(resume_from), model, optimizer)
+        # The optimizer's groups came back with the learning rate of the next step; the schedule resumes there too.
+        scheduler.last_epoch = state["step"]
+        return cls(state, best)
+
+    def record(self, epoch: int, metrics: dict[str, float], model) -> None:
+        """Count the epoch; keep a CPU copy of the weights when validation Dice improved."""
+        from lasegseg.models.segmenter import state_for_checkpoint
+
+        s = self.state
+        if "val_dice" in metrics and metrics["val_dice"] > s["best_val_dice"]:
+            s["best_val_dice"], s["best_epoch"], s["best_val_iou"] = metrics["val_dice"], epoch, metrics["val_iou"]
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in state_for_checkpoint(model).items()}
+        s["epoch"] = epoch + 1
+        s["history"].append({"epoch": epoch, **metrics})
+
+
+@dataclass
+class _Fit:
+    """A trial's training set-up: the model and what trains it, on the data and device chosen."""
+
+    cfg: Config
+    model: Any
+    data: TrialData
+    device: torch.device
+    features: FeatureCache | None
+    forward: Callable | None
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Any
+
+    def epoch(self, epoch: int, progress: _Progress, before_step: Callable[[], None] | None) -> dict[str, float]:
+        """Train one epoch (its order and augmentation draws are functions of (seed, epoch)), validate if due."""
+        cfg, bs = self.cfg, self.cfg.train.batch_size
+        t0 = time.perf_counter()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(self.data.train_rows)
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 1]).integers(2**62)))
+        loss, lr = train_one_epoch(
+            self.model, self.optimizer, self.loss_fn, self.data.cache.images, self.data.cache.labels, order,
+            batch_size=bs, device=self.device, amp=cfg.train.amp, scheduler=self.scheduler, features=self.features,
+            forward=self.forward, augment=cfg.train.augment, generator=generator, before_step=before_step,
+        )  # fmt: skip
+        progress.state["step"] += math.ceil(len(order) / bs)
+        metrics: dict[str, float] = {"train_loss": loss, "lr": lr}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            val = self.evaluate(self.data.split.val)
+            metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
+            metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def evaluate(self, case_ids: Sequence[str], full: bool = False) -> list[dict[str, Any]]:
+        return evaluate(
+            self.model, self.data.cache, case_ids, device=self.device, amp=self.cfg.train.amp,
+            batch_size=self.cfg.train.batch_size, full=full, features=self.features,
+        )  # fmt: skip
+
+
+def _set_up(cfg: Config, data: TrialData, device: torch.device, timings: dict[str, Any]) -> _Fit:
+    """Seed, build the model on ``device``, choose features or backbone, and the optimizer with its schedule."""
+    from lasegseg.models.segmenter import build_segmenter
+
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model = build_segmenter(cfg.model).to(device)
+    features = _trial_features(cfg, model, data, device)
+    timings["feature_cache"] = features is not None
+    steps_per_epoch = max(1, math.ceil(len(data.train_rows) / cfg.train.batch_size))
+    optimizer, scheduler = _optimizer(cfg, model, steps_per_epoch)
+    forward = _compiled_forward(cfg, model, features)
+    return _Fit(cfg, model, data, device, features, forward, optimizer, scheduler, build_loss(cfg.train.loss))
+
+
+def _test(fit: _Fit, progress: _Progress) -> dict[str, Any]:
+    """Test metrics of the best epoch's weights, with the trial's summary fields."""
+    from lasegseg.models.segmenter import load_checkpoint_state
+
+    if progress.best_weights is not None:
+        load_checkpoint_state(fit.model, {k: v.to(fit.device) for k, v in progress.best_weights.items()})
+    test_rows = fit.evaluate(fit.data.split.test, full=True)
+    for row in test_rows:
+        row["split"] = "test"
+    state, cache, split, train_rows = progress.state, fit.data.cache, fit.data.split, fit.data.train_rows
+    return {
+        "run_name": run_name(fit.cfg),
+        "val_dice": state["best_val_dice"],
+        "val_iou": state.get("best_val_iou", math.nan),
+        "best_epoch": state["best_epoch"],
+        **summarize(test_rows, "test"),
+        "n_train_patients": int(np.unique(cache.case_codes[train_rows]).size),
+        "n_train_slices": len(train_rows),
+        "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
+        "per_patient": test_rows,
+        "history": state["history"],
+        "feature_cache": fit.features is not None,
+    }
+
+
 def run_trial(
     cfg: Config,
     out_dir: Path | None = None,
@@ -304,79 +372,25 @@ def run_trial(
         durable_checkpoints: fsync each training-state commit; off where the folder is a scratch copy that another
             component persists (a sweep trial's, which Tune copies to its storage after every epoch).
     """
-    from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, param_groups, state_for_checkpoint
-
     device = pick_device(device)
-    data = data or prepare_data(cfg)
-    cache, split, train_rows = data.cache, data.split, data.train_rows
-    torch.manual_seed(cfg.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     timings = {} if timings is None else timings
-
-    model = build_segmenter(cfg.model).to(device)
-    features = _trial_features(cfg, model, data, device)
-    timings["feature_cache"] = features is not None
-    forward = _compiled_forward(cfg, model, features)
+    fit = _set_up(cfg, data or prepare_data(cfg), device, timings)
+    state = _Progress.start(resume_from, fit.model, fit.optimizer, fit.scheduler)
+    bar = _progress_bar(cfg, state.state["epoch"]) if progress else None
 
     def before_step() -> None:
         timings.setdefault("first_step_at", time.time())
 
-    groups = param_groups(model, cfg.optim.lr, cfg.model.backbone_lr_mult, cfg.optim.weight_decay)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    loss_fn = _loss_fn()
-
-    bs = cfg.train.batch_size
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / bs))
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_val_dice": -1.0, "best_epoch": -1, "history": []}
-    best_weights: dict[str, torch.Tensor] | None = None
-    if resume_from is not None:
-        state, best_weights = ckpt.load_train_state(Path(resume_from), model, optimizer)
-
-    epochs = range(state["epoch"], cfg.train.epochs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc=run_name(cfg), unit="ep", leave=True)
-
-    images, labels = cache.images, cache.labels
-    model.train()
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(train_rows)
-        step0 = state["step"]
-        generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 1]).integers(2**62)))
-        mean_loss = train_one_epoch(
-            model, optimizer, loss_fn, images, labels, order, batch_size=bs, device=device, amp=cfg.train.amp,
-            lr_at=lambda i, s0=step0: lr_factor(s0 + i, total_steps, warmup, cfg.optim.min_lr_ratio),
-            features=features, forward=forward, augment=cfg.train.augment, generator=generator,
-            before_step=before_step if "first_step_at" not in timings else None,
-        )  # fmt: skip
-        state["step"] = step0 + math.ceil(len(order) / bs)
-        metrics: dict[str, float] = {"train_loss": mean_loss, "lr": optimizer.param_groups[-1]["lr"]}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            val = evaluate(model, cache, split.val, device=device, amp=cfg.train.amp, batch_size=bs, features=features)
-            metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
-            metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
-            if metrics["val_dice"] > state["best_val_dice"]:
-                state["best_val_dice"], state["best_epoch"] = metrics["val_dice"], epoch
-                state["best_val_iou"] = metrics["val_iou"]
-                best_weights = {k: v.detach().cpu().clone() for k, v in state_for_checkpoint(model).items()}
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch, **metrics})
+    fit.model.train()
+    for epoch in range(state.state["epoch"], cfg.train.epochs):
+        metrics = fit.epoch(epoch, state, before_step if "first_step_at" not in timings else None)
+        state.record(epoch, metrics, fit.model)
         saved = None
         if checkpoint_dir is not None:
             saved = ckpt.save_train_state(
-                Path(checkpoint_dir), model, optimizer, state, best_weights, durable=durable_checkpoints
-            )
+                Path(checkpoint_dir), fit.model, fit.optimizer, state.state, state.best_weights,
+                durable=durable_checkpoints,
+            )  # fmt: skip
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_dice=f"{metrics.get('val_dice', math.nan):.3f}")
             bar.update(1)
@@ -384,30 +398,16 @@ def run_trial(
             on_epoch(epoch, metrics, saved)
     if bar is not None:
         bar.close()
-
-    if best_weights is not None:
-        load_checkpoint_state(model, {k: v.to(device) for k, v in best_weights.items()})
-    test_rows = evaluate(
-        model, cache, split.test, device=device, amp=cfg.train.amp, batch_size=bs, full=True, features=features
-    )
-    for row in test_rows:
-        row["split"] = "test"
-    results: dict[str, Any] = {
-        "run_name": run_name(cfg),
-        "val_dice": state["best_val_dice"],
-        "val_iou": state.get("best_val_iou", math.nan),
-        "best_epoch": state["best_epoch"],
-        **summarize(test_rows, "test"),
-        "n_train_patients": int(np.unique(cache.case_codes[train_rows]).size),
-        "n_train_slices": len(train_rows),
-        "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
-        "per_patient": test_rows,
-        "history": state["history"],
-        "feature_cache": features is not None,
-    }
+    results = _test(fit, state)
     if out_dir is not None:
-        write_outputs(Path(out_dir), model, cfg, results, cache=cache, device=device, alias=alias)
+        write_outputs(Path(out_dir), fit.model, cfg, results, cache=fit.data.cache, device=device, alias=alias)
     return pseudonymize_results(results, alias)
+
+
+def _progress_bar(cfg: Config, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.epochs, initial=initial, desc=run_name(cfg), unit="ep", leave=True)
 
 
 def pseudonymize_results(results: dict[str, Any], alias: Callable[[str], str] | None) -> dict[str, Any]:
@@ -464,12 +464,10 @@ def write_outputs(
         )  # fmt: skip
     results = pseudonymize_results(results, alias)
     ckpt.save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})
-    rows = results["per_patient"]
-    fields = ["case_id", "split", "dice", "iou", "hd95", "slice_dice"]
-    tmp = out_dir / ".per_patient.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out_dir / "per_patient.csv")
-    ckpt.write_json_atomic(out_dir / "metrics.json", {"config": cfg.to_flat(), **results})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["case_id", "split", "dice", "iou", "hd95", "slice_dice"],
+                            extrasaction="ignore")  # fmt: skip
+    writer.writeheader()
+    writer.writerows(results["per_patient"])
+    atomic_write(out_dir / "per_patient.csv", table.getvalue())
+    write_json_atomic(out_dir / "metrics.json", {"config": cfg.to_flat(), **results})

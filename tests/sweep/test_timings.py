@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from lasegseg.config import Config
-from lasegseg.sweep import tune_runner
+from lasegseg.sweep import tune_runner, worker
 
 
 def _trial(trial_id: str, **flat):
@@ -63,34 +63,34 @@ def test_prewarm_loads_the_backbone_template(monkeypatch):
     from lasegseg.models import segmenter
 
     monkeypatch.setattr(segmenter, "_BACKBONE_TEMPLATE", {})
-    monkeypatch.setenv(tune_runner.PREWARM_ENV, "tiny|False")
+    monkeypatch.setenv(worker.PREWARM_ENV, "tiny|False")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tune_runner.prewarm_worker()
+    worker.prewarm_worker()
     assert [key[:2] for key in segmenter._BACKBONE_TEMPLATE] == [("tiny", False)]
-    monkeypatch.setenv(tune_runner.PREWARM_ENV, "no-such-backbone|False")
-    tune_runner.prewarm_worker()  # a bad name only skips the warm-up
+    monkeypatch.setenv(worker.PREWARM_ENV, "no-such-backbone|False")
+    worker.prewarm_worker()  # a bad name only skips the warm-up
 
 
 def test_worker_info_describes_this_process(monkeypatch):
-    monkeypatch.setattr(tune_runner, "_PREWARMED", False)
+    monkeypatch.setattr(worker, "_PREWARMED", False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    before = tune_runner.worker_info()
+    before = worker.worker_info()
     assert before["worker_pid"] == os.getpid() and before["worker_prewarmed"] is False
     assert 0 < before["worker_started_at"] < time.time()
-    tune_runner.prewarm_worker(full=False)
-    assert tune_runner.worker_info()["worker_prewarmed"] is True
+    worker.prewarm_worker(full=False)
+    assert worker.worker_info()["worker_prewarmed"] is True
 
 
 def test_preload_module_warms_a_fresh_process_without_touching_store_or_weights(tmp_path):
     """What a worker of the local cluster runs as it starts: imports only (no sqlite store, no backbone)."""
     db = tmp_path / "mlflow.db"
     code = (
-        "import sys; import lasegseg.sweep.preload; from lasegseg.sweep import tune_runner as t; "
+        "import sys; import lasegseg.sweep.preload; from lasegseg.sweep import worker as t; "
         "from lasegseg.models import segmenter as s; "
         "print(sorted(m for m in ('torch', 'transformers', 'mlflow.tracking', 'lasegseg.train.trial') "
         "if m in sys.modules), t.worker_info()['worker_prewarmed'], len(s._BACKBONE_TEMPLATE))"
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", tune_runner.PREWARM_ENV: "tiny|False"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", worker.PREWARM_ENV: "tiny|False"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[0] == "['lasegseg.train.trial', 'mlflow.tracking', 'torch', 'transformers'] True 0"
@@ -130,32 +130,32 @@ def fake_ray(monkeypatch):
 def test_local_cluster_inherits_the_sweep_env_and_preloads_workers(fake_ray):
     from ray.tune.execution import class_cache
 
-    from lasegseg.sweep import runner
+    from lasegseg.sweep import cluster
 
     before = dict(os.environ)
-    runner._init_ray({"MLFLOW_TRACKING_URI": "sqlite:////s/mlflow.db", "LASEGSEG_CACHE": "/c"}, 2)
+    cluster.init_ray({"MLFLOW_TRACKING_URI": "sqlite:////s/mlflow.db", "LASEGSEG_CACHE": "/c"}, 2)
     ((kwargs, env),) = fake_ray.calls
     assert "runtime_env" not in kwargs  # a runtime_env would keep trial actors off the workers started warm
     assert kwargs["num_cpus"] == 2 and kwargs["include_dashboard"] is False
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:////s/mlflow.db" and env["LASEGSEG_CACHE"] == "/c"
-    assert env["RAY_preload_python_modules"] == tune_runner.PRELOAD_MODULE
+    assert env["RAY_preload_python_modules"] == worker.PRELOAD_MODULE
     assert env["RAY_num_workers_soft_limit"] == "2"  # warm idle workers outlive Tune's CPU reservations
-    root = str(Path(runner.__file__).resolve().parents[2])
+    root = str(Path(cluster.__file__).resolve().parents[2])
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert dict(os.environ) == before  # this process's environment is as it was
     assert "PL_DISABLE_FORK" not in class_cache.DEFAULT_ENV_VARS  # Tune's actors get an empty runtime env
 
 
 def test_existing_cluster_gets_the_env_in_the_job_runtime_env(fake_ray, monkeypatch):
-    from lasegseg.sweep import runner
+    from lasegseg.sweep import cluster
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     before = dict(os.environ)
-    runner._init_ray({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, None)
+    cluster.init_ray({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, None)
     ((kwargs, env),) = fake_ray.calls
     assert kwargs["runtime_env"] == {
         "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
-        "worker_process_setup_hook": "lasegseg.sweep.tune_runner.prewarm_worker",
+        "worker_process_setup_hook": "lasegseg.sweep.worker.prewarm_worker",
     }
     assert "RAY_preload_python_modules" not in env and dict(os.environ) == before
 
@@ -165,7 +165,7 @@ def test_existing_cluster_gets_the_env_in_the_job_runtime_env(fake_ray, monkeypa
     [(1, 1.0, 1), (4, 0.5, 2), (3, 0.5, 2), (0, 1.0, None), (2, 0.0, None), (10**6, 1.0, os.cpu_count())],
 )
 def test_local_cluster_cpus_follow_max_concurrent(max_concurrent, cpus_per_trial, expected):
-    from lasegseg.sweep import runner
+    from lasegseg.sweep import cluster
 
     res = SimpleNamespace(max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial)
-    assert runner._local_cpus(res) == expected
+    assert cluster.local_cpus(res) == expected

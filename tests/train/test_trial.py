@@ -105,11 +105,11 @@ def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
 def test_training_state_is_fsynced_only_when_it_must_survive_alone(phantom_dir, tmp_path, monkeypatch, durable):
     """A sweep trial's state is a scratch copy that Tune copies to its storage: no fsync; the CLI's folder is the
     only copy: every file and the folders are flushed. Either way the folder resumes the trial."""
-    from lasegseg.train import checkpoint
+    from lasegseg import fsio
 
     synced = []
-    monkeypatch.setattr(checkpoint, "fsync_file", lambda path: synced.append(Path(path).name))
-    monkeypatch.setattr(checkpoint, "fsync_dir", lambda path: synced.append(Path(path).name + "/"))
+    monkeypatch.setattr(fsio, "fsync_file", lambda path: synced.append(Path(path).name))
+    monkeypatch.setattr(fsio, "fsync_dir", lambda path: synced.append(Path(path).name + "/"))
     cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
     run_trial(cfg, checkpoint_dir=tmp_path / "state", durable_checkpoints=durable)
     files = {"current.safetensors", "best.safetensors", "optimizer.safetensors", "rng.safetensors"}

@@ -1,0 +1,72 @@
+"""The Ray worker process a trial runs in: its one-time warm-up and the facts the driver records about it.
+
+Imported by the trainable (``worker_info``), by :mod:`lasegseg.sweep.preload` and by the driver (the names of the
+warm-up hook, module and variable); it imports neither of them, so the sweep modules import without a cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+PREWARM_ENV = "LASEGSEG_PREWARM_BACKBONE"
+PRELOAD_MODULE = "lasegseg.sweep.preload"
+PREWARM_HOOK = "lasegseg.sweep.worker.prewarm_worker"
+# What a trial imports, by name: this module is imported by the trainable, so it names the trainable rather than
+# importing it (no import cycle).
+WARM_MODULES = (
+    "torch", "transformers.models.dinov2.modeling_dinov2",
+    "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers", "mlflow.tracking",
+    "lasegseg.train.trial", "lasegseg.sweep.trainable",
+)  # fmt: skip
+_PREWARMED = False
+
+
+def prewarm_worker(*, full: bool = True) -> None:
+    """Pay a fresh Ray worker's one-time costs when the process starts, before Tune hands it a trial.
+
+    torch, transformers' DINOv2, the trial modules and the MLflow client are imported. With ``full`` the worker
+    also opens the tracking store and loads the sweep's first backbone (``$LASEGSEG_PREWARM_BACKBONE``). Two
+    callers: the ``worker_process_setup_hook`` of a sweep on an existing cluster (one worker per trial actor,
+    ``full``), and :mod:`lasegseg.sweep.preload` on the sweep's own local cluster, where Ray starts one worker per
+    CPU before the driver has created the store (imports only: a giant backbone per idle worker would cost
+    gigabytes, and a sqlite store must be created by one process). A failure here only loses the head start:
+    the trial loads them itself.
+
+    Args:
+        full: also connect to the tracking store and load the backbone.
+    """
+    import importlib
+    import logging
+
+    global _PREWARMED
+    try:
+        for module in WARM_MODULES:
+            importlib.import_module(module)
+        if full:
+            from lasegseg.sweep.tracking import client
+
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if uri:
+                client(uri).search_experiments(max_results=1)
+            name = os.environ.get(PREWARM_ENV, "")
+            if name:
+                from lasegseg.models.segmenter import load_backbone
+
+                name, _, registers = name.partition("|")
+                load_backbone(name, registers=registers == "True")
+        _PREWARMED = True
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never stop a worker from starting
+        logging.getLogger(__name__).warning("worker warm-up skipped: %s", exc)
+
+
+def worker_info() -> dict[str, Any]:
+    """This worker process as the driver's trial_timings.csv records it: pid, when the process started (wall
+    clock; 0 if unknown) and whether :func:`prewarm_worker` had finished in it."""
+    try:
+        import psutil
+
+        started = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil comes with Ray; the row only loses a column without it
+        started = 0.0
+    return {"worker_pid": os.getpid(), "worker_started_at": started, "worker_prewarmed": _PREWARMED}
