@@ -212,3 +212,15 @@ def recover_dir(final: Path) -> Path:
         except OSError:
             return previous  # a read-only location: read the complete previous version where it is
     return final
+
+
+def builder_stamp() -> dict[str, Any]:
+    """Who wrote a cache (host and process), kept in its manifest: tells a build on this node from a reused one."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def built_by_this_process(manifest: dict[str, Any]) -> bool:
+    """Whether the cache with this manifest was written by this very process."""
+    return manifest.get("builder") == builder_stamp()

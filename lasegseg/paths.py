@@ -14,6 +14,11 @@ DEFAULT_STORAGE = "runs"
 TRACKING_DB = "mlflow.db"
 
 
+def stable_storage_root() -> Path:
+    """Where sweeps land by default when the working folder is temporary (Ray's copy of a submitted job's)."""
+    return Path.home() / "lasegseg" / DEFAULT_STORAGE
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """The node-local cache folder: ``cache_dir`` if given (non-empty), else ``$LASEGSEG_CACHE``, else
     ``~/.cache/lasegseg``.

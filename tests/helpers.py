@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 
 def sweep_env() -> dict[str, str]:
@@ -40,3 +47,41 @@ def postgres_test_uri() -> str:
         pytest.skip(f"{uri}: tests write to and wipe this database, so its name must contain 'ci' or 'test'")
     pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
     return uri
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback with a sqlite store, as a process group that can be killed and restarted."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts")]  # fmt: skip
+        log = open(self.root / "server.log", "a")  # noqa: SIM115 - owned by the server process
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).read()  # noqa: S310 - loopback
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start:\n" + (self.root / "server.log").read_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, no clean shutdown
+            self.proc.wait(timeout=30)

@@ -37,7 +37,15 @@ from lasegseg.data.fingerprint import CACHE_VERSION, cache_key, dataset_fingerpr
 from lasegseg.data.preprocess import Preprocessing, preprocess_case
 from lasegseg.data.types import LoadedCase
 from lasegseg.errors import DataError
-from lasegseg.fsio import atomic_write, discard_dir, fsync_dir, fsync_file, plain_file_mode, sha256_file
+from lasegseg.fsio import (
+    atomic_write,
+    builder_stamp,
+    discard_dir,
+    fsync_dir,
+    fsync_file,
+    plain_file_mode,
+    sha256_file,
+)
 from lasegseg.paths import cache_root
 
 if TYPE_CHECKING:
@@ -123,6 +131,7 @@ def build_cache(
             "version": CACHE_VERSION,
             "key": key,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "builder": builder_stamp(),
             # The preprocessing parameters win over same-named meta entries: open() trusts params["image_size"].
             "params": dict(meta or {}) | preprocessing.as_dict(),
             "cases": names,

@@ -392,8 +392,10 @@ def _load(source: str, *, local: bool) -> nn.Module:
         model_class = getattr(transformers, family.model_classes[config.model_type])
         # A local load takes milliseconds: its progress bars would only clutter every trial's log.
         with _progress_bars(enabled=not local):
+            # fp32 master weights whatever dtype the checkpoint was saved in: without ``dtype`` transformers keeps
+            # the checkpoint's (a bf16 one would be fine-tuned in bf16); bf16 compute comes from autocast.
             return model_class.from_pretrained(
-                source, config=config, attn_implementation="sdpa", local_files_only=local
+                source, config=config, attn_implementation="sdpa", local_files_only=local, dtype=torch.float32
             )
     except ModelError:
         raise

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError
-from lasegseg.sweep.worker import PRELOAD_MODULE, PREWARM_HOOK
+from lasegseg.sweep.worker import PRELOAD_MODULE, PREWARM_ENV, PREWARM_HOOK
 
 
 def local_cpus(res) -> int | None:
@@ -48,7 +48,8 @@ def init_ray(env: dict[str, str], cpus: float | None) -> None:
     with scoped_environ(_local_cluster_env(env, cpus)):
         # A private local cluster: dashboard off (nothing listens for browsers), token auth as Ray sets it up.
         ray.init(
-            include_dashboard=False, num_cpus=int(cpus) if cpus else None,
+            address="local",  # a cluster of its own, even when a `ray start` head runs on this machine
+            include_dashboard=False, num_cpus=int(cpus) if cpus else None, _node_ip_address="127.0.0.1",
             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
         )  # fmt: skip
     _trial_actors_on_started_workers()
@@ -101,15 +102,21 @@ def in_job_working_dir() -> bool:
     return bool(job_runtime_env().get("working_dir")) or "runtime_resources" in Path.cwd().parts
 
 
-def _job_env(env: dict[str, str]) -> dict[str, Any]:
-    """The runtime env this driver adds to its job's: Ray refuses to merge two that set the same variable, so the
-    variables (and setup hook) the job already sets are left to the job."""
+def _job_env(env: dict[str, str]) -> dict[str, Any] | None:
+    """The runtime env this driver's workers need beyond what they already get.
+
+    In a submitted job the job's runtime env (its working dir and variables) is every worker's default: this driver
+    adds only variables the job lacks. It adds no setup hook there and nothing when nothing is missing, since Ray
+    refuses to merge two runtime envs that set the same variable and a driver-level runtime env makes Ray treat
+    the job's working-dir copy, this process's working folder, as unused and delete it mid-sweep. A driver
+    started by hand on a cluster (no job) gives its workers the variables and the warm-up hook.
+    """
     job = job_runtime_env()
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {"env_vars": env, "worker_process_setup_hook": PREWARM_HOOK}
     given = job.get("env_vars") or {}
-    out: dict[str, Any] = {"env_vars": {k: v for k, v in env.items() if k not in given}}
-    if "worker_process_setup_hook" not in job:
-        out["worker_process_setup_hook"] = PREWARM_HOOK
-    return out
+    missing = {k: v for k, v in env.items() if k not in given and k != PREWARM_ENV}
+    return {"env_vars": missing} if missing else None
 
 
 @dataclass(frozen=True)

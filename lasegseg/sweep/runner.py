@@ -17,7 +17,7 @@ from typing import Any
 
 from lasegseg import options
 from lasegseg.errors import ConfigError, DataError, LasegsegError
-from lasegseg.paths import DEFAULT_STORAGE, STORAGE_ENV
+from lasegseg.paths import DEFAULT_STORAGE, STORAGE_ENV, cache_root, stable_storage_root
 
 log = logging.getLogger("lasegseg.sweep")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "sweeps" / "configs" / "demo.yaml"
@@ -64,15 +64,15 @@ class SweepPlan:
     Args:
         spec: the parsed sweep file, with the command line's resource flags applied.
         name: the sweep's (and MLflow experiment's) name.
-        storage: the output root the user gave (or the default).
-        sweep_dir: ``<storage>/<name>``.
+        root: where the sweep's results live (``<storage>/<name>``): a local folder, ``s3://`` or ``gs://``.
+        sweep_dir: the sweep's local folder: ``root`` itself when local, else a local working copy.
         trials: every trial's flat config.
         overrides: the ``--set`` values.
     """
 
     spec: Any
     name: str
-    storage: str
+    root: Any
     sweep_dir: Path
     trials: list[dict[str, Any]]
     overrides: dict[str, Any]
@@ -84,13 +84,27 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     from lasegseg.sweep.spec import load_spec
 
     overrides = parse_overrides(args.set)
+    args.config = str(Path(args.config).resolve())  # Ray may change the working folder once it is joined
     spec = load_spec(args.config, overrides=overrides)
     _apply_resource_flags(args, spec.resources)
     name = args.experiment or spec.name
-    storage = args.storage_path or os.environ.get(STORAGE_ENV, DEFAULT_STORAGE)
-    sweep_dir = (Path(storage).expanduser() / name).resolve()
+    root = _storage_root(args.storage_path).join(name)
+    sweep_dir = Path(root.path) if not root.remote else cache_root() / "sweeps" / name
     spec.base["data.path"] = _resolve_data(args, spec, sweep_dir)
-    return SweepPlan(spec, name, storage, sweep_dir, spec.trials(), overrides)
+    return SweepPlan(spec, name, root, sweep_dir, spec.trials(), overrides)
+
+
+def _storage_root(flag: str | None):
+    """``--storage-path``, else ``$LASEGSEG_STORAGE``, else ``./runs``; under ``ray job submit`` a relative folder is
+    taken under ``~/lasegseg`` instead, since the job runs in a temporary copy of the working dir that Ray deletes."""
+    from lasegseg.sweep.cluster import in_job_working_dir
+    from lasegseg.sweep.storage import parse_storage
+
+    text = flag or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    root = parse_storage(text)
+    if not root.remote and in_job_working_dir() and not Path(text).expanduser().is_absolute():
+        root = parse_storage(str(stable_storage_root().parent / text))
+    return root
 
 
 def _apply_resource_flags(args: argparse.Namespace, res) -> None:
@@ -148,14 +162,14 @@ def _check_pool(trials: list[dict[str, Any]], cache) -> None:
 
 def _load_state(plan: SweepPlan, resume: bool) -> dict[str, Any]:
     """The sweep's own state file (parent run, tracking URI, pseudonymisation) from an earlier run, if any."""
+    if plan.root.remote:
+        _pull_files(plan)
     path = plan.sweep_dir / STATE_FILE
     state = json.loads(path.read_text()) if path.is_file() else {}
     if resume and not state:
-        raise LasegsegError(f"{path}: nothing to resume (no earlier sweep named '{plan.name}' under {plan.storage})")
+        raise LasegsegError(f"{plan.root.uri}: nothing to resume (no earlier sweep named '{plan.name}' there)")
     if not resume and state.get("status") == "running":
-        print(
-            f"note: an earlier run of '{plan.name}' did not finish; starting a new sweep (use --resume to continue it)"
-        )
+        print(f"note: an earlier run of '{plan.name}' did not finish; starting a new sweep (--resume continues it)")
     return state
 
 
@@ -163,6 +177,29 @@ def _save_state(plan: SweepPlan, state: dict[str, Any]) -> None:
     from lasegseg.fsio import write_json_atomic
 
     write_json_atomic(plan.sweep_dir / STATE_FILE, state)
+    if plan.root.remote:
+        plan.root.write_bytes(STATE_FILE, (plan.sweep_dir / STATE_FILE).read_bytes())
+
+
+def _pull_files(plan: SweepPlan) -> None:
+    """An object-store sweep's own files (state, screening, timings) into the local working folder, for --resume."""
+    from lasegseg.fsio import atomic_write
+    from lasegseg.sweep.tune_runner import SCREENING_FILE, TIMINGS_FILE
+
+    for name in (STATE_FILE, SCREENING_FILE, TIMINGS_FILE):
+        data = plan.root.read_bytes(name)
+        if data is not None:
+            atomic_write(plan.sweep_dir / name, data)
+
+
+def _push_files(plan: SweepPlan) -> None:
+    """The sweep's own files and summary to its object-store root; the pseudonym key and salt never leave."""
+    if not plan.root.remote:
+        return
+    private = {".pseudonym_salt", "pseudonyms.csv", "mlflow.db"}
+    for path in sorted(plan.sweep_dir.iterdir()):
+        if path.is_file() and path.name not in private and not path.name.startswith(("mlflow.db", ".")):
+            plan.root.write_bytes(path.name, path.read_bytes())
 
 
 def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:
@@ -182,7 +219,9 @@ def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
     from lasegseg.sweep.cluster import init_ray, local_cpus
     from lasegseg.sweep.worker import PREWARM_ENV
 
-    env = {**tracking.tracking_env(tracking_uri), CACHE_ENV: os.environ.get(CACHE_ENV, "")}
+    env = tracking.tracking_env(tracking_uri)
+    if not os.environ.get("RAY_ADDRESS"):  # the private local cluster shares this machine's cache folder
+        env[CACHE_ENV] = os.environ.get(CACHE_ENV, "")
     first = next((t for t in plan.trials if t.get("model.backbone", "none") != "none"), None)
     if first is not None:
         env[PREWARM_ENV] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
@@ -204,7 +243,7 @@ def _open_parent_run(args, plan: SweepPlan, tracking_uri: str, state: dict[str, 
                   "data.path": plan.spec.base["data.path"], "sweep.pseudonymize": pseudonymize,
                   **{f"sweep.set.{k}": v for k, v in plan.overrides.items()}}  # fmt: skip
         parent_run_id = tracking.start_parent(
-            tracking_uri, experiment_id, plan.name, params=params, tags={"lasegseg.sweep_dir": str(plan.sweep_dir)}
+            tracking_uri, experiment_id, plan.name, params=params, tags={"lasegseg.sweep_dir": plan.root.uri}
         )
         tracking.client(tracking_uri).log_artifact(parent_run_id, args.config)
     return {"status": "running", "parent_run_id": parent_run_id, "experiment_id": experiment_id,
@@ -225,8 +264,10 @@ def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
         summary = None
     tracking.client(uri).set_terminated(parent, "FINISHED" if summary is not None else "FAILED")
     _save_state(plan, {**state, "status": "finished"})
-    print(f"results: {plan.sweep_dir}  (MLflow: {uri}, experiment '{plan.name}', parent run {parent})")
-    print(ui_hint(uri, state["experiment_id"]))
+    _push_files(plan)
+    shown = tracking.display_uri(uri)
+    print(f"results: {plan.root.uri}  (MLflow: {shown}, experiment '{plan.name}', parent run {parent})")
+    print(ui_hint(shown, state["experiment_id"]))
     if failed:
         print(f"{len(failed)} trial(s) failed: " + ", ".join(failed), file=sys.stderr)
         return 1
@@ -260,31 +301,35 @@ def run_cli(args: argparse.Namespace, prog: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the sweep, open its data and tracking store, run its stages on Ray Tune and aggregate the results.
-
-    Returns 0 when every trial finished and the summary was written, else 1.
+    """Check the sweep, its storage, tracking store and cluster, build the caches on the nodes, run the stages on
+    Ray Tune and aggregate the results. Returns 0 when every trial finished and the summary was written, else 1.
     """
     from lasegseg.config import from_flat
     from lasegseg.data.cache import open_cache
     from lasegseg.paths import default_tracking_uri
     from lasegseg.sweep import tracking
+    from lasegseg.sweep.caches import build_node_caches
     from lasegseg.sweep.tune_runner import run_stages
-    from lasegseg.train.features import build_sweep_features
 
     plan = plan_sweep(args)
-    print(f"sweep '{plan.name}': {len(plan.trials)} trials" + _screen_note(plan.spec))
+    print(f"sweep '{plan.name}': {len(plan.trials)} trials{_screen_note(plan.spec)}; results: {plan.root.uri}")
     if args.dry_run:
         return _print_trials(plan)
+    # torch before pyarrow's S3 client: loaded the other way round, libtorch finds no static TLS left and dies.
+    import torch  # noqa: F401
+
+    plan.root.check()
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(plan.sweep_dir)
     tracking.check_reachable(tracking_uri)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(plan, args.resume)
-    # Decode once, driver side: every trial memory-maps this cache instead of reading NIfTI again.
+    _start_ray(plan, tracking_uri)
+    _check_cluster(plan, tracking_uri)
+    # Decode once, driver side, for the case list; trials memory-map their node's copy instead of reading NIfTI.
     cache = open_cache(from_flat(plan.trials[0]))
     _check_pool(plan.trials, cache)
-    _start_ray(plan, tracking_uri)
-    # Frozen backbones: one pass over every slice now, so frozen trials only memory-map the features.
-    feature_paths = build_sweep_features(plan.trials, cache)
+    # Frozen backbones: one pass over every slice per node, by a task with the trials' accelerator share.
+    feature_paths = build_node_caches(plan.trials, plan.spec.resources)
     # A resumed sweep keeps the choice of its first run: one sweep never mixes real ids and aliases.
     pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
     salt = _pseudonym_salt(plan.sweep_dir, cache.cases) if pseudonymize else None
@@ -292,11 +337,27 @@ def run(args: argparse.Namespace) -> int:
     _save_state(plan, state)
     ctx = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
            "cache_path": str(cache.path), "threads": max(1, int(plan.spec.resources.cpus_per_trial)),
-           "feature_paths": feature_paths}  # fmt: skip
+           "feature_paths": feature_paths, "storage": plan.root}  # fmt: skip
     if salt is not None:
         ctx |= {"pseudonym_salt": salt.decode("utf-8"), "case_ids": list(cache.cases)}
     outcome = run_stages(plan.spec, ctx, plan.sweep_dir, resume=args.resume)
     return _finish(plan, state, outcome["failed"])
+
+
+def _check_cluster(plan: SweepPlan, tracking_uri: str) -> None:
+    """Refuse, before any trial, what would hang or break across nodes: requests no node can meet, a file-based
+    tracking store on several nodes; warn when a local storage folder must be shared."""
+    from lasegseg.sweep.cluster import alive_nodes, autoscaler_node_types, check_fits, check_tracking
+
+    nodes, types = alive_nodes(), autoscaler_node_types()
+    requests = {tuple(sorted(plan.spec.resources.for_trial(t).items())) for t in plan.trials}
+    check_fits([dict(r) for r in requests], nodes, types)
+    check_tracking(tracking_uri, nodes, types)
+    if (len(nodes) > 1 or types) and not plan.root.remote:
+        print(
+            f"note: {plan.root.uri} is a local folder; across nodes it must be the same shared folder (NFS) on "
+            "every node, or use --storage-path s3://… / gs://…"
+        )
 
 
 def _screen_note(spec) -> str:

@@ -1,20 +1,20 @@
 """Where a sweep keeps what must outlive its processes: a local folder, ``s3://…`` or ``gs://…``, via pyarrow.
 
 Tune's experiment state and trial checkpoints, and the sweep's own state, timings and summary, go to one storage
-root that every node reaches. Object stores are reached through pyarrow's filesystems, wrapped so that a store
-that goes away for a while (a restart, a network blip) costs waiting, not a failed trial: every call is retried
-with backoff for ``$LASEGSEG_STORAGE_RETRY_SECONDS`` (300), and writes are spooled to a local file first, so a
-failed upload is sent again whole. S3's endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL``; credentials come from each process's own environment (the usual AWS chain) and are never put
-into anything that is pickled, logged or stored.
+root that every node reaches. S3 is reached through boto3 behind a pyarrow filesystem handler, so that a store that
+goes away for a while (a restart, a network blip) costs waiting, not a failed trial: every call is retried with
+backoff for ``$LASEGSEG_STORAGE_RETRY_SECONDS`` (300), and writes are spooled to a local file first, so a failed
+upload is sent again whole. The endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``;
+credentials from each process's own environment (the usual AWS chain), never from anything pickled, logged or
+stored. GCS goes through pyarrow's own client, which retries for the same time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
 
+from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError, LasegsegError, first_line
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,29 @@ def retry_seconds() -> float:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A storage fault that a retry may fix (not a missing file, a refused credential or a bad bucket)."""
+    """A storage fault that a retry may fix (not a missing object, a refused credential or a bad bucket)."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    return isinstance(exc, OSError) and any(m.lower() in str(exc).lower() for m in _TRANSIENT)
+    try:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return isinstance(exc, OSError) and _transient_words(str(exc))
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 429 or err.get("Code") in ("SlowDown", "RequestTimeout", "Throttling")
+    if isinstance(exc, BotoCoreError):  # connection refused or reset, timeouts: never an answer from the store
+        return "NoCredentials" not in type(exc).__name__ and "ParamValidation" not in type(exc).__name__
+    if isinstance(exc, S3UploadFailedError):
+        return not any(w in str(exc) for w in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId"))
+    return isinstance(exc, OSError) and _transient_words(str(exc))
+
+
+def _transient_words(text: str) -> bool:
+    return any(m.lower() in text.lower() for m in _TRANSIENT)
 
 
 def with_retries(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
@@ -83,28 +101,6 @@ def with_retries(fn: Callable[[], T], what: str, seconds: float | None = None) -
 def s3_endpoint() -> str | None:
     """The S3 endpoint from the standard variables (``AWS_ENDPOINT_URL_S3`` first), or None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def _object_filesystem(scheme: str, endpoint: str | None):
-    """pyarrow's own filesystem for ``scheme``; credentials from this process's environment, never passed in."""
-    from pyarrow import fs as pafs
-
-    if scheme == "gs":
-        return pafs.GcsFileSystem(retry_time_limit=timedelta_seconds(30))
-    options: dict[str, Any] = {"connect_timeout": 5.0, "request_timeout": 60.0}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        options |= {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        options["region"] = region
-    return pafs.S3FileSystem(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=3), **options)
-
-
-def timedelta_seconds(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
 
 
 class _Spool:
@@ -129,66 +125,172 @@ class _Spool:
             return
         self.closed = True
         try:
+            self._file.seek(0)
             self._upload(self._file)
         finally:
             self._file.close()
 
 
-class RetryingHandler(pafs.FileSystemHandler):
-    """Delegates to pyarrow's S3/GCS filesystem, retrying transient faults; pickles as (scheme, endpoint) only.
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, key = path.strip("/").partition("/")
+    return bucket, key
 
-    Each process builds its own inner filesystem on first use, from its own environment, so neither the retry
-    settings (which pyarrow does not pickle) nor credentials travel inside Ray's pickles.
+
+class S3Handler(pafs.FileSystemHandler):
+    """An S3 bucket as a pyarrow filesystem, through boto3, retrying transient faults; pickles as the endpoint only.
+
+    boto3 rather than pyarrow's own S3 client: Tune calls a filesystem from Arrow's I/O thread pool, and a Python
+    handler that called pyarrow's S3 client (which runs on the same pool) from there deadlocks once the pool is
+    busy. Each process builds its own client on first use from its own environment, so credentials never travel
+    inside Ray's pickles. Folders are implicit (key prefixes), with ``key/`` markers as pyarrow writes them.
     """
 
-    def __init__(self, scheme: str, endpoint: str | None) -> None:
-        self.scheme, self.endpoint = scheme, endpoint
-        self._fs = None
+    def __init__(self, endpoint: str | None) -> None:
+        self.endpoint = endpoint
+        self._client = None
+        self._lock = threading.Lock()
 
     def __reduce__(self):
-        return (_rebuild_handler, (self.scheme, self.endpoint))
+        return (S3Handler, (self.endpoint,))
 
     @property
-    def fs(self):
-        if self._fs is None:
-            self._fs = _object_filesystem(self.scheme, self.endpoint)
-        return self._fs
+    def s3(self):
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                # Few quick retries inside botocore; with_retries waits out longer outages with backoff.
+                cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+                self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=cfg)
+            return self._client
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return with_retries(fn, f"{what} ({self.scheme}://)")
+        return with_retries(fn, f"{what} (s3)")
 
     def get_type_name(self) -> str:
-        return f"lasegseg-retrying-{self.scheme}"
+        return "lasegseg-s3"
 
     def normalize_path(self, path):
-        return self.fs.normalize_path(path)
+        return path.strip("/")
 
     def get_file_info(self, paths):
-        return self._call("stat", lambda: self.fs.get_file_info(paths))
+        return [self._info(p) for p in paths]
+
+    def _info(self, path: str):
+        bucket, key = _split(path)
+        if not key:
+            ok = self._call("head bucket", lambda: self._exists(lambda: self.s3.head_bucket(Bucket=bucket)))
+            return pafs.FileInfo(path, pafs.FileType.Directory if ok else pafs.FileType.NotFound)
+        head = self._call("stat", lambda: self._head(bucket, key))
+        if head is not None:
+            return pafs.FileInfo(path, pafs.FileType.File, size=head["ContentLength"], mtime=head["LastModified"])
+        page = self._call("list", lambda: self.s3.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1))
+        return pafs.FileInfo(path, pafs.FileType.Directory if page.get("KeyCount") else pafs.FileType.NotFound)
+
+    def _head(self, bucket: str, key: str):
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    @staticmethod
+    def _exists(fn: Callable[[], Any]) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            fn()
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise
+
+    def _keys(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        out, token = [], None
+        while True:
+            kwargs = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = self._call("list", lambda kw=kwargs: self.s3.list_objects_v2(**kw))
+            out += page.get("Contents", [])
+            token = page.get("NextContinuationToken")
+            if not token:
+                return out
 
     def get_file_info_selector(self, selector):
-        return self._call("list", lambda: self.fs.get_file_info(selector))
+        bucket, key = _split(selector.base_dir)
+        prefix = f"{key}/" if key else ""
+        objects = self._keys(bucket, prefix)
+        if (
+            not objects
+            and not selector.allow_not_found
+            and self._info(selector.base_dir).type != pafs.FileType.Directory
+        ):
+            raise FileNotFoundError(f"s3://{selector.base_dir}: no such folder")
+        files, dirs = {}, set()
+        for obj in objects:
+            rel = obj["Key"][len(prefix) :]
+            parts = [p for p in rel.split("/") if p]
+            if not parts or (not selector.recursive and len(parts) > 1):
+                if parts:
+                    dirs.add(parts[0])
+                continue
+            for i in range(1, len(parts)):
+                dirs.add("/".join(parts[:i]))
+            if obj["Key"].endswith("/"):
+                dirs.add("/".join(parts))
+            else:
+                files["/".join(parts)] = obj
+        base = f"{bucket}/{prefix}"
+        out = [pafs.FileInfo(base + d, pafs.FileType.Directory) for d in sorted(dirs)]
+        out += [pafs.FileInfo(base + f, pafs.FileType.File, size=o["Size"], mtime=o["LastModified"])
+                for f, o in sorted(files.items())]  # fmt: skip
+        return out
 
     def create_dir(self, path, recursive):
-        self._call("mkdir", lambda: self.fs.create_dir(path, recursive=recursive))
+        bucket, key = _split(path)
+        if key:
+            self._call("mkdir", lambda: self.s3.put_object(Bucket=bucket, Key=key + "/", Body=b""))
+
+    def _delete_prefix(self, path: str, keep_marker: bool) -> None:
+        bucket, key = _split(path)
+        keys = [o["Key"] for o in self._keys(bucket, f"{key}/" if key else "")]
+        if keep_marker:
+            keys = [k for k in keys if k != f"{key}/"]
+        for start in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
+            self._call("delete", lambda b=batch: self.s3.delete_objects(Bucket=bucket, Delete=b))
 
     def delete_dir(self, path):
-        self._call("rmdir", lambda: self.fs.delete_dir(path))
+        self._delete_prefix(path, keep_marker=False)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
-        self._call("rmdir", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+        self._delete_prefix(path, keep_marker=True)
 
     def delete_root_dir_contents(self):
         raise LasegsegError("refusing to delete the whole bucket")
 
     def delete_file(self, path):
-        self._call("delete", lambda: self.fs.delete_file(path))
-
-    def move(self, src, dest):
-        self._call("move", lambda: self.fs.move(src, dest))
+        bucket, key = _split(path)
+        self._call("delete", lambda: self.s3.delete_object(Bucket=bucket, Key=key))
 
     def copy_file(self, src, dest):
-        self._call("copy", lambda: self.fs.copy_file(src, dest))
+        (sb, sk), (db, dk) = _split(src), _split(dest)
+        self._call("copy", lambda: self.s3.copy_object(Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}))
+
+    def move(self, src, dest):
+        if self._info(src).type == pafs.FileType.File:
+            self.copy_file(src, dest)
+            self.delete_file(src)
+            return
+        sb, sk = _split(src)
+        for obj in self._keys(sb, sk + "/"):
+            rel = obj["Key"][len(sk) + 1 :]
+            self.copy_file(f"{sb}/{obj['Key']}", f"{dest.rstrip('/')}/{rel}")
+        self.delete_dir(src)
 
     def open_input_stream(self, path):
         return self._download(path)
@@ -196,47 +298,49 @@ class RetryingHandler(pafs.FileSystemHandler):
     def open_input_file(self, path):
         return self._download(path)
 
-    def open_output_stream(self, path, metadata):
+    def _download(self, path: str):
         import pyarrow as pa
 
-        def upload(spooled) -> None:
-            def send() -> None:
-                spooled.seek(0)
-                with self.fs.open_output_stream(path, metadata=metadata) as out:
-                    shutil.copyfileobj(spooled, out, 8 << 20)
-
-            self._call(f"upload {path}", send)
-
-        return pa.PythonFile(_Spool(upload), mode="w")
-
-    def open_append_stream(self, path, metadata):
-        raise OSError(f"{self.scheme}://{path}: object stores cannot append")
-
-    def _download(self, path):
-        import pyarrow as pa
-
+        bucket, key = _split(path)
+        if self._call("stat", lambda: self._head(bucket, key)) is None:
+            raise FileNotFoundError(f"s3://{path}: no such object")
         spooled = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
 
         def fetch() -> None:
             spooled.seek(0)
             spooled.truncate()
-            with self.fs.open_input_stream(path) as src:
-                shutil.copyfileobj(src, spooled, 8 << 20)
+            self.s3.download_fileobj(bucket, key, spooled)
 
-        self._call(f"download {path}", fetch)
+        self._call(f"download s3://{path}", fetch)
         spooled.seek(0)
         return pa.PythonFile(spooled, mode="r")
 
+    def open_output_stream(self, path, metadata):
+        import pyarrow as pa
 
-def _rebuild_handler(scheme: str, endpoint: str | None) -> RetryingHandler:
-    return RetryingHandler(scheme, endpoint)
+        bucket, key = _split(path)
+
+        def upload(spooled) -> None:
+            def send() -> None:
+                spooled.seek(0)
+                self.s3.upload_fileobj(spooled, bucket, key)
+
+            self._call(f"upload s3://{path}", send)
+
+        return pa.PythonFile(_Spool(upload), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise OSError(f"s3://{path}: object stores cannot append")
 
 
-def retrying_filesystem(scheme: str, endpoint: str | None = None):
-    """A pyarrow filesystem for ``s3`` or ``gs`` that waits out transient faults (see the module docstring)."""
-    from pyarrow import fs as pafs
+def object_filesystem(scheme: str):
+    """The pyarrow filesystem for an object-store scheme: S3 through :class:`S3Handler`, GCS through pyarrow's own
+    client, which retries transient faults for as long as its ``retry_time_limit``."""
+    if scheme == "s3":
+        return pafs.PyFileSystem(S3Handler(s3_endpoint()))
+    from datetime import timedelta
 
-    return pafs.PyFileSystem(_rebuild_handler(scheme, endpoint))
+    return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=retry_seconds()))
 
 
 @dataclass(frozen=True)
@@ -259,7 +363,7 @@ class Storage:
 
     def filesystem(self):
         """The pyarrow filesystem Tune and the sweep write through (None lets Tune use the local disk)."""
-        return retrying_filesystem(self.scheme, s3_endpoint() if self.scheme == "s3" else None) if self.remote else None
+        return object_filesystem(self.scheme) if self.remote else None
 
     def join(self, *parts: str) -> Storage:
         path = "/".join([self.path.rstrip("/"), *parts])
@@ -278,21 +382,19 @@ class Storage:
             except OSError as exc:
                 raise ConfigError(f"--storage-path {self.uri}: cannot create the folder ({exc.strerror})") from None
             return
-        from pyarrow import fs as pafs
-
         bucket = self.path.split("/", 1)[0]
-        raw = _object_filesystem(self.scheme, s3_endpoint() if self.scheme == "s3" else None)
+        fs = self.filesystem()
+        probe = f"{self.path.rstrip('/')}/.lasegseg-write-check"
         try:
-            info = with_retries(lambda: raw.get_file_info(bucket), f"check {self.uri}", seconds=15)
-            if info.type != pafs.FileType.Directory:
-                raise ConfigError(f"--storage-path {self.uri}: bucket '{bucket}' does not exist")
-            probe = f"{self.path.rstrip('/')}/.lasegseg-write-check"
-            with raw.open_output_stream(probe) as out:
-                out.write(b"ok")
-            raw.delete_file(probe)
+            with scoped_environ({RETRY_ENV: "8"}):  # a start-up check: a few seconds, not the run's patience
+                if fs.get_file_info(bucket).type != pafs.FileType.Directory:
+                    raise ConfigError(f"--storage-path {self.uri}: bucket '{bucket}' does not exist")
+                with fs.open_output_stream(probe) as out:
+                    out.write(b"ok")
+                fs.delete_file(probe)
         except ConfigError:
             raise
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - botocore and pyarrow raise many types for a refused request
             raise ConfigError(f"--storage-path {self.uri}: unreachable or refused ({first_line(exc)})") from None
 
     # Small files of the sweep's own (state, timings, summary), read and written whole.

@@ -121,6 +121,15 @@ def client(tracking_uri: str, *, registry: bool = False):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri if registry else None)
 
 
+def display_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` fit to print: a password written into it (``https://user:secret@host``) is masked."""
+    parsed = urlparse(tracking_uri)
+    if parsed.password is None:
+        return tracking_uri
+    netloc = f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
+    return parsed._replace(netloc=netloc).geturl()
+
+
 def check_reachable(tracking_uri: str, timeout: float = 10.0, *, must_exist: bool = False) -> None:
     """Fail fast with one line when an http(s) tracking server does not answer.
 
@@ -347,6 +356,13 @@ class TrialTracker:
         if len(self.buffer):
             self._kick()
         return run_id
+
+    def tag_attempt(self, tags: dict[str, str]) -> None:
+        """Tags of this attempt (where it ran); a retry on another node overwrites them with its own."""
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        retry(lambda: self.client.log_batch(self.run_id, tags=batch), "set tags", self.retry_seconds)
 
     def finished_results(self) -> dict[str, float] | None:
         """The final metrics of this trial's run if it already finished (a resumed sweep must not redo it)."""

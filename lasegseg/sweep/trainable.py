@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lasegseg.fsio import pid_alive
-from lasegseg.sweep.worker import worker_info
+from lasegseg.sweep.worker import placement, worker_info
 
 RUN_FILE = "mlflow_run.json"
 SCRATCH_PREFIX = "lasegseg-trial-"
@@ -28,26 +28,28 @@ def _remove_orphaned_scratch() -> None:
 
 
 def _open_shared_cache(ctx: dict[str, Any], cfg):
-    """The driver-built cache, memory-mapped (no NIfTI is read); rebuilt locally only if this node lacks it."""
+    """The slice cache in this node's own cache folder: the driver's, memory-mapped, when this node shares its
+    folder (one machine), else the node's own copy, built there once under the cache's lock."""
     from lasegseg.data.cache import SliceCache, open_cache
+    from lasegseg.paths import cache_root
 
     path = ctx.get("cache_path")
-    if path and Path(path).is_dir():
+    if path and Path(path).is_dir() and Path(path).resolve().is_relative_to(cache_root(cfg.data.cache_dir).resolve()):
         # The driver verified the content hashes when it built or opened the cache; a size check suffices here.
         return SliceCache.open(Path(path), verify="size")
     return open_cache(cfg)
 
 
-def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any]):
-    """The driver-built frozen-backbone features for this trial, memory-mapped; None when there are none."""
+def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: str):
+    """The features this node's cache task built for this trial, memory-mapped; None when there are none."""
     from lasegseg.errors import DataError
     from lasegseg.train.features import FeatureCache, feature_slot
 
-    path = (ctx.get("feature_paths") or {}).get(feature_slot(flat))
+    path = (ctx.get("feature_paths") or {}).get(node_id, {}).get(feature_slot(flat))
     if not path or not Path(path).is_dir():
         return None
     try:
-        # Verified (hashed) by the driver; sizes and shapes are enough here.
+        # Verified (hashed) when they were built or opened on this node; sizes and shapes are enough here.
         return FeatureCache.open(path, verify="size")
     except DataError:
         return None  # run_trial rebuilds what it needs
@@ -105,7 +107,8 @@ def _epoch_reporter(tracker, run_id: str, first_report: dict[str, Any], timings:
         report = {**metrics, "epoch": epoch, "done": False}
         if not timings.get("reported"):
             # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
-            report |= {**first_report, "first_step_at": timings.get("first_step_at", 0.0)}
+            report |= {**first_report, "first_step_at": timings.get("first_step_at", 0.0),
+                       "features_built": bool(timings.get("features_built"))}  # fmt: skip
             timings["reported"] = True
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
 
@@ -132,20 +135,25 @@ def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path)
 
 
 def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_dir: Path | None, first_report, alias):
-    """Fit, validate and test the trial (resuming from ``resume_dir``); returns run_trial's results."""
+    """Fit, validate and test the trial (resuming from ``resume_dir``) on this node's caches and the device Ray
+    assigned; returns run_trial's results."""
     from ray import tune
 
+    from lasegseg.fsio import built_by_this_process
     from lasegseg.train.trial import prepare_data, run_trial
 
     if resume_dir is not None:
         tracker.log_history(json.loads((resume_dir / "state.json").read_text())["scalars"].get("history", []))
     timings: dict[str, Any] = {}
-    data = prepare_data(cfg, cache=_open_shared_cache(ctx, cfg))
-    data.features = _open_shared_features(ctx, cfg.to_flat())
+    cache = _open_shared_cache(ctx, cfg)
+    first_report["slice_cache_built"] = built_by_this_process(cache.manifest)
+    data = prepare_data(cfg, cache=cache)
+    data.features = _open_shared_features(ctx, cfg.to_flat(), first_report["node_id"])
     out = Path(tune.get_context().get_trial_dir()) / "result"
     results = run_trial(
-        cfg, out, data=data, on_epoch=_epoch_reporter(tracker, run_id, first_report, timings),
-        checkpoint_dir=work / "state", resume_from=resume_dir, timings=timings, alias=alias,
+        cfg, out, data=data, device=first_report["device"],
+        on_epoch=_epoch_reporter(tracker, run_id, first_report, timings), checkpoint_dir=work / "state",
+        resume_from=resume_dir, timings=timings, alias=alias,
         durable_checkpoints=False,  # scratch: Tune copies it to its storage
     )  # fmt: skip
     tracker.finish(results, artifact_dir=out)
@@ -160,7 +168,8 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_path, feature_paths,
             threads.
     """
-    first_report = {"trial_started_at": time.time(), **worker_info()}  # before this trial's own imports
+    # Before this trial's own imports: was the process warm when the trial came? And where does it run?
+    first_report = {"trial_started_at": time.time(), **worker_info(), **placement()}
     _quiet_checkpoint_logs()
     import torch
     from ray import tune
@@ -178,6 +187,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracker = _tracker(ctx, cfg)
         resume_dir, known_run = _restored(work)
         run_id = tracker.start(known_run)
+        tracker.tag_attempt({f"lasegseg.{k}": first_report[k] for k in ("node_ip", "node_id", "device")})
         finished = tracker.finished_results()
         if finished is not None:
             # The trial completed before the driver died but Tune never recorded it: report, do not retrain.

@@ -11,11 +11,14 @@ from typing import Any
 
 from lasegseg.fsio import atomic_write
 from lasegseg.sweep.spec import SweepSpec, cell_key
+from lasegseg.sweep.storage import Storage, parse_storage
 
 TIMINGS_FILE = "trial_timings.csv"
+SCREENING_FILE = "screening.json"
 TIMING_FIELDS = (
     "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
-    "worker_pid", "worker_started_at", "worker_prewarmed",
+    "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
+    "features_built",
 )  # fmt: skip
 
 
@@ -114,6 +117,10 @@ def _timings_callback(sweep_dir: Path):
                 "worker_pid": result.get("worker_pid", ""),
                 "worker_started_at": f"{float(result.get('worker_started_at') or 0):.3f}",
                 "worker_prewarmed": str(bool(result.get("worker_prewarmed", False))).lower(),
+                "node_ip": result.get("node_ip", ""), "node_id": result.get("node_id", ""),
+                "device": result.get("device", ""),
+                "slice_cache_built": str(bool(result.get("slice_cache_built", False))).lower(),
+                "features_built": str(bool(result.get("features_built", False))).lower(),
             })  # fmt: skip
             atomic_write(path, _csv_text(self.rows))
 
@@ -128,12 +135,18 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def _run_config(name: str, sweep_dir: Path, res):
+def _storage(ctx: dict[str, Any], sweep_dir: Path) -> Storage:
+    """The sweep's storage root (``<storage>/<name>``): the local sweep folder unless the driver named another."""
+    return ctx.get("storage") or parse_storage(str(sweep_dir))
+
+
+def _run_config(name: str, root: Storage, sweep_dir: Path, res):
     from ray import tune
 
     return tune.RunConfig(
         name=name,
-        storage_path=str(sweep_dir / "tune"),
+        storage_path=root.join("tune").tune_path(),
+        storage_filesystem=root.filesystem(),
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[_progress_callback(), _timings_callback(sweep_dir)],
@@ -141,11 +154,12 @@ def _run_config(name: str, sweep_dir: Path, res):
     )
 
 
-def _fit(tuner_factory, restore_path: Path, resume: bool, trainable):
+def _fit(tuner_factory, restore: Storage, resume: bool, trainable):
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(str(restore_path)):
-        tuner = tune.Tuner.restore(str(restore_path), trainable, resume_unfinished=True, resume_errored=True)
+    path, fs = restore.tune_path(), restore.filesystem()
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = tuner_factory()
     return tuner.fit()
@@ -157,8 +171,8 @@ def screen_learning_rates(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    screen, res = spec.screen, spec.resources
-    chosen_path = sweep_dir / "screening.json"
+    screen, res, root = spec.screen, spec.resources, _storage(ctx, sweep_dir)
+    chosen_path = sweep_dir / SCREENING_FILE
     chosen: dict[str, float] = json.loads(chosen_path.read_text()) if chosen_path.is_file() else {}
     out: dict[tuple, float] = {}
     for i, base in enumerate(spec.screening_cells()):
@@ -185,10 +199,10 @@ def screen_learning_rates(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path,
                     max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
                     trial_dirname_creator=_dirname,
                 ),
-                run_config=_run_config(name, sweep_dir, res),
+                run_config=_run_config(name, root, sweep_dir, res),
             )  # fmt: skip
 
-        grid = _fit(factory, sweep_dir / "tune" / name, resume, trainable)
+        grid = _fit(factory, root.join("tune", name), resume, trainable)
         best = grid.get_best_result(metric="val_dice", mode="max", scope="all")
         if best is None or best.config is None:
             raise RuntimeError(f"screening of cell {key} produced no result")
@@ -210,7 +224,7 @@ def run_stages(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bo
         for key, lr in lr_by_cell.items():
             c.log_param(ctx["parent_run_id"], f"screen.lr.{'/'.join(map(str, key))}", f"{lr:.3g}")
     trials = spec.trials(lr_by_cell=lr_by_cell)
-    res = spec.resources
+    res, root = spec.resources, _storage(ctx, sweep_dir)
     trainable = _trainable({**ctx, "stage": "trial"}, res)
 
     def factory():
@@ -221,10 +235,10 @@ def run_stages(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bo
                 max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
                 trial_dirname_creator=_dirname, reuse_actors=True,
             ),
-            run_config=_run_config("grid", sweep_dir, res),
+            run_config=_run_config("grid", root, sweep_dir, res),
         )  # fmt: skip
 
-    grid = _fit(factory, sweep_dir / "tune" / "grid", resume, trainable)
+    grid = _fit(factory, root.join("tune", "grid"), resume, trainable)
     failed = [_result_name(r) for r in grid if r.error is not None]
     return {"failed": failed, "n": len(grid)}
 

@@ -70,3 +70,25 @@ def worker_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - psutil comes with Ray; the row only loses a column without it
         started = 0.0
     return {"worker_pid": os.getpid(), "worker_started_at": started, "worker_prewarmed": _PREWARMED}
+
+
+def placement() -> dict[str, str]:
+    """Where this Ray worker runs: its node (id and IP) and the torch device of the GPUs Ray gave it.
+
+    No GPU share means the CPU even on a GPU node: Ray no longer hides a node's GPUs from work that asked for none,
+    so ``torch.cuda.is_available()`` alone would put it on physical GPU 0, where the scheduler cannot see it. With
+    a share, Ray sets ``CUDA_VISIBLE_DEVICES`` to the assigned GPUs, so ``cuda`` is the first of them; a logical
+    GPU on a machine without CUDA (a simulated cluster) trains on the CPU.
+    """
+    import ray
+    import torch
+
+    if not ray.is_initialized():  # called outside Ray (a trainable run by hand): no node, the default device
+        return {"node_id": "", "node_ip": "", "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    gpus = ray.get_gpu_ids()
+    device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+    node_id = ray.get_runtime_context().get_node_id()
+    # The address the node registered with (--node-ip-address), as the cluster lists it; a worker process on its
+    # own would guess the machine's outward address instead.
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "")
+    return {"node_id": node_id, "node_ip": ip or ray.util.get_node_ip_address(), "device": device}

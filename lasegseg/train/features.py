@@ -35,7 +35,7 @@ import torch
 
 from lasegseg.config import frozen_backbone
 from lasegseg.errors import DataError
-from lasegseg.fsio import discard_dir, sha256_file
+from lasegseg.fsio import builder_stamp, discard_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +289,7 @@ def build_features(
             "version": FEATURES_VERSION,
             "key": final.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "builder": builder_stamp(),
             "backbone_source": str(getattr(backbone, "source", "")),
             "backbone_fingerprint": fingerprint(backbone),
             "layer_indices": list(backbone.layer_indices),

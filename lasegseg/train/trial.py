@@ -21,7 +21,7 @@ import torch
 
 from lasegseg.config import Config, run_name
 from lasegseg.data.cache import open_cache
-from lasegseg.fsio import atomic_write, write_json_atomic
+from lasegseg.fsio import atomic_write, built_by_this_process, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
 from lasegseg.train.augment import augment_batch
 from lasegseg.train.features import FeatureCache, compute_precision, get_or_build_features, to_device
@@ -310,6 +310,7 @@ def _set_up(cfg: Config, data: TrialData, device: torch.device, timings: dict[st
     model = build_segmenter(cfg.model).to(device)
     features = _trial_features(cfg, model, data, device)
     timings["feature_cache"] = features is not None
+    timings["features_built"] = features is not None and built_by_this_process(features.manifest)
     steps_per_epoch = max(1, math.ceil(len(data.train_rows) / cfg.train.batch_size))
     optimizer, scheduler = _optimizer(cfg, model, steps_per_epoch)
     forward = _compiled_forward(cfg, model, features)

@@ -1,0 +1,101 @@
+"""A sweep's caches, built where the trials run: one Ray task per node, with a frozen trial's resources.
+
+The slice cache and the frozen-backbone feature caches live in each node's own cache folder (``$LASEGSEG_CACHE`` on
+that node). Before the trials, the driver sends every node that can run a frozen trial one task that asks for
+that trial's CPUs and GPU share, so the backbone runs on the accelerator and in the precision the trials read,
+never on the driver (a cluster's head has no GPU). The task opens or builds the node's slice cache, then builds
+each frozen backbone's features under the cache's file lock: a node builds each at most once, and a trial that
+lands on a node added later builds its own the same way. On a GPU the task's worker exits afterwards, so the
+backbone's memory goes back to the trials.
+
+Building on every node beats fetching from shared storage here: a ViT-L/g feature cache of a full dataset is tens
+of GB, which takes longer to download than the GPU takes to compute it (minutes), and the slice cache is rebuilt
+from the dataset every node already reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("lasegseg.sweep")
+
+
+def frozen_feature_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat config per distinct frozen backbone whose trials train on cached features."""
+    from lasegseg.train.features import distinct_frozen_backbones, uses_feature_cache
+
+    return [flat for flat in distinct_frozen_backbones(trials) if uses_feature_cache(flat)]
+
+
+def build_on_node(flats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Inside a Ray task: this node's slice cache and the feature caches of ``flats`` (built once, under a lock).
+
+    Returns the node, the device used, ``{feature slot: folder}`` and which caches this task built.
+    """
+    import torch
+
+    from lasegseg.config import from_flat
+    from lasegseg.data.cache import open_cache
+    from lasegseg.fsio import built_by_this_process
+    from lasegseg.models.segmenter import load_backbone
+    from lasegseg.sweep.worker import placement
+    from lasegseg.train.features import feature_slot, get_or_build_features
+
+    where = placement()
+    t0 = time.perf_counter()
+    cache = open_cache(from_flat(flats[0]))
+    out = {**where, "paths": {}, "built": [], "slice_cache_built": built_by_this_process(cache.manifest)}
+    for flat in flats:
+        cfg = from_flat(flat)
+        backbone = load_backbone(cfg.model.backbone, registers=cfg.model.registers).to(where["device"])
+        feats = get_or_build_features(
+            backbone.requires_grad_(False), cache, device=where["device"], amp=cfg.train.amp,
+            batch_size=max(32, cfg.train.batch_size),
+        )  # fmt: skip
+        out["paths"][feature_slot(flat)] = str(feats.path)
+        if built_by_this_process(feats.manifest):
+            out["built"].append(feature_slot(flat))
+        del backbone
+    if where["device"] == "cuda":
+        torch.cuda.empty_cache()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def build_node_caches(trials: list[dict[str, Any]], res) -> dict[str, dict[str, str]]:
+    """Run :func:`build_on_node` on every alive node that fits a frozen trial; ``{node id: {slot: folder}}``.
+
+    Args:
+        trials: the sweep's flat trial configs.
+        res: the sweep's :class:`~lasegseg.sweep.spec.Resources`.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from lasegseg.sweep.cluster import alive_nodes
+
+    flats = frozen_feature_trials(trials)
+    if not flats:
+        return {}
+    request = res.for_trial(flats[0])
+    nodes = [n for n in alive_nodes() if n.cpus >= request["cpu"] and n.gpus >= request["gpu"]]
+    # On a GPU the worker exits after the task (max_calls=1), so the backbone's memory goes back to the trials.
+    task = ray.remote(max_calls=1 if request["gpu"] else 0)(build_on_node)
+    refs = [
+        task.options(
+            num_cpus=request["cpu"], num_gpus=request["gpu"],
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False),
+        ).remote(flats)
+        for n in nodes
+    ]  # fmt: skip
+    out = {}
+    for result in ray.get(refs):
+        built = ", ".join(result["built"]) or "none (reused)"
+        log.info(
+            "caches on node %s (%s): slice cache %s, features built: %s (%.1f s)", result["node_ip"],
+            result["node_id"][:8], "built" if result["slice_cache_built"] else "reused", built, result["seconds"],
+        )  # fmt: skip
+        out[result["node_id"]] = result["paths"]
+    return out
