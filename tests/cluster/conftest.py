@@ -26,7 +26,9 @@ FAST_FAILURE_DETECTION = {
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on the port (connections of a stopped server may linger in TIME_WAIT: that is no process)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
