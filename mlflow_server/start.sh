@@ -12,7 +12,8 @@
 # With auth: MLFLOW_AUTH_ADMIN_PASSWORD (never stored in the repo; refused when it is a default or placeholder),
 # MLFLOW_AUTH_ADMIN_USERNAME (admin), MLFLOW_AUTH_DATABASE_URI (default: the backend store URI).
 # Production: MLFLOW_BACKEND_STORE_URI (postgresql://…), MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/prefix; for
-# MinIO also MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), MLFLOW_ALLOWED_HOSTS.
+# MinIO or another S3 API also AWS_ENDPOINT_URL, as the sweeps' --storage-path s3://… uses, or
+# MLFLOW_S3_ENDPOINT_URL, and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), MLFLOW_ALLOWED_HOSTS.
 #
 # Prints the tracking URI on success; stop with mlflow_server/stop.sh (same MLFLOW_STATE_DIR).
 set -euo pipefail
@@ -77,6 +78,10 @@ else
   # The store URI may hold a database password: it reaches mlflow through its environment variable, never
   # the command line (visible to every user in `ps`). Prefer PGPASSWORD or ~/.pgpass over a password in the URI.
   export MLFLOW_BACKEND_STORE_URI="$backend"
+  # One S3 endpoint for everything: the sweeps' storage and the artifacts read the standard AWS_ENDPOINT_URL(_S3).
+  if [ -z "${MLFLOW_S3_ENDPOINT_URL:-}" ] && [ -n "${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" ]; then
+    export MLFLOW_S3_ENDPOINT_URL="${AWS_ENDPOINT_URL_S3:-$AWS_ENDPOINT_URL}"
+  fi
   args+=(--artifacts-destination "$dest")
 fi
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from lasegseg.data.io import SUPPORTED_EXTS, VolumeError, read_volume, strip_ext, to_canonical, volume_format
 from lasegseg.data.types import Case, LoadedCase
-from lasegseg.errors import DataError
+from lasegseg.errors import DataError, first_line
 
 # Image and label of one case must share the voxel grid; 1e-3 mm absorbs float32 header round-off.
 AFFINE_ATOL = 1e-3
@@ -148,7 +148,7 @@ def _scan_msd(root: Path) -> Scan:
             raise DataError(f"{meta}: larger than {MAX_JSON_BYTES // 1024**2} MiB, not a dataset index")
         doc = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{meta}: not a readable JSON file ({str(exc).splitlines()[0][:120]})") from exc
+        raise DataError(f"{meta}: not a readable JSON file ({first_line(exc, limit=120)})") from exc
     except RecursionError as exc:
         raise DataError(f"{meta}: not a readable JSON file (nested too deeply)") from exc
     training = doc.get("training") if isinstance(doc, dict) else None

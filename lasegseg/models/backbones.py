@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lasegseg.errors import ModelError
+from lasegseg.errors import ModelError, first_line
 from lasegseg.paths import cache_root
 
 NONE = "none"
@@ -400,7 +400,7 @@ def _load(source: str, *, local: bool) -> nn.Module:
     except ModelError:
         raise
     except Exception as exc:  # hub/IO failures come as many types; report them as one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(f"cannot load backbone {where} '{source}': {reason}") from exc
 
 

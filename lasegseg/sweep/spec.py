@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lasegseg.config import Config, coerce, from_flat, frozen_backbone
-from lasegseg.errors import ConfigError
+from lasegseg.errors import ConfigError, first_line
 
 MAX_TRIALS = 5000
 # A sweep file is a page of YAML: these bounds keep a hostile one (a megabyte blob, a "billion laughs" alias bomb
@@ -338,7 +338,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
             _check_node_count(node, path)
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
     finally:

@@ -150,10 +150,11 @@ def check_reachable(tracking_uri: str, timeout: float = 10.0, *, must_exist: boo
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 return  # reachable; credentials are checked by the first real call
-            raise LasegsegError(f"tracking URI {tracking_uri} answered HTTP {exc.code} on /health") from None
+            shown = display_uri(tracking_uri)
+            raise LasegsegError(f"tracking URI {shown} answered HTTP {exc.code} on /health") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise LasegsegError(f"tracking URI {tracking_uri} is unreachable ({reason})") from None
+            raise LasegsegError(f"tracking URI {display_uri(tracking_uri)} is unreachable ({reason})") from None
     elif not must_exist:
         return
     elif parsed.scheme == "sqlite":

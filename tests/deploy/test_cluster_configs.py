@@ -69,6 +69,27 @@ def test_kuberay_manifests_parse_and_use_token_auth(path):
             assert all(g["minReplicas"] <= g["maxReplicas"] for g in spec["workerGroupSpecs"])
 
 
+@pytest.mark.parametrize("path,scheme", [("aws.yaml", "s3://"), ("gcp.yaml", "gs://")])
+def test_cloud_configs_store_sweeps_in_object_storage(path, scheme):
+    cfg = yaml.safe_load((ROOT / "cluster" / path).read_text())
+    head = " ".join(c for c in cfg["head_start_ray_commands"] if "--head" in c)
+    assert f"LASEGSEG_STORAGE={scheme}" in head  # the driver's default --storage-path, on the head
+    keys = {"aws.yaml": "IamInstanceProfile", "gcp.yaml": "serviceAccounts"}[path]
+    assert all(keys in t["node_config"] for t in cfg["available_node_types"].values())  # node identity, no keys
+
+
+@pytest.mark.parametrize("path", KUBE, ids=lambda p: p.name)
+def test_kuberay_stores_sweeps_in_an_s3_compatible_bucket(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        for spec in _cluster_specs(doc):
+            head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+            storage = {e["name"]: e["value"] for e in head["env"]}["LASEGSEG_STORAGE"]
+            assert storage.startswith("s3://")
+            pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+            containers = [c for g in pods for c in g["template"]["spec"]["containers"]]
+            assert all({"secretRef": {"name": "lasegseg-s3"}} in c["envFrom"] for c in containers)
+
+
 def test_rayjob_runs_the_paper_sweep():
     (job,) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob"

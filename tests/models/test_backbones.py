@@ -322,3 +322,14 @@ def test_registering_a_family_twice_fails() -> None:
     with pytest.raises(ValueError, match="already registered"):
         backbones.register_backbone_family(DINOV2)
     assert list_backbone_families() == ["dinov2"]
+
+
+def test_a_bf16_checkpoint_loads_with_fp32_master_weights(tmp_path: Path) -> None:
+    """Fine-tuning keeps fp32 master weights whatever dtype the checkpoint was saved in (bf16 comes from autocast)."""
+    import transformers
+
+    source = transformers.Dinov2Model.from_pretrained(str(tiny_backbone_dir()), dtype=torch.bfloat16)
+    assert next(source.parameters()).dtype == torch.bfloat16
+    source.save_pretrained(tmp_path / "bf16")
+    loaded = build_backbone(str(tmp_path / "bf16"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
