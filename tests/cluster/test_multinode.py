@@ -176,6 +176,31 @@ def test_an_s3_outage_of_20_s_mid_sweep_costs_waiting_only(three, servers, tmp_p
     assert not (tmp_path / "s3:").exists()  # an s3:// root never becomes a local folder
 
 
+def test_a_killed_driver_resumes_from_the_bucket_alone(three, servers, tmp_path):
+    """The driver dies mid-sweep and its machine's copy of the sweep is gone: --resume reads the bucket."""
+    import os
+    import shutil
+    import signal
+
+    s3, mlflow = servers
+    args = ["--set", "train.epochs=3", "--set", "data.image_size=28", "--set", "model.mode=frozen", "--set",
+            "seed=0", "--config", str(ROOT / "sweeps/configs/demo.yaml"), "--max-concurrent", "1"]  # fmt: skip
+    cmd = [sys.executable, str(FEWSHOT), *args, "--set", "model.decoder=linear", "--experiment", "resumed",
+           "--storage-path", f"s3://{s3.bucket}/runs", "--gpus-per-trial", "1"]  # fmt: skip
+    env = three.driver_env()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            start_new_session=True)  # fmt: skip
+    lines = _collect(proc)
+    _wait_for_epochs(mlflow, "resumed", 3, proc)  # the first trial has trained; the sweep goes on
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    shutil.rmtree(three.head_cache / "sweeps" / "resumed")  # nothing local: state, timings, Tune's state are in S3
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, "".join(lines)[-2000:] + resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    _assert_each_epoch_once(mlflow, "resumed", 3, 2)
+    assert "runs/resumed/summary.md" in s3.keys("runs/resumed/")
+
+
 def test_a_node_killed_mid_trial_costs_the_epoch_in_flight(three, servers, tmp_path):
     s3, mlflow = servers
     epochs = 14
