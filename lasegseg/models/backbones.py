@@ -27,6 +27,7 @@ from torch import nn
 
 from lasegseg.errors import ModelError, first_line
 from lasegseg.paths import cache_root
+from lasegseg.registry import Registry
 
 NONE = "none"
 TINY_SEED = 0
@@ -72,7 +73,7 @@ class BackboneFamily:
     tiny_num_registers: int
 
 
-_FAMILIES: dict[str, BackboneFamily] = {}
+FAMILIES: Registry[BackboneFamily] = Registry("backbone family", "families", ModelError)
 
 
 def register_backbone_family(family: BackboneFamily) -> BackboneFamily:
@@ -81,15 +82,12 @@ def register_backbone_family(family: BackboneFamily) -> BackboneFamily:
     Args:
         family: the entry; registering a name twice is an error.
     """
-    if family.name in _FAMILIES:
-        raise ValueError(f"backbone family '{family.name}' is already registered")
-    _FAMILIES[family.name] = family
-    return family
+    return FAMILIES.add(family.name, family)
 
 
 def list_backbone_families() -> list[str]:
     """Registered backbone family names, sorted."""
-    return sorted(_FAMILIES)
+    return FAMILIES.names()
 
 
 def backbone_family(name: str) -> BackboneFamily:
@@ -98,14 +96,12 @@ def backbone_family(name: str) -> BackboneFamily:
     Args:
         name: a registered family name; anything else raises ModelError listing the valid names.
     """
-    if name not in _FAMILIES:
-        raise ModelError(f"unknown backbone family '{name}' (valid families: {', '.join(list_backbone_families())})")
-    return _FAMILIES[name]
+    return FAMILIES.get(name)
 
 
 def _family_of_model_type(model_type: str) -> BackboneFamily | None:
     """The family whose transformers models include ``model_type``, or None."""
-    return next((f for f in _FAMILIES.values() if model_type in f.model_classes), None)
+    return next((f for f in FAMILIES.values() if model_type in f.model_classes), None)
 
 
 register_backbone_family(
@@ -154,7 +150,7 @@ _FINGERPRINT_BYTES = 4096
 def list_backbones() -> list[str]:
     """The backbone short names (per family: its tiny model, then its sizes); any hub id (``org/name``) or local
     folder is accepted as well."""
-    return [n for f in _FAMILIES.values() for n in (f.tiny_name, *(f"{f.name}-{size}" for size in f.sizes))]
+    return [n for f in FAMILIES.values() for n in (f.tiny_name, *(f"{f.name}-{size}" for size in f.sizes))]
 
 
 class Backbone(nn.Module):
@@ -356,7 +352,7 @@ def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, s
     """``name`` → (source for ``from_pretrained``, size key of the layer table or None, source is local)."""
     if name == NONE:
         raise ModelError("backbone 'none' has no model (it selects the decoder-only baseline, model.decoder=unet)")
-    for family in _FAMILIES.values():
+    for family in FAMILIES.values():
         if name == family.tiny_name:
             return str(tiny_backbone_dir(registers=registers, family=family.name) if create else name), "tiny", True
         size = name.removeprefix(f"{family.name}-")
@@ -375,7 +371,7 @@ def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, s
 
 
 def _family_display_names() -> str:
-    return " or ".join(f.display_name for f in _FAMILIES.values())
+    return " or ".join(f.display_name for f in FAMILIES.values())
 
 
 def _load(source: str, *, local: bool) -> nn.Module:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lasegseg.errors import ModelError
+from lasegseg.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class DecoderSpec:
     needs_backbone: bool = True
 
 
-_DECODERS: dict[str, DecoderSpec] = {}
+DECODERS: Registry[DecoderSpec] = Registry("decoder", "decoders", ModelError)
 
 
 def register_decoder(name: str, *, needs_backbone: bool = True) -> Callable[[Callable[..., nn.Module]], Callable]:
@@ -46,9 +47,7 @@ def register_decoder(name: str, *, needs_backbone: bool = True) -> Callable[[Cal
     """
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _DECODERS:
-            raise ValueError(f"decoder '{name}' is already registered")
-        _DECODERS[name] = DecoderSpec(name, builder, needs_backbone)
+        DECODERS.add(name, DecoderSpec(name, builder, needs_backbone))
         return builder
 
     return wrap
@@ -56,7 +55,7 @@ def register_decoder(name: str, *, needs_backbone: bool = True) -> Callable[[Cal
 
 def list_decoders() -> list[str]:
     """Registered decoder names, sorted."""
-    return sorted(_DECODERS)
+    return DECODERS.names()
 
 
 def decoder_spec(name: str) -> DecoderSpec:
@@ -65,9 +64,7 @@ def decoder_spec(name: str) -> DecoderSpec:
     Args:
         name: a registered decoder name; anything else raises ModelError listing the valid names.
     """
-    if name not in _DECODERS:
-        raise ModelError(f"unknown decoder '{name}' (valid decoders: {', '.join(list_decoders())})")
-    return _DECODERS[name]
+    return DECODERS.get(name)
 
 
 def create_decoder(

@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pyarrow import fs as pafs
 
 from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError, LasegsegError, first_line
+from lasegseg.retry import call_with_retries, env_seconds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,16 +45,7 @@ _TRANSIENT = (
 
 def retry_seconds() -> float:
     """How long a storage call keeps retrying a transient fault (``$LASEGSEG_STORAGE_RETRY_SECONDS``, 300 s)."""
-    text = os.environ.get(RETRY_ENV, "").strip()
-    if not text:
-        return DEFAULT_RETRY_SECONDS
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{RETRY_ENV} must be a number of seconds, got '{text}'") from None
-    if not value >= 0:
-        raise ConfigError(f"{RETRY_ENV} must be >= 0, got '{text}'")
-    return value
+    return env_seconds(RETRY_ENV, DEFAULT_RETRY_SECONDS)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -85,17 +76,9 @@ def _transient_words(text: str) -> bool:
 
 def with_retries(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
     """Call ``fn`` until it succeeds or a fault is not transient, backing off for at most ``seconds``."""
-    deadline = time.monotonic() + (retry_seconds() if seconds is None else seconds)
-    wait = 0.25
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() + wait > deadline:
-                raise
-            log.warning("storage: %s failed (%s); retrying in %.1fs", what, first_line(exc), wait)
-            time.sleep(wait)
-            wait = min(wait * 2, _MAX_WAIT_S)
+    budget = retry_seconds() if seconds is None else seconds
+    return call_with_retries(fn, what, transient=is_transient, seconds=budget, first_wait=0.25,
+                             max_wait=_MAX_WAIT_S, log=log, service="storage:")  # fmt: skip
 
 
 def s3_endpoint() -> str | None:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from lasegseg.errors import ConfigError, LasegsegError, first_line
+from lasegseg.errors import LasegsegError, first_line
 from lasegseg.fsio import atomic_write
+from lasegseg.retry import call_with_retries, env_seconds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,16 +48,7 @@ BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per reques
 
 def default_retry_seconds() -> float:
     """How long a tracking call keeps retrying a transient fault (``$LASEGSEG_MLFLOW_RETRY_SECONDS``, 300 s)."""
-    text = os.environ.get(RETRY_ENV, "").strip()
-    if not text:
-        return DEFAULT_RETRY_SECONDS
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{RETRY_ENV} must be a number of seconds, got '{text}'") from None
-    if not value >= 0:
-        raise ConfigError(f"{RETRY_ENV} must be >= 0, got '{text}'")
-    return value
+    return env_seconds(RETRY_ENV, DEFAULT_RETRY_SECONDS)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -74,17 +66,9 @@ def is_transient(exc: BaseException) -> bool:
 def retry(fn: Callable[[], T], what: str, seconds: float | None = None, first_wait: float = 0.5) -> T:
     """Call ``fn`` until it succeeds, backing off exponentially, for at most ``seconds`` (default
     :func:`default_retry_seconds`); errors that are not transient are raised at once."""
-    deadline = time.monotonic() + (default_retry_seconds() if seconds is None else seconds)
-    wait = first_wait
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() + wait > deadline:
-                raise
-            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, first_line(exc), wait)
-            time.sleep(wait)
-            wait = min(wait * 2, MAX_WAIT_S)
+    budget = default_retry_seconds() if seconds is None else seconds
+    return call_with_retries(fn, what, transient=is_transient, seconds=budget, first_wait=first_wait,
+                             max_wait=MAX_WAIT_S, log=log, service="MLflow")  # fmt: skip
 
 
 def own_http_retries(tracking_uri: str) -> None:

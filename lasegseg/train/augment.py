@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lasegseg.config import AUGMENT_CHOICES
 from lasegseg.errors import ConfigError
+from lasegseg.registry import Registry
 
 Augmentation = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,42 +28,26 @@ Augmentation = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[tor
 MAX_ROTATION = math.radians(10.0)
 MAX_SCALE_STEP = 0.1
 
-_AUGMENTATIONS: dict[str, Augmentation] = {}
+AUGMENTATIONS: Registry[Augmentation] = Registry(
+    "augmentation", "augmentations", ConfigError, declared=AUGMENT_CHOICES,
+    declared_in="lasegseg.config.AUGMENT_CHOICES",
+)  # fmt: skip
 
 
 def register_augmentation(name: str) -> Callable[[Augmentation], Augmentation]:
-    """Register an augmentation under ``name``.
-
-    Args:
-        name: the ``train.augment`` value; it must be declared in ``lasegseg.config.AUGMENT_CHOICES`` and
-            registered once.
-    """
-
-    def wrap(fn: Augmentation) -> Augmentation:
-        if name in _AUGMENTATIONS:
-            raise ValueError(f"augmentation '{name}' is already registered")
-        if name not in AUGMENT_CHOICES:
-            raise ValueError(f"augmentation '{name}' is not declared in lasegseg.config.AUGMENT_CHOICES")
-        _AUGMENTATIONS[name] = fn
-        return fn
-
-    return wrap
+    """Register an augmentation under ``name`` (the ``train.augment`` value; declared in
+    ``lasegseg.config.AUGMENT_CHOICES`` and registered once)."""
+    return AUGMENTATIONS.register(name)
 
 
 def list_augmentations() -> list[str]:
     """Registered augmentation names, sorted."""
-    return sorted(_AUGMENTATIONS)
+    return AUGMENTATIONS.names()
 
 
 def build_augmentation(name: str) -> Augmentation:
-    """The registered augmentation ``name``.
-
-    Args:
-        name: a registered augmentation name; anything else raises ConfigError listing the valid names.
-    """
-    if name not in _AUGMENTATIONS:
-        raise ConfigError(f"unknown augmentation '{name}' (valid augmentations: {', '.join(list_augmentations())})")
-    return _AUGMENTATIONS[name]
+    """The registered augmentation ``name`` (anything else raises ConfigError listing the valid names)."""
+    return AUGMENTATIONS.get(name)
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, kind: str, generator: torch.Generator):
@@ -124,7 +109,4 @@ def random_flips_rotations_scales(x: torch.Tensor, y: torch.Tensor, generator: t
     return x, y.long()
 
 
-if missing := [name for name in AUGMENT_CHOICES if name not in _AUGMENTATIONS]:
-    raise RuntimeError(
-        f"augmentations declared in lasegseg.config.AUGMENT_CHOICES but never registered: {', '.join(missing)}"
-    )
+AUGMENTATIONS.check_complete()

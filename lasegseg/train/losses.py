@@ -20,31 +20,22 @@ from torch import nn
 
 from lasegseg.config import LOSS_CHOICES
 from lasegseg.errors import ConfigError
+from lasegseg.registry import Registry
 
-_LOSSES: dict[str, Callable[[], nn.Module]] = {}
+LOSSES: Registry[Callable[[], nn.Module]] = Registry(
+    "loss", "losses", ConfigError, declared=LOSS_CHOICES, declared_in="lasegseg.config.LOSS_CHOICES"
+)
 
 
 def register_loss(name: str) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
-    """Register a loss builder (a module class or a function without arguments) under ``name``.
-
-    Args:
-        name: the ``train.loss`` value; it must be declared in ``lasegseg.config.LOSS_CHOICES`` and registered once.
-    """
-
-    def wrap(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        if name in _LOSSES:
-            raise ValueError(f"loss '{name}' is already registered")
-        if name not in LOSS_CHOICES:
-            raise ValueError(f"loss '{name}' is not declared in lasegseg.config.LOSS_CHOICES")
-        _LOSSES[name] = builder
-        return builder
-
-    return wrap
+    """Register a loss builder (a module class or a function without arguments) under ``name`` (the ``train.loss``
+    value; declared in ``lasegseg.config.LOSS_CHOICES`` and registered once)."""
+    return LOSSES.register(name)
 
 
 def list_losses() -> list[str]:
     """Registered loss names, sorted."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def build_loss(name: str) -> nn.Module:
@@ -53,9 +44,7 @@ def build_loss(name: str) -> nn.Module:
     Args:
         name: a registered loss name; anything else raises ConfigError listing the valid names.
     """
-    if name not in _LOSSES:
-        raise ConfigError(f"unknown loss '{name}' (valid losses: {', '.join(list_losses())})")
-    return _LOSSES[name]()
+    return LOSSES.get(name)()
 
 
 def _class_indices(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -145,5 +134,4 @@ class DiceFocalLoss(nn.Module):
         return dice_focal_loss(logits, target, gamma=self.gamma)
 
 
-if missing := [name for name in LOSS_CHOICES if name not in _LOSSES]:
-    raise RuntimeError(f"losses declared in lasegseg.config.LOSS_CHOICES but never registered: {', '.join(missing)}")
+LOSSES.check_complete()

@@ -309,7 +309,7 @@ def test_a_new_family_is_one_registry_entry(monkeypatch) -> None:
         registers_hub_id="toy/toyvit-{size}16-reg",
         tiny_name="tiny-toyvit",
     )
-    monkeypatch.setitem(backbones._FAMILIES, "toyvit", entry)
+    monkeypatch.setitem(backbones.FAMILIES._entries, "toyvit", entry)
     assert list_backbones()[-3:] == ["tiny-toyvit", "toyvit-s", "toyvit-b"]
     assert backbones._resolve("toyvit-b", registers=True) == ("toy/toyvit-b16-reg", "b", False)
     check_backbone_name("tiny-toyvit")
