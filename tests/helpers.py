@@ -49,6 +49,17 @@ def postgres_test_uri() -> str:
     return uri
 
 
+def port_free(port: int) -> bool:
+    """Nothing listens on the loopback port (TIME_WAIT leftovers of closed connections are no process)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     with socket.socket() as s:

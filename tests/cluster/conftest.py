@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import MlflowServer, free_port, sweep_env
+from tests.helpers import port_free as _port_free
 from tests.object_store import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,17 +23,6 @@ FAST_FAILURE_DETECTION = {
     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000",
 }  # fmt: skip
-
-
-def _port_free(port: int) -> bool:
-    """Nothing listens on the port (connections of a stopped server may linger in TIME_WAIT: that is no process)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _port_block() -> int:

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port as _free_port
+from tests.helpers import port_free as _port_free
 from tests.helpers import postgres_test_uri
 from tests.sweep.test_sweep_e2e import _one_trial_yaml
 
@@ -24,23 +25,6 @@ STOP = ROOT / "mlflow_server" / "stop.sh"
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    """Nothing listens there (TIME_WAIT leftovers of closed client connections do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _env(state: Path, port: int, **extra: str) -> dict[str, str]:
