@@ -401,15 +401,6 @@ class Storage:
         with self.filesystem().open_output_stream(f"{self.path}/{name}") as out:
             out.write(data)
 
-    def upload(self, local: Path, name: str) -> None:
-        """Copy a local file or folder to ``<root>/<name>`` (object stores only; a local root is written in place)."""
-        if not self.remote:
-            return
-        from pyarrow import fs as pafs
-
-        pafs.copy_files(str(local), f"{self.path}/{name}", source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.filesystem())  # fmt: skip
-
 
 def parse_storage(text: str) -> Storage:
     """``--storage-path``: a local folder (made absolute), ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
