@@ -215,12 +215,7 @@ def recover_dir(final: Path) -> Path:
 
 
 def builder_stamp() -> dict[str, Any]:
-    """Who wrote a cache (host and process), kept in its manifest: tells a build on this node from a reused one."""
+    """Who wrote a cache (host and process), kept in its manifest as provenance."""
     import socket
 
     return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def built_by_this_process(manifest: dict[str, Any]) -> bool:
-    """Whether the cache with this manifest was written by this very process."""
-    return manifest.get("builder") == builder_stamp()

@@ -466,6 +466,7 @@ def get_or_build_cache(
     load_cases: LoadCases | None = None,
     list_cases: ListCases | None = None,
     verify: Literal["full", "size"] = "full",
+    stats: dict[str, Any] | None = None,
 ) -> SliceCache:
     """Open the cache for this dataset content and these parameters, building it on first use.
 
@@ -485,6 +486,7 @@ def get_or_build_cache(
             which reads no volume).
         verify: how an existing cache is checked (see :meth:`SliceCache.open`); trials started by a sweep whose
             driver already opened the cache can pass ``"size"`` to skip rehashing gigabytes.
+        stats: gets ``built`` True when this call built the cache (for a sweep's per-node build counts).
     """
     root = Path(data_root)
     cache_dir = cache_root(cache_dir)
@@ -500,22 +502,25 @@ def get_or_build_cache(
             discard_dir(path)
     meta = {"layout": layout, "fingerprint": fingerprint, "data_root": str(root.absolute())}
     built = build_cache(lambda: load_cases(root, layout), cache_dir, key, preprocessing, meta=meta)
+    if stats is not None:
+        stats["built"] = True
     # Just written and hashed by build_cache (or by a concurrent builder), so a size check is enough here.
     return SliceCache.open(built, verify="size")
 
 
-def open_cache(cfg: Config) -> SliceCache:
+def open_cache(cfg: Config, stats: dict[str, Any] | None = None) -> SliceCache:
     """The slice cache for ``cfg.data`` (built on first use, reused afterwards).
 
     Args:
         cfg: the trial config; its ``data.path``, ``layout``, preprocessing and ``cache_dir`` are used.
+        stats: gets ``built`` True when this call built the cache.
     """
     from lasegseg.data.layouts import detect_layout
 
     d = cfg.data
     # Resolve "auto" first so that auto-detected and explicitly named layouts share one cache.
     layout = detect_layout(d.path) if d.layout == "auto" else d.layout
-    return get_or_build_cache(d.path, layout, Preprocessing.from_config(cfg), d.cache_dir)
+    return get_or_build_cache(d.path, layout, Preprocessing.from_config(cfg), d.cache_dir, stats=stats)
 
 
 def _default_readers(list_cases: ListCases | None, load_cases: LoadCases | None) -> tuple[ListCases, LoadCases]:

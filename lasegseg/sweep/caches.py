@@ -38,24 +38,25 @@ def build_on_node(flats: list[dict[str, Any]]) -> dict[str, Any]:
 
     from lasegseg.config import from_flat
     from lasegseg.data.cache import open_cache
-    from lasegseg.fsio import built_by_this_process
     from lasegseg.models.segmenter import load_backbone
     from lasegseg.sweep.worker import placement
     from lasegseg.train.features import feature_slot, get_or_build_features
 
     where = placement()
     t0 = time.perf_counter()
-    cache = open_cache(from_flat(flats[0]))
-    out = {**where, "paths": {}, "built": [], "slice_cache_built": built_by_this_process(cache.manifest)}
+    built: dict[str, Any] = {}
+    cache = open_cache(from_flat(flats[0]), built)
+    out = {**where, "paths": {}, "built": [], "slice_cache_built": bool(built.get("built"))}
     for flat in flats:
         cfg = from_flat(flat)
         backbone = load_backbone(cfg.model.backbone, registers=cfg.model.registers).to(where["device"])
+        built = {}
         feats = get_or_build_features(
             backbone.requires_grad_(False), cache, device=where["device"], amp=cfg.train.amp,
-            batch_size=max(32, cfg.train.batch_size),
+            batch_size=max(32, cfg.train.batch_size), stats=built,
         )  # fmt: skip
         out["paths"][feature_slot(flat)] = str(feats.path)
-        if built_by_this_process(feats.manifest):
+        if built.get("built"):
             out["built"].append(feature_slot(flat))
         del backbone
     if where["device"] == "cuda":
@@ -64,12 +65,18 @@ def build_on_node(flats: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def build_node_caches(trials: list[dict[str, Any]], res) -> dict[str, dict[str, str]]:
+def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True) -> dict[str, dict[str, str]]:
     """Run :func:`build_on_node` on every alive node that fits a frozen trial; ``{node id: {slot: folder}}``.
+
+    On the sweep's own local cluster (``joined`` False) nothing runs up front: that cluster is this one machine,
+    whose first frozen trial builds the features itself, on its own device share and under the same lock, while a
+    task would take one of the workers the cluster started warm, and Ray never hands a worker that ran a task to a
+    trial actor afterwards (a trial would then wait for a cold process).
 
     Args:
         trials: the sweep's flat trial configs.
         res: the sweep's :class:`~lasegseg.sweep.spec.Resources`.
+        joined: the sweep runs on an existing cluster (``RAY_ADDRESS``), not on its own local one.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -77,7 +84,7 @@ def build_node_caches(trials: list[dict[str, Any]], res) -> dict[str, dict[str, 
     from lasegseg.sweep.cluster import alive_nodes
 
     flats = frozen_feature_trials(trials)
-    if not flats:
+    if not flats or not joined:
         return {}
     request = res.for_trial(flats[0])
     nodes = [n for n in alive_nodes() if n.cpus >= request["cpu"] and n.gpus >= request["gpu"]]

@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     cache = open_cache(from_flat(plan.trials[0]))
     _check_pool(plan.trials, cache)
     # Frozen backbones: one pass over every slice per node, by a task with the trials' accelerator share.
-    feature_paths = build_node_caches(plan.trials, plan.spec.resources)
+    feature_paths = build_node_caches(plan.trials, plan.spec.resources, joined=bool(os.environ.get("RAY_ADDRESS")))
     # A resumed sweep keeps the choice of its first run: one sweep never mixes real ids and aliases.
     pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
     salt = _pseudonym_salt(plan.sweep_dir, cache.cases) if pseudonymize else None

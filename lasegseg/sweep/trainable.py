@@ -27,9 +27,9 @@ def _remove_orphaned_scratch() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _open_shared_cache(ctx: dict[str, Any], cfg):
+def _open_shared_cache(ctx: dict[str, Any], cfg, stats: dict[str, Any]):
     """The slice cache in this node's own cache folder: the driver's, memory-mapped, when this node shares its
-    folder (one machine), else the node's own copy, built there once under the cache's lock."""
+    folder (one machine), else the node's own copy, built there once under the cache's lock (``stats["built"]``)."""
     from lasegseg.data.cache import SliceCache, open_cache
     from lasegseg.paths import cache_root
 
@@ -37,7 +37,7 @@ def _open_shared_cache(ctx: dict[str, Any], cfg):
     if path and Path(path).is_dir() and Path(path).resolve().is_relative_to(cache_root(cfg.data.cache_dir).resolve()):
         # The driver verified the content hashes when it built or opened the cache; a size check suffices here.
         return SliceCache.open(Path(path), verify="size")
-    return open_cache(cfg)
+    return open_cache(cfg, stats)
 
 
 def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: str):
@@ -139,14 +139,14 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
     assigned; returns run_trial's results."""
     from ray import tune
 
-    from lasegseg.fsio import built_by_this_process
     from lasegseg.train.trial import prepare_data, run_trial
 
     if resume_dir is not None:
         tracker.log_history(json.loads((resume_dir / "state.json").read_text())["scalars"].get("history", []))
     timings: dict[str, Any] = {}
-    cache = _open_shared_cache(ctx, cfg)
-    first_report["slice_cache_built"] = built_by_this_process(cache.manifest)
+    built: dict[str, Any] = {}
+    cache = _open_shared_cache(ctx, cfg, built)
+    first_report["slice_cache_built"] = bool(built.get("built"))
     data = prepare_data(cfg, cache=cache)
     data.features = _open_shared_features(ctx, cfg.to_flat(), first_report["node_id"])
     out = Path(tune.get_context().get_trial_dir()) / "result"

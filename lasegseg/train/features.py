@@ -199,6 +199,7 @@ def get_or_build_features(
     amp: str = "auto",
     batch_size: int = 32,
     verify: Literal["full", "size"] = "full",
+    stats: dict[str, Any] | None = None,
 ) -> FeatureCache:
     """Open the features of ``backbone`` over ``cache``, computing them first if needed (once across processes).
 
@@ -209,6 +210,7 @@ def get_or_build_features(
         amp: ``train.amp``; bf16 autocast on GPU is part of the key.
         batch_size: slices per backbone pass.
         verify: how an existing cache is checked (see :meth:`FeatureCache.open`).
+        stats: gets ``built`` True when this call computed the features (for a sweep's per-node build counts).
     """
     device = torch.device(device)
     precision = compute_precision(device, amp)
@@ -225,6 +227,8 @@ def get_or_build_features(
         if opened is not None:
             return opened
         build_features(backbone, cache, final, device=device, amp=amp, batch_size=batch_size)
+        if stats is not None:
+            stats["built"] = True
     return FeatureCache.open(final, verify="size")
 
 

@@ -21,7 +21,7 @@ import torch
 
 from lasegseg.config import Config, run_name
 from lasegseg.data.cache import open_cache
-from lasegseg.fsio import atomic_write, built_by_this_process, write_json_atomic
+from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
 from lasegseg.train.augment import augment_batch
 from lasegseg.train.features import FeatureCache, compute_precision, get_or_build_features, to_device
@@ -185,8 +185,14 @@ def train_one_epoch(
     return float(total) / max(1, steps), lr
 
 
-def _trial_features(cfg: Config, model, data: TrialData, device: torch.device) -> FeatureCache | None:
-    """The cached features this trial trains on, or None when it runs the backbone (see ``train.feature_cache``)."""
+def _trial_features(
+    cfg: Config, model, data: TrialData, device: torch.device, stats: dict[str, Any] | None = None
+) -> FeatureCache | None:
+    """The cached features this trial trains on, or None when it runs the backbone (see ``train.feature_cache``).
+
+    Args:
+        stats: gets ``built`` True when this trial had to compute them.
+    """
     if not model.frozen or not cfg.train.feature_cache:
         return None
     if cfg.train.augment != "none":
@@ -200,8 +206,9 @@ def _trial_features(cfg: Config, model, data: TrialData, device: torch.device) -
     ):
         return given
     return get_or_build_features(
-        model.backbone, data.cache, device=device, amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size)
-    )
+        model.backbone, data.cache, device=device, amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size),
+        stats=stats,
+    )  # fmt: skip
 
 
 def _compiled_forward(cfg: Config, model, features: FeatureCache | None) -> Callable | None:
@@ -308,9 +315,10 @@ def _set_up(cfg: Config, data: TrialData, device: torch.device, timings: dict[st
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_segmenter(cfg.model).to(device)
-    features = _trial_features(cfg, model, data, device)
+    built: dict[str, Any] = {}
+    features = _trial_features(cfg, model, data, device, built)
     timings["feature_cache"] = features is not None
-    timings["features_built"] = features is not None and built_by_this_process(features.manifest)
+    timings["features_built"] = bool(built.get("built"))
     steps_per_epoch = max(1, math.ceil(len(data.train_rows) / cfg.train.batch_size))
     optimizer, scheduler = _optimizer(cfg, model, steps_per_epoch)
     forward = _compiled_forward(cfg, model, features)

@@ -165,6 +165,10 @@ def _postgres_uri() -> str:
 
 
 def test_production_server_on_postgresql_takes_a_sweep_with_credentials(phantom_dir, tmp_path):
+    """PostgreSQL for runs, an S3 API server (on loopback, reached through AWS_ENDPOINT_URL as the sweeps' storage
+    is) for artifacts, basic auth."""
+    from tests.object_store import S3Server
+
     uri = _postgres_uri()
     import sqlalchemy as sa
 
@@ -173,17 +177,22 @@ def test_production_server_on_postgresql_takes_a_sweep_with_credentials(phantom_
         conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
     password = secrets.token_urlsafe(16)
+    s3 = S3Server(tmp_path).start()
     env = _env(
         tmp_path / "state", _free_port(), MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_AUTH_ADMIN_PASSWORD=password,
-        MLFLOW_ARTIFACTS_DESTINATION=(tmp_path / "artifacts").as_uri(), MLFLOW_WORKERS="2",
+        MLFLOW_ARTIFACTS_DESTINATION=f"s3://{s3.bucket}/mlflow", MLFLOW_WORKERS="2", **s3.env,
     )  # fmt: skip
     server = Server(env, "production")
     try:
-        sweep_env = {**env, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        no_keys = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+        sweep_env = {**no_keys, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
         _tiny_sweep(phantom_dir, tmp_path, sweep_env, server.url)
         _assert_sweep_runs(_runs_via_rest(server.url, "fault", auth=("admin", password)))
         with engine.connect() as conn:  # the runs live in PostgreSQL itself
             assert conn.execute(sa.text("SELECT count(*) FROM runs")).scalar() == 2
         engine.dispose()
+        # …and the artifacts in the bucket, sent through the server (the sweep needed no bucket credentials)
+        assert any(k.startswith("mlflow/") and k.endswith("model/model.safetensors") for k in s3.keys())
     finally:
         server.stop()
+        s3.stop()

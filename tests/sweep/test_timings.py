@@ -28,7 +28,8 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     a = _trial("t_00000", **{"model.mode": "frozen", "data.patients": 2})
     cb.on_trial_start(iteration=0, trials=[a], trial=a)
     scheduled = cb.scheduled["t_00000"]
-    worker = {"worker_pid": 4242, "worker_started_at": scheduled - 9.0, "worker_prewarmed": True}
+    worker = {"worker_pid": 4242, "worker_started_at": scheduled - 9.0, "worker_prewarmed": True,
+              "node_ip": "10.0.0.2", "node_id": "n2", "device": "cpu", "slice_cache_built": True}  # fmt: skip
     cb.on_trial_result(0, [a], a, {"trial_started_at": scheduled + 0.5, "first_step_at": scheduled + 1.25, **worker})
     cb.on_trial_result(0, [a], a, {"train_loss": 0.3})  # later reports carry no timings
     cb.on_trial_restore(iteration=1, trials=[a], trial=a)  # a retry is a new attempt with its own fixed cost
@@ -38,7 +39,8 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
         rows = list(reader)
     assert tuple(reader.fieldnames) == (
         "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
-        "worker_pid", "worker_started_at", "worker_prewarmed",
+        "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
+        "features_built",
     )  # fmt: skip
     assert [r["trial_id"] for r in rows] == ["t_00000", "t_00000"]
     assert rows[0]["run_name"] == "multiscale·frozen·p2·lr0.0003·s0"
@@ -50,6 +52,9 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     assert (rows[0]["worker_pid"], rows[0]["worker_prewarmed"]) == ("4242", "true")
     assert float(rows[0]["worker_started_at"]) == pytest.approx(scheduled - 9.0, abs=2e-3)
     assert (rows[1]["worker_pid"], rows[1]["worker_prewarmed"]) == ("", "false")  # a worker that did not say
+    # Where each attempt ran and which caches it had to build there.
+    assert [rows[0][k] for k in ("node_ip", "node_id", "device", "slice_cache_built", "features_built")] == [
+        "10.0.0.2", "n2", "cpu", "true", "false"]  # fmt: skip
     # A resumed sweep appends to the file instead of replacing it.
     again = tune_runner._timings_callback(tmp_path)
     b = _trial("t_00001")
