@@ -154,15 +154,27 @@ def _run_config(name: str, root: Storage, sweep_dir: Path, res):
     )
 
 
+_LOST_CHECKPOINT = "does not exist on storage anymore"
+
+
 def _fit(tuner_factory, restore: Storage, resume: bool, trainable):
+    """Run a stage, or continue it from its storage on ``--resume``.
+
+    Tune deletes a trial's previous checkpoint as it registers the next, but writes its experiment state only every
+    few seconds, so a driver killed in between leaves a state that names a deleted checkpoint and Tune cannot
+    restore that trial. Such trials start again from scratch, in their own MLflow runs, whose epochs already
+    logged are not logged again; the other trials resume from their checkpoints.
+    """
     from ray import tune
 
     path, fs = restore.tune_path(), restore.filesystem()
-    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tuner_factory()
-    return tuner.fit()
+    if not (resume and tune.Tuner.can_restore(path, storage_filesystem=fs)):
+        return tuner_factory().fit()
+    grid = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs).fit()
+    if any(r.error is not None and _LOST_CHECKPOINT in str(r.error) for r in grid):
+        print("  trials whose last checkpoint Tune had already deleted start again from scratch", flush=True)
+        grid = tune.Tuner.restore(path, trainable, restart_errored=True, storage_filesystem=fs).fit()
+    return grid
 
 
 def screen_learning_rates(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bool) -> dict[tuple, float]:
