@@ -72,8 +72,9 @@ def test_trials_run_on_the_warm_workers_the_cluster_started(demo_sweep):
     assert all(r["worker_prewarmed"] == "true" for r in rows)
     assert all(0 < float(r["worker_started_at"]) < float(r["tune_started_at"]) for r in rows)
     assert len({r["worker_pid"] for r in rows}) == 2
-    # One machine, one frozen backbone: its features are computed once, by the first frozen trial, under the lock.
-    assert sum(r["features_built"] == "true" for r in rows) == 1
+    # One machine, one frozen backbone: its features are computed at most once (by the first frozen trial, under the
+    # lock; not at all when an earlier sweep over the same phantom left them in the cache).
+    assert sum(r["features_built"] == "true" for r in rows) <= 1
 
 
 def test_finished_trials_keep_no_training_state(demo_sweep):
