@@ -431,7 +431,8 @@ def test_default_readers_build_from_a_nifti_dataset(tmp_path, cases, monkeypatch
     assert loads == ["a", "b", "c"] and second.key == first.key
 
 
-def test_open_cache_follows_the_config_and_resolves_auto(tmp_path, cases):
+def _write_generic(tmp_path, cases):
+    """``cases`` as a generic-layout NIfTI dataset (images/ + labels/); returns its folder."""
     nib = pytest.importorskip("nibabel")
     root = tmp_path / "generic"
     (root / "images").mkdir(parents=True)
@@ -439,6 +440,11 @@ def test_open_cache_follows_the_config_and_resolves_auto(tmp_path, cases):
     for c in cases:
         nib.save(nib.Nifti1Image(c.image, c.affine), root / "images" / f"{c.case_id}.nii.gz")
         nib.save(nib.Nifti1Image(c.label.astype(np.uint8), c.affine), root / "labels" / f"{c.case_id}.nii.gz")
+    return root
+
+
+def test_open_cache_follows_the_config_and_resolves_auto(tmp_path, cases):
+    root = _write_generic(tmp_path, cases)
     flat = {"data.path": str(root), "data.image_size": SIZE, "data.cache_dir": str(tmp_path / "cache")}
     cache = open_cache(Config().replace(**flat))
     assert cache.image_size == SIZE and cache.cases == ["a", "b", "c"]
@@ -448,13 +454,7 @@ def test_open_cache_follows_the_config_and_resolves_auto(tmp_path, cases):
 
 
 def test_default_loader_reports_every_bad_file(tmp_path, cases):
-    nib = pytest.importorskip("nibabel")
-    root = tmp_path / "generic"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for c in cases:
-        nib.save(nib.Nifti1Image(c.image, c.affine), root / "images" / f"{c.case_id}.nii.gz")
-        nib.save(nib.Nifti1Image(c.label.astype(np.uint8), c.affine), root / "labels" / f"{c.case_id}.nii.gz")
+    root = _write_generic(tmp_path, cases)
     for cid in ("a", "c"):
         (root / "labels" / f"{cid}.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(DataError, match=r"(?s)a\.nii\.gz.*c\.nii\.gz"):
