@@ -34,6 +34,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 ROLE = "lasegseg.role"
 TRIAL_ID = "lasegseg.trial_id"
 CELL = "lasegseg.cell"
+CONFIG = "lasegseg.config"  # hash of the whole trial config, seed included: one trial of one sweep
 EPOCH_METRICS = ("train_loss", "val_dice", "val_iou", "lr")
 FINAL_METRICS = (
     "best_epoch", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std",
@@ -357,9 +358,25 @@ class TrialTracker:
         return None
 
     def _search_existing(self) -> str | None:
-        query = f"tags.`{TRIAL_ID}` = '{self.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        """This trial's run: by Tune's trial id, else by its config within the sweep's stage.
+
+        Tune restarts a trial whose last checkpoint it had deleted (a driver killed between two experiment
+        snapshots) under a *new* trial id; the same config in the same sweep and stage is the same trial, so the
+        restarted one continues its run (which then carries the new id) instead of leaving a second one.
+        """
+        from lasegseg.config import config_hash
+
+        parent = f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        query = f"tags.`{TRIAL_ID}` = '{self.trial_id}' and {parent}"
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=5)
-        return runs[0].info.run_id if runs else None
+        if runs:
+            return runs[0].info.run_id
+        query = f"tags.`{CONFIG}` = '{config_hash(self.flat)}' and tags.`{ROLE}` = '{self.stage}' and {parent}"
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=5)
+        if not runs:
+            return None
+        self.client.set_tag(runs[0].info.run_id, TRIAL_ID, self.trial_id)
+        return runs[0].info.run_id
 
     def _find_or_create(self) -> str:
         """One attempt: search first, so a create whose answer was lost (server died after it) is not repeated."""
@@ -373,6 +390,7 @@ class TrialTracker:
             "mlflow.parentRunId": self.parent_run_id,
             TRIAL_ID: self.trial_id,
             CELL: config_hash(self.flat, exclude=("seed",)),
+            CONFIG: config_hash(self.flat),
         }
         return self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
 

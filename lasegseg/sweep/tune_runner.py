@@ -162,8 +162,9 @@ def _fit(tuner_factory, restore: Storage, resume: bool, trainable):
 
     Tune deletes a trial's previous checkpoint as it registers the next, but writes its experiment state only every
     few seconds, so a driver killed in between leaves a state that names a deleted checkpoint and Tune cannot
-    restore that trial. Such trials start again from scratch, in their own MLflow runs, whose epochs already
-    logged are not logged again; the other trials resume from their checkpoints.
+    restore that trial. Such trials start again from scratch under new trial ids, in the MLflow runs they had
+    (found by their config), whose epochs already logged are not logged again; the other trials resume from their
+    checkpoints.
     """
     from ray import tune
 

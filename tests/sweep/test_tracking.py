@@ -273,12 +273,32 @@ def test_a_retried_trial_continues_its_own_run_without_relogging_epochs(sweep, t
 
 def test_other_trials_and_other_sweeps_get_runs_of_their_own(sweep):
     a = _tracker(sweep, "t0").start()
-    b = _tracker(sweep, "t1").start()
+    b = _tracker(sweep, "t1", flat=_flat(seed=1)).start()
     other_parent = start_parent(sweep.uri, sweep.exp, "sweep-2", {}, {})
     c = _tracker(sweep, "t0", parent=other_parent).start()
     assert len({a, b, c}) == 3
     assert sweep.client.get_run(c).data.tags["mlflow.parentRunId"] == other_parent
-    assert _tracker(sweep, "t1").start() == b
+    assert _tracker(sweep, "t1", flat=_flat(seed=1)).start() == b
+
+
+def test_a_trial_restarted_under_a_new_trial_id_continues_its_run(sweep, tmp_path):
+    """Tune restarts a trial whose checkpoint it lost with a fresh trial id: its config finds its run."""
+    first = _tracker(sweep, "old_00000")
+    run_id = first.start()
+    first.log_history([{"epoch": e, **_epoch(e)} for e in range(2)])
+    first.close()
+    restarted = _tracker(sweep, "new_00000")
+    assert restarted.start() == run_id and restarted.logged_steps == {0, 1}  # epochs 0, 1 are not logged again
+    assert sweep.client.get_run(run_id).data.tags["lasegseg.trial_id"] == "new_00000"
+    assert _tracker(sweep, "new_00000").start() == run_id  # later attempts find it by the new id
+    restarted.close()
+    assert _tracker(sweep, "new_00001", flat=_flat(seed=1)).start() != run_id  # another config: another trial
+    screen = TrialTracker(sweep.uri, sweep.exp, sweep.parent, "new_00002", "screen", _flat(), stage="screen",
+                          retry_seconds=20)  # fmt: skip
+    assert screen.start() != run_id  # another stage's trial with the same config is another run
+    screen.close()
+    trials = sweep.client.search_runs([sweep.exp], filter_string="tags.`lasegseg.role` = 'trial'")
+    assert len(trials) == 2
 
 
 def test_a_known_run_id_is_used_without_searching(sweep):
