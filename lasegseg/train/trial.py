@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +350,42 @@ def _test(fit: _Fit, progress: _Progress) -> dict[str, Any]:
     }
 
 
+AUTO_CHECKPOINT_FACTOR = 19.0  # train 19× a save's cost between saves: saving is ≤ 5 % of the time
+
+
+@dataclass
+class CheckpointPolicy:
+    """When a trial saves its training state (``train.checkpoint_every`` / ``train.checkpoint_interval_s``).
+
+    Due after an epoch when ``every`` divides the epoch count, or ``interval_s`` seconds have passed since the
+    last save; with neither set, when the time since the last save reaches :data:`AUTO_CHECKPOINT_FACTOR` × the
+    last save's cost (the first epoch always saves, which measures it).
+    """
+
+    every: int = 0
+    interval_s: float = 0.0
+    last_at: float = field(default_factory=time.perf_counter)
+    cost_s: float = 0.0
+    saves: int = 0
+
+    @classmethod
+    def of(cls, cfg: Config) -> CheckpointPolicy:
+        return cls(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
+
+    def due(self, epoch: int, now: float | None = None) -> bool:
+        """Whether to save after ``epoch`` (0-based)."""
+        elapsed = (time.perf_counter() if now is None else now) - self.last_at
+        if self.every and (epoch + 1) % self.every == 0:
+            return True
+        if self.interval_s:
+            return elapsed >= self.interval_s
+        return not self.every and elapsed >= AUTO_CHECKPOINT_FACTOR * self.cost_s
+
+    def record(self, started: float, ended: float) -> None:
+        """A save (and its hand-over) ran from ``started`` to ``ended`` (``time.perf_counter``)."""
+        self.cost_s, self.last_at, self.saves = ended - started, ended, self.saves + 1
+
+
 def run_trial(
     cfg: Config,
     out_dir: Path | None = None,
@@ -372,8 +408,9 @@ def run_trial(
         data: pre-opened cache + split (a sweep shares one cache between trials).
         device: torch device; default CUDA when available.
         progress: show a progress bar over epochs.
-        on_epoch: called after every epoch with (epoch, metrics, training-state folder or None).
-        checkpoint_dir: write the resumable training state here after every epoch.
+        on_epoch: called after every epoch with (epoch, metrics, training-state folder or None); the folder is
+            given on the epochs the :class:`CheckpointPolicy` saved on.
+        checkpoint_dir: write the resumable training state here when the :class:`CheckpointPolicy` says so.
         resume_from: a training-state folder to continue from.
         timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step)
             and ``feature_cache`` (bool), for a sweep's fixed-cost accounting.
@@ -390,12 +427,13 @@ def run_trial(
     def before_step() -> None:
         timings.setdefault("first_step_at", time.time())
 
+    policy = CheckpointPolicy.of(cfg)
     fit.model.train()
     for epoch in range(state.state["epoch"], cfg.train.epochs):
         metrics = fit.epoch(epoch, state, before_step if "first_step_at" not in timings else None)
         state.record(epoch, metrics, fit.model)
-        saved = None
-        if checkpoint_dir is not None:
+        saved, t_save = None, time.perf_counter()
+        if checkpoint_dir is not None and policy.due(epoch, t_save):
             saved = ckpt.save_train_state(
                 Path(checkpoint_dir), fit.model, fit.optimizer, state.state, state.best_weights,
                 durable=durable_checkpoints,
@@ -405,6 +443,9 @@ def run_trial(
             bar.update(1)
         if on_epoch is not None:
             on_epoch(epoch, metrics, saved)
+        if saved is not None:
+            policy.record(t_save, time.perf_counter())  # the save and its hand-over (Tune's copy) together
+    timings["checkpoints"] = policy.saves
     if bar is not None:
         bar.close()
     results = _test(fit, state)

@@ -12,7 +12,15 @@ import torch
 
 from lasegseg.config import Config
 from lasegseg.train.checkpoint import load_model
-from lasegseg.train.trial import TrialData, evaluate, lr_factor, prepare_data, run_trial
+from lasegseg.train.trial import (
+    AUTO_CHECKPOINT_FACTOR,
+    CheckpointPolicy,
+    TrialData,
+    evaluate,
+    lr_factor,
+    prepare_data,
+    run_trial,
+)
 
 
 def _cfg(phantom_dir, **flat):
@@ -99,6 +107,58 @@ def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
     for a, b in zip(full["history"], resumed["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
     assert resumed["test_dice_mean"] == pytest.approx(full["test_dice_mean"], abs=1e-6)
+
+
+def test_a_resume_from_an_older_checkpoint_repeats_the_epochs_since_and_ends_alike(phantom_dir, tmp_path):
+    """``train.checkpoint_every=2``: states after epochs 1 and 3 only; a crash after epoch 2 resumes at epoch 2."""
+    cfg = _cfg(phantom_dir, **{"train.epochs": 5, "model.mode": "finetune", "train.checkpoint_every": 2})
+    full = run_trial(cfg)
+    states, saved_on = tmp_path / "state", []
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_epoch_2(epoch, metrics, saved):
+        if saved is not None:
+            saved_on.append(epoch)
+        if epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_trial(cfg, checkpoint_dir=states, on_epoch=crash_after_epoch_2)
+    assert saved_on == [1] and json.loads((states / "state.json").read_text())["scalars"]["epoch"] == 2
+    repeated = []
+    resumed = run_trial(cfg, resume_from=states, checkpoint_dir=states, on_epoch=lambda e, m, s: repeated.append(e))
+    assert repeated == [2, 3, 4]  # epoch 2 trained again, from the state saved after epoch 1
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3, 4]
+    for a, b in zip(full["history"], resumed["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    assert resumed["test_dice_mean"] == pytest.approx(full["test_dice_mean"], abs=1e-6)
+
+
+def test_checkpoint_policy_by_epochs_by_seconds_and_by_cost():
+    every = CheckpointPolicy(every=3, last_at=0.0)
+    assert [e for e in range(9) if every.due(e, now=0.0)] == [2, 5, 8]
+    timed = CheckpointPolicy(interval_s=10.0, last_at=0.0)
+    assert not timed.due(0, now=9.9) and timed.due(0, now=10.0)
+    timed.record(10.0, 11.0)
+    assert not timed.due(1, now=20.9) and timed.due(1, now=21.0)  # counted from the end of the last save
+    auto = CheckpointPolicy(last_at=0.0)
+    assert auto.due(0, now=0.0)  # the first epoch saves: that measures what a save costs
+    auto.record(1.0, 3.0)  # a 2 s save (writing + hand-over)
+    budget = AUTO_CHECKPOINT_FACTOR * 2.0
+    assert not auto.due(1, now=3.0 + budget - 0.1) and auto.due(1, now=3.0 + budget)
+    assert budget / (budget + 2.0) == pytest.approx(0.95)  # training time between saves: 95 %
+
+
+@pytest.mark.parametrize("key,value", [("train.checkpoint_every", -1), ("train.checkpoint_interval_s", -1.0),
+                                       ("train.checkpoint_interval_s", float("inf"))])  # fmt: skip
+def test_bad_checkpoint_cadence_names_its_key(key, value):
+    from lasegseg.config import validate_config
+    from lasegseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(Config().replace(**{key: value}))
 
 
 @pytest.mark.parametrize("durable", [True, False])
