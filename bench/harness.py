@@ -39,19 +39,22 @@ class Grid:
     seeds: list[int]
     epochs: int
     backbone: str = "tiny"
+    modes: list[str] | None = None  # several modes as a grid axis (``mode`` is then ignored)
 
     @property
     def size(self) -> int:
         """Number of trials: decoders × learning rates × few-shot sizes × seeds."""
-        return len(self.decoders) * len(self.lrs) * len(self.patients) * len(self.seeds)
+        return len(self.decoders) * len(self.lrs) * len(self.patients) * len(self.seeds) * len(self.modes or [0])
 
     def yaml(self) -> str:
         """The grid as a sweeps/fewshot.py config, one trial at a time."""
+        modes = f", model.mode: [{', '.join(self.modes)}]" if self.modes else ""
         return (
             f"name: bench-{self.name}\n"
             f"base: {{model.backbone: '{self.backbone}', model.mode: {self.mode}, data.image_size: {IMAGE_SIZE}, "
             f"train.epochs: {self.epochs}, train.batch_size: 16}}\n"
-            f"grid: {{model.decoder: [{', '.join(self.decoders)}], optim.lr: [{', '.join(map(repr, self.lrs))}]}}\n"
+            f"grid: {{model.decoder: [{', '.join(self.decoders)}]{modes}, "
+            f"optim.lr: [{', '.join(map(repr, self.lrs))}]}}\n"
             f"fewshot: [{', '.join(f'{{data.patients: {p}}}' for p in self.patients)}]\n"
             f"seeds: [{', '.join(map(str, self.seeds))}]\n"
             "resources: {cpus_per_trial: 1, max_concurrent: 1, max_failures: 0}\n"
@@ -59,7 +62,7 @@ class Grid:
 
     def naive_args(self) -> list[str]:
         """The same grid as bench/naive.py arguments."""
-        return ["--decoders", ",".join(self.decoders), "--modes", self.mode, "--lrs", ",".join(map(repr, self.lrs)),
+        return ["--decoders", ",".join(self.decoders), "--modes", ",".join(self.modes or [self.mode]), "--lrs", ",".join(map(repr, self.lrs)),
                 "--patients", ",".join(map(str, self.patients)), "--seeds", ",".join(map(str, self.seeds)),
                 "--epochs", str(self.epochs), "--image-size", str(IMAGE_SIZE), "--batch-size", "16",
                 "--backbone", self.backbone]  # fmt: skip
@@ -83,6 +86,9 @@ def grids(quick: bool, epochs: int | None = None) -> dict[str, Grid]:
             "frozen": Grid("frozen", "frozen", decoders, [3e-4, 1e-3, 3e-3], [2, 4], [0, 1], epochs=20),
             "finetune": Grid("finetune", "finetune", decoders, [1e-3], [2, 4], [0, 1], epochs=20),
         }
+    # The issue's plain-loop grid (same in both modes): linear/conv × frozen/finetune × 2/4 patients × 2 seeds.
+    out["plain"] = Grid("plain", "frozen", ["linear", "conv"], [1e-3], [2, 4], [0, 1], epochs=15,
+                        modes=["frozen", "finetune"])  # fmt: skip
     for g in out.values():
         g.epochs = epochs or g.epochs
     return out
@@ -191,12 +197,14 @@ class Bench:
         self.sweeps[key] = run
         return run
 
-    def naive(self, grid: str) -> dict[str, Any]:
-        """Run bench/naive.py on ``grid``; returns its JSON plus the process wall time."""
+    def naive(self, grid: str, variant: str = "naive") -> dict[str, Any]:
+        """Run bench/naive.py (``--variant``) on ``grid``; returns its JSON plus the process wall time."""
         g = self.grids[grid]
-        out = self.tmp / f"naive-{grid}.json"
+        out = self.tmp / f"{variant}-{grid}.json"
         cmd = [sys.executable, str(ROOT / "bench" / "naive.py"), "--data", str(self.phantom), *g.naive_args(),
-               "--threads", "1", "--json", str(out), "--out", str(self.tmp / f"naive-{grid}-models")]  # fmt: skip
+               "--threads", "1", "--json", str(out), "--variant", variant]  # fmt: skip
+        if variant == "naive":
+            cmd += ["--out", str(self.tmp / f"naive-{grid}-models")]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=child_env(LASEGSEG_CACHE=str(self.base_cache)), cwd=ROOT,
                               capture_output=True, text=True)  # fmt: skip
@@ -205,5 +213,5 @@ class Bench:
             raise SystemExit(f"bench/naive.py failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         result = json.loads(out.read_text())
         result["wall_s"] = seconds
-        print(f"    (naive {grid}: {g.size} trials: {seconds:.1f} s)", flush=True)
+        print(f"    ({variant} {grid}: {g.size} trials: {seconds:.1f} s)", flush=True)
         return result

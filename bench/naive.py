@@ -10,6 +10,9 @@ the best weights at the end. Nothing is cached between trials. From lasegseg it 
 comparison fair: the model builder (identical architecture and tiny backbone folder) and the seeded patient split
 (identical training slices). The loss is plain torch rather than MONAI so the baseline does not pay MONAI's import.
 Prints one line per trial and ``naive total <seconds>``; ``--json`` writes the per-trial timings.
+
+``--variant plain`` is the loop a new user writes first: the same reading and model, BCE plus soft Dice, no
+validation at all (the last epoch is the model), and the test patients scored on their resized slices.
 """
 
 from __future__ import annotations
@@ -55,6 +58,55 @@ def to_slices(image: np.ndarray, label: np.ndarray, size: int) -> tuple[torch.Te
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     y = F.interpolate(y, size=(size, size), mode="nearest-exact").long()
     return x, y
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The plain loop's loss: BCE plus soft Dice on the foreground logit (class 1 against class 0)."""
+    fg = logits[:, 1] - logits[:, 0]
+    y = target[:, 0].float()
+    prob = fg.sigmoid()
+    dice = (2 * (prob * y).sum() + 1e-5) / (prob.sum() + y.sum() + 1e-5)
+    return F.binary_cross_entropy_with_logits(fg, y) + 1 - dice
+
+
+@torch.no_grad()
+def slice_dice(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Dice over a patient's resized slices (the plain loop scores at the training resolution)."""
+    model.eval()
+    pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]) == 1
+    model.train()
+    truth = y[:, 0] == 1
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
+
+
+def run_plain_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, patients: int, seed: int) -> dict:
+    """The plain loop's trial: read, train every epoch without validation, score the test patients' slices."""
+    t0 = time.perf_counter()
+    cases = read_dataset(Path(args.data))
+    slices = {cid: to_slices(image, label, args.image_size) for cid, (image, label) in cases.items()}
+    split = split_patients(cases, 0, 0.2, 0.2)
+    train_ids = fewshot_patients(split.train, seed, patients)
+    train_x = torch.cat([slices[c][0] for c in train_ids])
+    train_y = torch.cat([slices[c][1] for c in train_ids])
+    torch.manual_seed(seed)
+    model = build_segmenter(ModelConfig(backbone=args.backbone, decoder=decoder, mode=mode))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    first_step = None
+    model.train()
+    for epoch in range(args.epochs):
+        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(train_x)))
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            loss = bce_dice_loss(model(train_x[idx]), train_y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            first_step = first_step or time.perf_counter() - t0
+    test = np.mean([slice_dice(model, *slices[c], args.batch_size) for c in split.test])
+    return {"decoder": decoder, "mode": mode, "lr": lr, "patients": patients, "seed": seed, "val_dice": float("nan"),
+            "test_dice": float(test), "n_train_slices": len(train_x), "first_step_s": first_step,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -143,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--out", default="", help="save each trial's best weights here")
     p.add_argument("--json", default="", help="write per-trial results and timings here")
+    p.add_argument("--variant", default="naive", choices=("naive", "plain"),
+                   help="naive: validates every epoch on whole volumes, keeps the best epoch; plain: a for-loop "
+                        "with no validation, BCE + soft Dice, test Dice on the resized slices")  # fmt: skip
     return p
 
 
@@ -150,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    trial = run_plain_trial if args.variant == "plain" else run_trial
     results = []
     for decoder in args.decoders.split(","):
         for mode in args.modes.split(","):
             for lr in (float(v) for v in args.lrs.split(",")):
                 for patients in (int(v) for v in args.patients.split(",")):
                     for seed in (int(v) for v in args.seeds.split(",")):
-                        r = run_trial(args, decoder, mode, lr, patients, seed)
+                        r = trial(args, decoder, mode, lr, patients, seed)
                         results.append(r)
                         print(f"{decoder}/{mode} lr={lr:g} patients={patients} seed={seed}: val {r['val_dice']:.3f} "
                               f"test {r['test_dice']:.3f}  {r['seconds']:.1f}s", flush=True)  # fmt: skip

@@ -1,9 +1,12 @@
 """lasegseg benchmarks: each prints a ratio measured in one run on this machine (min / median over repeats).
 
     python bench/run.py --quick                  # CPU, under 10 minutes on 2 cores
-    python bench/run.py --only naive,fixed       # some benchmarks: step | data | sweep | memory | naive | fixed
+    python bench/run.py --only naive,fixed       # some benchmarks: plain | step | data | sweep | memory | naive | fixed
     python bench/run.py --quick --json out.json  # also write every row as JSON
 
+0. plain  — the loop a new user writes first (bench/naive.py --variant plain, no tracking, no validation) vs
+            sweeps/fewshot.py on linear/conv × frozen/finetune × 2/4 patients × 2 seeds at 15 epochs: ≤ 1.15× at
+            concurrency 1, ≥ 1.5× faster at concurrency 2; validation ≤ 10 % of an epoch; ≤ 3 s after the last trial.
 1. step   — the training loop's step time vs a bare PyTorch loop on the same model and batch (goal ≤ 1.05×).
 2. data   — slice-cache (and frozen-feature-cache) batch reads vs the model's step (loader never the bottleneck),
             and one cache build per dataset however many trials open it.
@@ -44,12 +47,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # `python bench/run.py` puts bench/ itself first on the path; the `bench` package lives in the repository root.
 sys.path.insert(0, str(ROOT))
 
-from bench import bench_data, bench_fixed, bench_memory, bench_naive_grid, bench_step, bench_sweep  # noqa: E402
+from bench import (  # noqa: E402
+    bench_data,
+    bench_fixed,
+    bench_memory,
+    bench_naive_grid,
+    bench_plain,
+    bench_step,
+    bench_sweep,
+)
 from bench.common import Report, machine  # noqa: E402
 from bench.harness import BENCH_BACKBONES, IMAGE_SIZE, Bench  # noqa: E402
 
 # Every benchmark by name, in the order they run: later ones reuse the sweeps the earlier ones started.
 RUNNERS = {
+    "plain": bench_plain.measure,
     "step": bench_step.measure,
     "data": bench_data.measure,
     "sweep": bench_sweep.measure,
@@ -96,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.mkdir(parents=True, exist_ok=True)
         bench = Bench(tmp, args.quick, report, args.epochs, backbone=args.backbone)
         for g in bench.grids.values():
-            print(f"grid {g.name}: {g.size} trials ({len(g.decoders)} decoders × {len(g.lrs)} lr × "
+            print(f"grid {g.name}: {g.size} trials ({len(g.decoders)} decoders × {len(g.modes or [g.mode])} modes × "
+                  f"{len(g.lrs)} lr × "
                   f"{len(g.patients)} few-shot sizes × {len(g.seeds)} seeds), {g.epochs} epochs, {IMAGE_SIZE} px, "
                   f"backbone {args.backbone}",
                   flush=True)  # fmt: skip

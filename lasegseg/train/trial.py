@@ -294,9 +294,11 @@ class _Fit:
         progress.state["step"] += math.ceil(len(order) / bs)
         metrics: dict[str, float] = {"train_loss": loss, "lr": lr}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            t_val = time.perf_counter()
             val = self.evaluate(self.data.split.val)
             metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
             metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
+            metrics["val_seconds"] = time.perf_counter() - t_val
         metrics["epoch_seconds"] = time.perf_counter() - t0
         return metrics
 

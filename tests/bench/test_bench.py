@@ -32,6 +32,41 @@ def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_pat
     assert "naive total" in capsys.readouterr().out
 
 
+def test_the_plain_loop_trains_every_epoch_without_validation_and_scores_the_test_slices(phantom_dir, tmp_path):
+    from lasegseg.config import Config
+    from lasegseg.train.trial import prepare_data
+
+    out = tmp_path / "plain.json"
+    argv = ["--variant", "plain", "--data", str(phantom_dir), "--decoders", "linear", "--modes", "finetune",
+            "--patients", "2", "--epochs", "2", "--image-size", "28", "--json", str(out)]  # fmt: skip
+    calls = []
+    real = naive.dice_3d
+    naive.dice_3d = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        assert naive.main(argv) == 0
+    finally:
+        naive.dice_3d = real
+    (trial,) = json.loads(out.read_text())["trials"]
+    assert calls == []  # no per-epoch validation on whole volumes
+    cfg = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "data.patients": 2})
+    assert trial["n_train_slices"] == len(prepare_data(cfg).train_rows)
+    assert 0.0 <= trial["test_dice"] <= 1.0 and trial["val_dice"] != trial["val_dice"]  # NaN: never validated
+
+
+def test_the_plain_grid_is_the_issues_grid_on_both_sides(tmp_path):
+    from lasegseg.sweep.spec import load_spec
+
+    grid = harness.grids(quick=True)["plain"]
+    path = tmp_path / "plain.yaml"
+    path.write_text(grid.yaml())
+    trials = load_spec(path).trials()
+    assert len(trials) == grid.size == 16
+    cells = {(t["model.decoder"], t["model.mode"], t["data.patients"], t["seed"]) for t in trials}
+    assert len(cells) == 16 and {t["train.epochs"] for t in trials} == {15}
+    args = naive.build_parser().parse_args(["--data", "x", *grid.naive_args()])
+    assert args.modes == "frozen,finetune" and args.decoders == "linear,conv" and args.seeds == "0,1"
+
+
 def test_grid_yaml_and_naive_arguments_describe_the_same_trials(tmp_path):
     from lasegseg.sweep.spec import load_spec
 
