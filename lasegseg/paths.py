@@ -39,6 +39,11 @@ def pending_metrics_dir() -> Path:
     return cache_root() / "mlflow-pending"
 
 
+def sqlite_store_template(mlflow_version: str) -> Path:
+    """An empty, fully migrated MLflow sqlite store of this MLflow version, copied into each new sweep folder."""
+    return cache_root() / "mlflow-store" / f"empty-{mlflow_version}.db"
+
+
 def default_tracking_uri(sweep_dir: str | os.PathLike) -> str:
     """The embedded store: a sqlite database inside the sweep folder (safe for concurrent writers on one machine)."""
     return f"sqlite:///{(Path(sweep_dir) / TRACKING_DB).resolve()}"
