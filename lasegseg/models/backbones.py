@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,18 +197,22 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Feature maps of a batch.
 
         Args:
             x: ``(B, 1, H, W)`` intensity-normalised grayscale in [0, 1].
+            levels: indices into ``layer_indices`` of the maps to return, in this order; None for all. Only their
+                hidden states are kept during the pass (the others are freed as it goes), which is what makes a
+                frozen pass of a one-level decoder lighter; the values are the same as in the all-levels pass.
 
         Returns:
-            ``num_features_levels`` maps of shape ``(B, embed_dim, ceil(H / p), ceil(W / p))``; the last row/column
-            of patches covers the zero padding when H or W is not a multiple of ``patch_size``.
+            One map per level, of shape ``(B, embed_dim, ceil(H / p), ceil(W / p))``; the last row/column of patches
+            covers the zero padding when H or W is not a multiple of ``patch_size``.
         """
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, H, W) batch, got shape {tuple(x.shape)}")
+        blocks = [self.layer_indices[i] for i in self.check_levels(levels)]
         b, _, height, width = x.shape
         p = self.patch_size
         pad_h, pad_w = -height % p, -width % p
@@ -217,13 +221,33 @@ class Backbone(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         h, w = (height + pad_h) // p, (width + pad_w) // p
-        hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states
+        # hidden[0] is the embedding output, hidden[i + 1] the output of block i. transformers 5 keeps only the
+        # indices it is given (None elsewhere; older versions keep all); True keeps every one, as LoRA and
+        # fine-tuning always did.
+        select = True if levels is None else sorted({i + 1 for i in blocks})
+        hidden = self.model(pixel_values=x, output_hidden_states=select).hidden_states
         norm = getattr(self.model, self._final_norm)
-        # hidden[0] is the embedding output, hidden[i + 1] the output of block i.
         return [
             norm(hidden[i + 1][:, self.num_prefix_tokens :]).reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
-            for i in self.layer_indices
+            for i in blocks
         ]
+
+    def check_levels(self, levels: Sequence[int] | None) -> list[int]:
+        """``levels`` as a list of valid level indices (all of them for None); ModelError names a bad one.
+
+        Args:
+            levels: indices into ``layer_indices``.
+        """
+        if levels is None:
+            return list(range(self.num_features_levels))
+        levels = [int(i) for i in levels]
+        bad = [i for i in levels if not 0 <= i < self.num_features_levels]
+        if bad or not levels or len(set(levels)) != len(levels):
+            raise ModelError(
+                f"backbone '{self.source}': levels {levels} must be distinct indices in "
+                f"0..{self.num_features_levels - 1} (it taps blocks {self.layer_indices})"
+            )
+        return levels
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute block activations in the backward pass (memory for time; worth it for large/giant).

@@ -1,9 +1,10 @@
 """Decoder registry: each decoder turns backbone feature maps (and the image) into full-resolution logits.
 
-Every decoder has the signature ``forward(feats, image) -> logits``: ``feats`` is the backbone's list of
-``(B, C, h, w)`` maps (shallow to deep) on a grid of ``h × w`` patches that covers the image padded right/bottom
-to a multiple of the patch size, ``image`` the ``(B, 1, H, W)`` input, and the logits are ``(B, num_classes, H, W)``.
-Decoders work on the padded canvas ``(h·p, w·p)`` and crop to ``H × W`` at the end, so padding never shifts them.
+Every decoder has the signature ``forward(feats, image) -> logits``: ``feats`` is the list of ``(B, C, h, w)``
+maps of the backbone levels the decoder reads (its registry entry's ``levels``, resolved by :func:`decoder_levels`;
+shallow to deep) on a grid of ``h × w`` patches that covers the image padded right/bottom to a multiple of the patch
+size, ``image`` the ``(B, 1, H, W)`` input, and the logits are ``(B, num_classes, H, W)``. Decoders work on the padded
+canvas ``(h·p, w·p)`` and crop to ``H × W`` at the end, so padding never shifts them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,26 +30,35 @@ class DecoderSpec:
         name: the ``model.decoder`` value.
         builder: ``builder(*, embed_dim, num_levels, patch_size, width, num_classes) -> nn.Module``.
         needs_backbone: False for decoders that read only the image (the no-backbone baselines).
+        levels: which of the backbone's tapped levels the decoder reads: ``all`` of them, or only the ``last``
+            (deepest); see :func:`decoder_levels`. Frozen backbones compute, and feature caches store, only these.
     """
 
     name: str
     builder: Callable[..., nn.Module]
     needs_backbone: bool = True
+    levels: Literal["all", "last"] = "all"
 
 
+LEVEL_CHOICES = ("all", "last")
 DECODERS: Registry[DecoderSpec] = Registry("decoder", "decoders", ModelError)
 
 
-def register_decoder(name: str, *, needs_backbone: bool = True) -> Callable[[Callable[..., nn.Module]], Callable]:
+def register_decoder(
+    name: str, *, needs_backbone: bool = True, levels: Literal["all", "last"] = "all"
+) -> Callable[[Callable[..., nn.Module]], Callable]:
     """Register a decoder builder under ``name``.
 
     Args:
         name: the ``model.decoder`` value; registering a name twice is an error.
         needs_backbone: whether the decoder reads backbone features.
+        levels: the backbone levels its ``forward`` reads: ``all`` or only the ``last``.
     """
+    if levels not in LEVEL_CHOICES:
+        raise ValueError(f"decoder '{name}': levels must be one of {', '.join(LEVEL_CHOICES)}, got '{levels}'")
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        DECODERS.add(name, DecoderSpec(name, builder, needs_backbone))
+        DECODERS.add(name, DecoderSpec(name, builder, needs_backbone, levels))
         return builder
 
     return wrap
@@ -67,6 +78,24 @@ def decoder_spec(name: str) -> DecoderSpec:
     return DECODERS.get(name)
 
 
+def decoder_levels(name: str, num_levels: int) -> tuple[int, ...]:
+    """The levels decoder ``name`` reads, as indices into a backbone's ``num_levels`` tapped levels (shallow to deep).
+
+    The one place that turns a registry entry's ``levels`` into indices: the segmenter feeds the decoder these maps
+    in this order, and a frozen backbone's feature cache stores them.
+
+    Args:
+        name: a registered decoder name.
+        num_levels: the backbone's ``num_features_levels``.
+    """
+    spec = decoder_spec(name)
+    if not spec.needs_backbone:
+        return ()
+    if num_levels < 1:
+        raise ModelError(f"decoder '{name}' reads backbone levels, but num_levels is {num_levels}")
+    return (num_levels - 1,) if spec.levels == "last" else tuple(range(num_levels))
+
+
 def create_decoder(
     name: str, *, embed_dim: int, num_levels: int, patch_size: int, width: int = 64, num_classes: int = 2
 ) -> nn.Module:
@@ -75,7 +104,7 @@ def create_decoder(
     Args:
         name: registered decoder name.
         embed_dim: channels of each backbone feature map (ignored by decoders that need no backbone).
-        num_levels: number of feature maps the backbone returns.
+        num_levels: number of levels the backbone taps (a decoder reading ``all`` gets one map per level).
         patch_size: pixels per patch, i.e. the stride of the feature grid.
         width: base channel width (``model.decoder_width``).
         num_classes: output channels.
@@ -347,13 +376,13 @@ class UNetBaseline(nn.Module):
         return self.net(_pad_to(image, canvas))[..., :height, :width]
 
 
-@register_decoder("linear")
+@register_decoder("linear", levels="last")
 def linear(*, embed_dim: int, num_levels: int, patch_size: int, width: int, num_classes: int) -> nn.Module:
     """BatchNorm + 1×1 conv on the last level (DINOv2's linear segmentation head)."""
     return LinearDecoder(embed_dim=embed_dim, patch_size=patch_size, num_classes=num_classes)
 
 
-@register_decoder("conv")
+@register_decoder("conv", levels="last")
 def conv(*, embed_dim: int, num_levels: int, patch_size: int, width: int, num_classes: int) -> nn.Module:
     """The reference study's progressive-upsampling conv decoder on the last level."""
     return ConvDecoder(embed_dim=embed_dim, patch_size=patch_size, width=width, num_classes=num_classes)

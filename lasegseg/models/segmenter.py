@@ -11,7 +11,7 @@ back from the backbone source) and :func:`checkpoint_metadata` records their fin
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from lasegseg.models.backbones import (
     fingerprint,
     lora_target_modules,
 )
-from lasegseg.models.decoders import create_decoder, decoder_spec
+from lasegseg.models.decoders import create_decoder, decoder_levels, decoder_spec
 
 NUM_CLASSES = 2
 FROZEN_FEATURE_DTYPE = torch.float16
@@ -48,13 +48,18 @@ class Segmenter(nn.Module):
         backbone: the feature extractor, or None for image-only decoders.
         decoder: a registry decoder, ``forward(feats, image) -> logits``.
         mode: ``frozen``, ``finetune`` or ``lora`` (recorded; :func:`build_segmenter` sets up the parameters).
+        levels: the backbone levels the decoder reads (see :func:`~lasegseg.models.decoders.decoder_levels`);
+            None for all.
     """
 
-    def __init__(self, backbone: Backbone | None, decoder: nn.Module, *, mode: str) -> None:
+    def __init__(
+        self, backbone: Backbone | None, decoder: nn.Module, *, mode: str, levels: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.mode = mode if backbone is not None else "finetune"
+        self.levels = tuple(backbone.check_levels(levels)) if backbone is not None else ()
 
     @property
     def frozen(self) -> bool:
@@ -70,7 +75,8 @@ class Segmenter(nn.Module):
         return self
 
     def features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone feature maps (``[]`` without a backbone); no autograd graph and fp16-rounded values when frozen.
+        """The maps of the levels the decoder reads (``[]`` without a backbone); no autograd graph and fp16-rounded
+        values when frozen.
 
         Args:
             image: ``(B, 1, H, W)`` in [0, 1].
@@ -81,8 +87,10 @@ class Segmenter(nn.Module):
             with torch.no_grad():
                 # Frozen features are fp16 values by definition: the feature cache stores them so, and rounding
                 # here as well gives the same numbers with or without the cache, in training and at inference.
-                return [f.to(FROZEN_FEATURE_DTYPE).to(f.dtype) for f in self.backbone(image)]
-        return self.backbone(image)
+                return [f.to(FROZEN_FEATURE_DTYPE).to(f.dtype) for f in self.backbone(image, self.levels)]
+        # A backbone that trains keeps its all-levels pass: autograd holds every block's activations anyway.
+        feats = self.backbone(image)
+        return [feats[i] for i in self.levels]
 
     def decode(self, feats: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """Logits from (possibly cached) features.
@@ -170,7 +178,8 @@ def build_segmenter(model_cfg: ModelConfig, *, gradient_checkpointing: bool | No
         )
     if gradient_checkpointing:
         backbone.set_gradient_checkpointing(True)
-    return Segmenter(backbone, decoder, mode=model_cfg.mode).train()
+    levels = decoder_levels(model_cfg.decoder, backbone.num_features_levels)
+    return Segmenter(backbone, decoder, mode=model_cfg.mode, levels=levels).train()
 
 
 def load_backbone(name: str, *, registers: bool = False) -> Backbone:

@@ -4,8 +4,9 @@ The slice cache and the frozen-backbone feature caches live in each node's own c
 that node). Before the trials, the driver sends every node that can run a frozen trial one task that asks for
 that trial's CPUs and GPU share, so the backbone runs on the accelerator and in the precision the trials read,
 never on the driver (a cluster's head has no GPU). The task opens or builds the node's slice cache, then builds
-each frozen backbone's features under the cache's file lock: a node builds each at most once, and a trial that
-lands on a node added later builds its own the same way. On a GPU the task's worker exits afterwards, so the
+each frozen backbone's features under the cache's file lock, storing only the levels that backbone's frozen
+trials read (the union over their decoders): a node builds each at most once, and a trial that lands on a node
+added later builds its own levels the same way. On a GPU the task's worker exits afterwards, so the
 backbone's memory goes back to the trials.
 
 Building on every node beats fetching from shared storage here: a ViT-L/g feature cache of a full dataset is tens
@@ -29,18 +30,23 @@ def frozen_feature_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [flat for flat in distinct_frozen_backbones(trials) if uses_feature_cache(flat)]
 
 
-def build_on_node(flats: list[dict[str, Any]]) -> dict[str, Any]:
+def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]]) -> dict[str, Any]:
     """Inside a Ray task: this node's slice cache and the feature caches of ``flats`` (built once, under a lock).
 
-    Returns the node, the device used, ``{feature slot: folder}`` and which caches this task built.
+    Args:
+        flats: one flat config per feature slot (see :func:`frozen_feature_trials`).
+        readers: ``{feature slot: decoders of its trials}`` (see :func:`~lasegseg.train.features.slot_readers`);
+            each cache stores the union of the levels they read.
+
+    Returns:
+        The node, the device used, ``{feature slot: folder}`` and which caches this task built.
     """
     import torch
 
     from lasegseg.config import from_flat
     from lasegseg.data.cache import open_cache
-    from lasegseg.models.segmenter import load_backbone
     from lasegseg.sweep.worker import placement
-    from lasegseg.train.features import feature_slot, get_or_build_features
+    from lasegseg.train.features import build_slot_features, feature_slot
 
     where = placement()
     t0 = time.perf_counter()
@@ -48,17 +54,11 @@ def build_on_node(flats: list[dict[str, Any]]) -> dict[str, Any]:
     cache = open_cache(from_flat(flats[0]), built)
     out = {**where, "paths": {}, "built": [], "slice_cache_built": bool(built.get("built"))}
     for flat in flats:
-        cfg = from_flat(flat)
-        backbone = load_backbone(cfg.model.backbone, registers=cfg.model.registers).to(where["device"])
-        built = {}
-        feats = get_or_build_features(
-            backbone.requires_grad_(False), cache, device=where["device"], amp=cfg.train.amp,
-            batch_size=max(32, cfg.train.batch_size), stats=built,
-        )  # fmt: skip
-        out["paths"][feature_slot(flat)] = str(feats.path)
+        slot, built = feature_slot(flat), {}
+        feats = build_slot_features(flat, readers[slot], cache, device=where["device"], stats=built)
+        out["paths"][slot] = str(feats.path)
         if built.get("built"):
-            out["built"].append(feature_slot(flat))
-        del backbone
+            out["built"].append(slot)
     if where["device"] == "cuda":
         torch.cuda.empty_cache()
     out["seconds"] = time.perf_counter() - t0
@@ -82,10 +82,12 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from lasegseg.sweep.cluster import alive_nodes
+    from lasegseg.train.features import slot_readers
 
     flats = frozen_feature_trials(trials)
     if not flats or not joined:
         return {}
+    readers = slot_readers(trials)
     request = res.for_trial(flats[0])
     nodes = [n for n in alive_nodes() if n.cpus >= request["cpu"] and n.gpus >= request["gpu"]]
     # On a GPU the worker exits after the task (max_calls=1), so the backbone's memory goes back to the trials.
@@ -94,7 +96,7 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
         task.options(
             num_cpus=request["cpu"], num_gpus=request["gpu"],
             scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False),
-        ).remote(flats)
+        ).remote(flats, readers)
         for n in nodes
     ]  # fmt: skip
     out = {}

@@ -310,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from lasegseg.sweep import tracking
     from lasegseg.sweep.caches import build_node_caches
     from lasegseg.sweep.tune_runner import run_stages
+    from lasegseg.train.features import slot_readers
 
     plan = plan_sweep(args)
     print(f"sweep '{plan.name}': {len(plan.trials)} trials{_screen_note(plan.spec)}; results: {plan.root.uri}")
@@ -337,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
     _save_state(plan, state)
     ctx = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
            "cache_path": str(cache.path), "threads": max(1, int(plan.spec.resources.cpus_per_trial)),
-           "feature_paths": feature_paths, "storage": plan.root}  # fmt: skip
+           "feature_paths": feature_paths, "feature_readers": slot_readers(plan.trials),
+           "storage": plan.root}  # fmt: skip
     if salt is not None:
         ctx |= {"pseudonym_salt": salt.decode("utf-8"), "case_ids": list(cache.cases)}
     outcome = run_stages(plan.spec, ctx, plan.sweep_dir, resume=args.resume)

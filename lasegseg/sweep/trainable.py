@@ -55,6 +55,13 @@ def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: st
         return None  # run_trial rebuilds what it needs
 
 
+def _feature_readers(ctx: dict[str, Any], flat: dict[str, Any]) -> tuple[str, ...]:
+    """The decoders of the sweep's trials that read this trial's features (all their levels are built together)."""
+    from lasegseg.train.features import feature_slot
+
+    return tuple((ctx.get("feature_readers") or {}).get(feature_slot(flat), ()))
+
+
 def _quiet_checkpoint_logs() -> None:
     # Tune logs every per-epoch checkpoint at INFO, which the driver echoes: one line per epoch per trial.
     for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
@@ -149,6 +156,7 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
     first_report["slice_cache_built"] = bool(built.get("built"))
     data = prepare_data(cfg, cache=cache)
     data.features = _open_shared_features(ctx, cfg.to_flat(), first_report["node_id"])
+    data.feature_readers = _feature_readers(ctx, cfg.to_flat())
     out = Path(tune.get_context().get_trial_dir()) / "result"
     results = run_trial(
         cfg, out, data=data, device=first_report["device"],

@@ -1,18 +1,22 @@
 """Frozen-backbone feature cache: every slice's backbone features computed once, kept as memory-mapped fp16.
 
 In frozen mode the backbone output of a cached slice never changes, so a sweep computes it once per distinct
-backbone and every frozen decoder trains and evaluates on it (no backbone pass per epoch). Layout of
-``<slice cache dir>/features/<key>/``::
+backbone and every frozen decoder trains and evaluates on it (no backbone pass per epoch). A cache stores only the
+levels its readers need (a decoder declares them in its registry entry; see
+:func:`~lasegseg.models.decoders.decoder_levels`): a sweep builds the union over the frozen trials that share the
+backbone, so a linear-only sweep stores one level of four. Layout of ``<slice cache dir>/features/<key>/``::
 
-    level_0.npy … level_{L-1}.npy   float16 (N, h, w, C): row i is slice row i of the slice cache, stored
-                                    channels-last so a batch becomes a channels-last (B, C, h, w) view for free
-    manifest.json                   version, key, backbone source + fingerprint + layer taps, slice-cache key,
-                                    rows, shapes, and bytes + sha256 of every level file
+    level_<i>.npy    one per stored level i (an index into the backbone's layer taps, 0 = shallowest): float16
+                     (N, h, w, C), row r is slice row r of the slice cache, stored channels-last so a batch becomes
+                     a channels-last (B, C, h, w) view for free
+    manifest.json    version, key, backbone source + fingerprint + layer taps, the stored levels and their blocks,
+                     slice-cache key, rows, and bytes + sha256 of every level file
 
-``key`` hashes the backbone fingerprint, its layer taps, the slice-cache key (dataset content + preprocessing),
-the image size, the compute precision and the storage dtype. A cache is built in a temporary folder and renamed
-into place under an exclusive file lock, so concurrent trials never build it twice; a damaged cache (size or hash
-mismatch) is discarded and rebuilt, never used. Pure compute: no ray, no mlflow.
+``key`` hashes the backbone fingerprint, its layer taps, the stored levels, the slice-cache key (dataset content +
+preprocessing), the image size, the compute precision and the storage dtype. A reader asks for its levels and is
+served by the cache of exactly those or, failing that, by the smallest one that holds them all. A cache is built in a
+temporary folder and renamed into place under an exclusive file lock, so concurrent trials never build it twice; a
+damaged cache (size or hash mismatch) is discarded and rebuilt, never used. Pure compute: no ray, no mlflow.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +43,8 @@ from lasegseg.fsio import builder_stamp, discard_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1
+# 2: a cache stores only the requested levels (``levels`` in the manifest and the key).
+FEATURES_VERSION = 2
 FEATURES_DIR = "features"
 MANIFEST_FILE = "manifest.json"
 STORAGE_DTYPE = "float16"
@@ -61,8 +66,13 @@ def compute_precision(device: torch.device, amp: str) -> str:
     return "fp32" if isinstance(autocast_context(device, amp), contextlib.nullcontext) else "bf16"
 
 
-def feature_key(backbone: Any, cache: Any, precision: str) -> str:
-    """The folder name of the features of ``backbone`` over ``cache``.
+def level_file(level: int) -> str:
+    """The file name of a stored level (an index into the backbone's layer taps)."""
+    return f"level_{level}.npy"
+
+
+def feature_identity(backbone: Any, cache: Any, precision: str) -> dict[str, Any]:
+    """Everything a feature cache's values depend on: recorded in its manifest, hashed (with its levels) into its key.
 
     Args:
         backbone: a :class:`~lasegseg.models.backbones.Backbone`.
@@ -71,34 +81,57 @@ def feature_key(backbone: Any, cache: Any, precision: str) -> str:
     """
     from lasegseg.models.backbones import fingerprint
 
-    payload = {
+    return {
         "version": FEATURES_VERSION,
-        "backbone": fingerprint(backbone),
-        "layers": list(backbone.layer_indices),
+        "backbone_fingerprint": fingerprint(backbone),
+        "layer_indices": list(backbone.layer_indices),
         "slice_cache": cache.key,
         "image_size": int(cache.image_size),
         "precision": precision,
         "dtype": STORAGE_DTYPE,
     }
+
+
+def stored_levels(backbone: Any, levels: Iterable[int] | None) -> tuple[int, ...]:
+    """``levels`` as a cache stores them: valid for ``backbone``, distinct, sorted; None means every tapped level."""
+    return tuple(sorted(backbone.check_levels(None if levels is None else list(levels))))
+
+
+def feature_key(backbone: Any, cache: Any, precision: str, levels: Iterable[int] | None = None) -> str:
+    """The folder name of the features of ``backbone``'s ``levels`` over ``cache``.
+
+    Args:
+        backbone: a :class:`~lasegseg.models.backbones.Backbone`.
+        cache: the slice cache.
+        precision: ``fp32`` or ``bf16`` (see :func:`compute_precision`).
+        levels: indices into ``backbone.layer_indices``; None for all.
+    """
+    identity = feature_identity(backbone, cache, precision)
+    payload = {**identity, "levels": list(stored_levels(backbone, levels))}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{fingerprint(backbone)}-{digest}"
+    return f"{identity['backbone_fingerprint']}-{digest}"
 
 
 class FeatureCache:
-    """Read-only memory-mapped features of one backbone over one slice cache.
+    """Read-only memory-mapped features of one backbone over one slice cache, read as some of the levels it stores.
 
     Args:
         path: the feature folder.
         manifest: its parsed ``manifest.json``.
+        levels: the levels :meth:`batch` returns, in this order (use :meth:`reader`); None for every stored one.
 
     Attributes:
-        levels: one read-only float16 ``(N, h, w, C)`` memmap per tapped block.
+        stored: the levels the folder holds (indices into the backbone's layer taps), sorted.
+        maps: ``{level: read-only float16 (N, h, w, C) memmap}`` for every stored level.
+        levels: the levels :meth:`batch` returns.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], levels: Sequence[int] | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
-        self.levels = [np.load(self.path / name, mmap_mode="r") for name in manifest["files"]]
+        self.stored = tuple(int(i) for i in manifest["levels"])
+        self.maps = {i: np.load(self.path / level_file(i), mmap_mode="r") for i in self.stored}
+        self.levels = self.stored if levels is None else tuple(levels)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: Literal["full", "size"] = "full") -> FeatureCache:
@@ -115,12 +148,15 @@ class FeatureCache:
             manifest = json.loads(mpath.read_text())
             files = manifest["files"]
             rows = int(manifest["rows"])
+            names = {level_file(int(i)) for i in manifest["levels"]}
         except OSError as err:
             raise DataError(f"feature manifest '{mpath}' cannot be read: {err.strerror}") from None
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"feature manifest '{mpath}' is damaged ({type(err).__name__}: {err})") from None
         if manifest.get("version") != FEATURES_VERSION or manifest.get("key") != path.name:
             raise DataError(f"feature manifest '{mpath}' is for another version or key")
+        if set(files) != names or not names:
+            raise DataError(f"feature manifest '{mpath}' lists files {sorted(files)} for levels {manifest['levels']}")
         for name, record in files.items():
             fpath = path / name
             try:
@@ -136,10 +172,10 @@ class FeatureCache:
             out = cls(path, manifest)
         except (OSError, ValueError) as err:
             raise DataError(f"feature cache '{path}' cannot be memory-mapped: {err}") from None
-        for name, level in zip(files, out.levels, strict=True):
+        for i, level in out.maps.items():
             if level.dtype != np.float16 or level.ndim != 4 or level.shape[0] != rows:
-                raise DataError(f"feature file '{path / name}' has shape {level.shape} {level.dtype}, expected "
-                                f"({rows}, h, w, C) float16")  # fmt: skip
+                raise DataError(f"feature file '{path / level_file(i)}' has shape {level.shape} {level.dtype}, "
+                                f"expected ({rows}, h, w, C) float16")  # fmt: skip
         return out
 
     @property
@@ -161,8 +197,24 @@ class FeatureCache:
             and int(m.get("rows", -1)) == len(cache)
         )
 
+    def holds(self, levels: Iterable[int]) -> bool:
+        """Whether this folder stores every one of ``levels``."""
+        return set(levels) <= set(self.stored)
+
+    def reader(self, levels: Sequence[int]) -> FeatureCache:
+        """This cache read as ``levels`` (a decoder's, in its order): :meth:`batch` returns exactly their maps.
+
+        Args:
+            levels: indices into the backbone's layer taps; each must be stored (DataError names the missing ones).
+        """
+        levels = tuple(int(i) for i in levels)
+        missing = sorted(set(levels) - set(self.stored))
+        if missing:
+            raise DataError(f"feature cache '{self.path}' stores levels {list(self.stored)}, not {missing}")
+        return FeatureCache(self.path, self.manifest, levels)
+
     def batch(self, rows: np.ndarray, device: torch.device) -> list[torch.Tensor]:
-        """Float32 channels-last ``(B, C, h, w)`` maps of ``rows`` on ``device``.
+        """Float32 channels-last ``(B, C, h, w)`` maps of ``rows`` on ``device``, one per level in :attr:`levels`.
 
         fp16 crosses to the device (half the bytes, pinned and non-blocking on CUDA) and is widened there.
 
@@ -171,17 +223,17 @@ class FeatureCache:
             device: where the decoder runs.
         """
         out = []
-        for level in self.levels:
-            host = torch.from_numpy(np.ascontiguousarray(level[rows]))
+        for i in self.levels:
+            host = torch.from_numpy(np.ascontiguousarray(self.maps[i][rows]))
             out.append(to_device(host, device).float().permute(0, 3, 1, 2))
         return out
 
     def __reduce__(self):
-        return (_reopen, (str(self.path),))
+        return (_reopen, (str(self.path), self.levels))
 
 
-def _reopen(path: str) -> FeatureCache:
-    return FeatureCache.open(path, verify="size")
+def _reopen(path: str, levels: tuple[int, ...]) -> FeatureCache:
+    return FeatureCache.open(path, verify="size").reader(levels)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -195,41 +247,81 @@ def get_or_build_features(
     backbone: Any,
     cache: Any,
     *,
+    levels: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     amp: str = "auto",
     batch_size: int = 32,
     verify: Literal["full", "size"] = "full",
     stats: dict[str, Any] | None = None,
 ) -> FeatureCache:
-    """Open the features of ``backbone`` over ``cache``, computing them first if needed (once across processes).
+    """The features of ``backbone``'s ``levels`` over ``cache``, read from a cache that holds them or computed first
+    (once across processes).
 
     Args:
         backbone: a frozen :class:`~lasegseg.models.backbones.Backbone` (put in eval mode here).
         cache: the slice cache.
+        levels: indices into ``backbone.layer_indices`` the reader needs, in its order; None for all. The cache of
+            exactly these serves them, else the smallest valid one that holds them all, else they are computed.
         device: where the backbone pass runs.
         amp: ``train.amp``; bf16 autocast on GPU is part of the key.
         batch_size: slices per backbone pass.
         verify: how an existing cache is checked (see :meth:`FeatureCache.open`).
         stats: gets ``built`` True when this call computed the features (for a sweep's per-node build counts).
+
+    Returns:
+        A :meth:`FeatureCache.reader` whose batches hold exactly ``levels``.
     """
     device = torch.device(device)
+    wanted = backbone.check_levels(None if levels is None else list(levels))
     precision = compute_precision(device, amp)
+    identity = feature_identity(backbone, cache, precision)
     root = features_root(cache)
-    key = feature_key(backbone, cache, precision)
-    final = root / key
-    opened = _try_open(final, verify)
-    if opened is not None:
-        return opened
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{key}.lock"):
-        # Another process may have finished the build while this one waited for the lock.
-        opened = _try_open(final, verify)
+    key = feature_key(backbone, cache, precision, wanted)
+    opened = _open_serving(root, key, identity, wanted, verify)
+    if opened is None:
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f".{key}.lock"):
+            # Another process may have built these levels (or more) while this one waited for the lock.
+            opened = _open_serving(root, key, identity, wanted, verify)
+            if opened is None:
+                build_features(
+                    backbone, cache, root / key, levels=wanted, device=device, amp=amp, batch_size=batch_size
+                )
+                if stats is not None:
+                    stats["built"] = True
+                opened = FeatureCache.open(root / key, verify="size")
+    return opened.reader(wanted)
+
+
+def _open_serving(
+    root: Path, key: str, identity: dict[str, Any], levels: Sequence[int], verify: Literal["full", "size"]
+) -> FeatureCache | None:
+    """The valid cache ``key`` (exactly ``levels``), else the valid one with the fewest levels that holds them."""
+    for path in [root / key, *_supersets(root, key, identity, levels)]:
+        opened = _try_open(path, verify)
         if opened is not None:
             return opened
-        build_features(backbone, cache, final, device=device, amp=amp, batch_size=batch_size)
-        if stats is not None:
-            stats["built"] = True
-    return FeatureCache.open(final, verify="size")
+    return None
+
+
+def _supersets(root: Path, key: str, identity: dict[str, Any], levels: Sequence[int]) -> list[Path]:
+    """Other folders under ``root`` whose manifest has ``identity`` and lists every one of ``levels``, fewest first.
+
+    Temporary, trashed and lock entries start with a dot, so the fingerprint prefix leaves them out.
+    """
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.glob(f"{identity['backbone_fingerprint']}-*"):
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+            stored = {int(i) for i in manifest["levels"]}
+            same = all(manifest.get(k) == v for k, v in identity.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a feature cache of this format; whoever opens it by its own key handles it
+        if path.name != key and same and set(levels) <= stored:
+            found.append((len(stored), path.name, path))
+    return [path for *_, path in sorted(found)]
 
 
 def _try_open(final: Path, verify: Literal["full", "size"]) -> FeatureCache | None:
@@ -238,70 +330,48 @@ def _try_open(final: Path, verify: Literal["full", "size"]) -> FeatureCache | No
     try:
         return FeatureCache.open(final, verify=verify)
     except DataError as err:
-        logger.warning("rebuilding feature cache: %s", err)
+        logger.warning("discarding damaged feature cache: %s", err)
         discard_dir(final)
         return None
 
 
 def build_features(
-    backbone: Any, cache: Any, final: Path, *, device: torch.device, amp: str, batch_size: int = 32
+    backbone: Any,
+    cache: Any,
+    final: Path,
+    *,
+    levels: Sequence[int] | None = None,
+    device: torch.device,
+    amp: str,
+    batch_size: int = 32,
 ) -> Path:
-    """Run the backbone over every slice row of ``cache`` and write the level files + manifest to ``final``.
+    """Run the backbone over every slice row of ``cache`` and write ``levels``' files + manifest to ``final``.
 
     Args:
         backbone: the frozen backbone.
         cache: the slice cache.
         final: destination folder (written through a temporary sibling and renamed).
+        levels: indices into ``backbone.layer_indices`` to store; None for all.
         device: where the backbone runs.
         amp: ``train.amp``.
         batch_size: slices per pass.
     """
-    from lasegseg.models.backbones import fingerprint
-    from lasegseg.train.inference import autocast_context
-
-    n = len(cache)
+    levels = stored_levels(backbone, levels)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     was_training = backbone.training
     backbone.eval()
     try:
-        maps: list[np.ndarray] = []
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                host = torch.from_numpy(np.array(cache.images[start : start + batch_size]))[:, None]
-                x = to_device(host, device).float()
-                with autocast_context(device, amp):
-                    feats = backbone(x)
-                if not maps:
-                    maps = [
-                        np.lib.format.open_memmap(
-                            tmp / f"level_{i}.npy",
-                            mode="w+",
-                            dtype=np.float16,
-                            shape=(n, f.shape[2], f.shape[3], f.shape[1]),
-                        )  # fmt: skip
-                        for i, f in enumerate(feats)
-                    ]
-                for out, f in zip(maps, feats, strict=True):
-                    out[start : start + len(x)] = f.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
-        names = []
-        for out in maps:
-            out.flush()
-            names.append(Path(out.filename).name)
-        del maps
+        names = _write_levels(backbone, cache, tmp, levels, device=device, amp=amp, batch_size=batch_size)
         manifest = {
-            "version": FEATURES_VERSION,
+            **feature_identity(backbone, cache, compute_precision(device, amp)),
             "key": final.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "builder": builder_stamp(),
             "backbone_source": str(getattr(backbone, "source", "")),
-            "backbone_fingerprint": fingerprint(backbone),
-            "layer_indices": list(backbone.layer_indices),
-            "slice_cache": cache.key,
-            "image_size": int(cache.image_size),
-            "precision": compute_precision(device, amp),
-            "dtype": STORAGE_DTYPE,
-            "rows": n,
+            "levels": list(levels),
+            "blocks": [backbone.layer_indices[i] for i in levels],
+            "rows": len(cache),
             "files": {name: _file_record(tmp / name) for name in names},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
@@ -315,6 +385,42 @@ def build_features(
         backbone.train(was_training)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _write_levels(
+    backbone: Any, cache: Any, folder: Path, levels: Sequence[int], *, device: torch.device, amp: str, batch_size: int
+) -> list[str]:
+    """One backbone pass over the slices, asking it only for ``levels``; their maps go to ``folder``'s level files.
+
+    Returns:
+        The file names written, in the order of ``levels``.
+    """
+    from lasegseg.train.inference import autocast_context
+
+    n = len(cache)
+    maps: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            host = torch.from_numpy(np.array(cache.images[start : start + batch_size]))[:, None]
+            x = to_device(host, device).float()
+            with autocast_context(device, amp):
+                feats = backbone(x, levels)
+            if not maps:
+                maps = [
+                    np.lib.format.open_memmap(
+                        folder / level_file(i),
+                        mode="w+",
+                        dtype=np.float16,
+                        shape=(n, f.shape[2], f.shape[3], f.shape[1]),
+                    )
+                    for i, f in zip(levels, feats, strict=True)
+                ]
+            for out, f in zip(maps, feats, strict=True):
+                out[start : start + len(x)] = f.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+    for out in maps:
+        out.flush()
+    del maps
+    return [level_file(i) for i in levels]
 
 
 @contextlib.contextmanager
@@ -345,6 +451,31 @@ def distinct_frozen_backbones(trials: Sequence[dict[str, Any]]) -> list[dict[str
     return list(seen.values())
 
 
+def slot_readers(trials: Sequence[dict[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """The decoders that read each feature cache of a sweep: ``{feature_slot: sorted distinct model.decoder}``.
+
+    Args:
+        trials: flat trial configs of a sweep.
+    """
+    readers: dict[str, set[str]] = {}
+    for flat in trials:
+        if uses_feature_cache(flat):
+            readers.setdefault(feature_slot(flat), set()).add(flat["model.decoder"])
+    return {slot: tuple(sorted(names)) for slot, names in readers.items()}
+
+
+def levels_read(decoders: Iterable[str], num_levels: int) -> tuple[int, ...]:
+    """The union of the levels ``decoders`` read from a backbone with ``num_levels`` taps, sorted.
+
+    Args:
+        decoders: registered decoder names.
+        num_levels: the backbone's ``num_features_levels``.
+    """
+    from lasegseg.models.decoders import decoder_levels
+
+    return tuple(sorted({i for name in decoders for i in decoder_levels(name, num_levels)}))
+
+
 def feature_slot(flat: dict[str, Any]) -> str:
     """Which feature cache of a sweep a trial reads: backbone, registers and precision setting (the sweep's trials
     share one slice cache)."""
@@ -360,8 +491,33 @@ def uses_feature_cache(flat: dict[str, Any]) -> bool:
     )
 
 
+def build_slot_features(
+    flat: dict[str, Any], decoders: Iterable[str], cache: Any, *, device: str, stats: dict[str, Any] | None = None
+) -> FeatureCache:
+    """Open or build one feature slot's cache: the levels its ``decoders`` read, together, in one backbone pass.
+
+    Args:
+        flat: the flat config of a trial of the slot (backbone, registers, amp, batch size).
+        decoders: the decoders of the slot's trials (see :func:`slot_readers`).
+        cache: the slice cache the trials share.
+        device: where the backbone pass runs.
+        stats: as for :func:`get_or_build_features`.
+    """
+    from lasegseg.config import from_flat
+    from lasegseg.models.segmenter import load_backbone
+
+    cfg = from_flat(flat)
+    backbone = load_backbone(cfg.model.backbone, registers=cfg.model.registers).to(device).requires_grad_(False)
+    return get_or_build_features(
+        backbone, cache, levels=levels_read(decoders, backbone.num_features_levels), device=device,
+        amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size), stats=stats,
+    )  # fmt: skip
+
+
 def build_sweep_features(trials: Sequence[dict[str, Any]], cache: Any, *, device: str | None = None) -> dict[str, str]:
     """Build (or verify) the feature cache of every distinct frozen backbone of a sweep, once, before any trial.
+
+    Each cache holds the union of the levels its trials' decoders read.
 
     Args:
         trials: the sweep's flat trial configs.
@@ -374,23 +530,20 @@ def build_sweep_features(trials: Sequence[dict[str, Any]], cache: Any, *, device
     import time
 
     from lasegseg.config import from_flat
-    from lasegseg.models.segmenter import load_backbone
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    readers = slot_readers(trials)
     out: dict[str, str] = {}
     for flat in distinct_frozen_backbones(trials):
         cfg = from_flat(flat)
         if cfg.data.image_size != cache.image_size:
             continue
         t0 = time.perf_counter()
-        backbone = load_backbone(cfg.model.backbone, registers=cfg.model.registers).to(device).requires_grad_(False)
-        feats = get_or_build_features(
-            backbone, cache, device=device, amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size)
-        )
+        feats = build_slot_features(flat, readers[feature_slot(flat)], cache, device=device)
         logger.info(
-            "feature cache for backbone %s: %s (%d slices, %.1f s)",
-            cfg.model.backbone, feats.path, len(feats), time.perf_counter() - t0,
+            "feature cache for backbone %s: %s (levels %s, %d slices, %.1f s)",
+            cfg.model.backbone, feats.path, list(feats.stored), len(feats), time.perf_counter() - t0,
         )  # fmt: skip
         out[feature_slot(flat)] = str(feats.path)
     return out

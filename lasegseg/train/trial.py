@@ -24,7 +24,13 @@ from lasegseg.data.cache import open_cache
 from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
 from lasegseg.train.augment import augment_batch
-from lasegseg.train.features import FeatureCache, compute_precision, get_or_build_features, to_device
+from lasegseg.train.features import (
+    FeatureCache,
+    compute_precision,
+    get_or_build_features,
+    levels_read,
+    to_device,
+)
 from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native
 from lasegseg.train.losses import build_loss
 from lasegseg.train.metrics import case_metrics, dice_iou, summarize
@@ -41,13 +47,17 @@ class TrialData:
         cache: the slice cache.
         split: the patient split.
         train_rows: this trial's few-shot training rows.
-        features: frozen-backbone features over the cache (a sweep driver builds them once); used when they fit.
+        features: frozen-backbone features over the cache (a sweep driver builds them once); used when they fit and
+            hold the levels the trial's decoder reads.
+        feature_readers: the decoders of every trial that reads this backbone's features (a sweep's); a trial that
+            has to build them builds the levels all of them read, so that none builds again.
     """
 
     cache: Any
     split: Any
     train_rows: np.ndarray
     features: FeatureCache | None = None
+    feature_readers: tuple[str, ...] = ()
 
 
 def prepare_data(cfg: Config, cache: Any = None) -> TrialData:
@@ -188,7 +198,8 @@ def train_one_epoch(
 def _trial_features(
     cfg: Config, model, data: TrialData, device: torch.device, stats: dict[str, Any] | None = None
 ) -> FeatureCache | None:
-    """The cached features this trial trains on, or None when it runs the backbone (see ``train.feature_cache``).
+    """The cached features this trial trains on, read as the levels its decoder reads (``model.levels``), or None
+    when it runs the backbone (see ``train.feature_cache``).
 
     Args:
         stats: gets ``built`` True when this trial had to compute them.
@@ -203,12 +214,17 @@ def _trial_features(
         given is not None
         and given.matches(model.backbone, data.cache)
         and given.manifest.get("precision") == compute_precision(device, cfg.train.amp)
+        and given.holds(model.levels)
     ):
-        return given
-    return get_or_build_features(
-        model.backbone, data.cache, device=device, amp=cfg.train.amp, batch_size=max(32, cfg.train.batch_size),
-        stats=stats,
+        return given.reader(model.levels)
+    levels = model.levels
+    if data.feature_readers:
+        levels = tuple(sorted({*levels, *levels_read(data.feature_readers, model.backbone.num_features_levels)}))
+    features = get_or_build_features(
+        model.backbone, data.cache, levels=levels, device=device, amp=cfg.train.amp,
+        batch_size=max(32, cfg.train.batch_size), stats=stats,
     )  # fmt: skip
+    return features.reader(model.levels)
 
 
 def _compiled_forward(cfg: Config, model, features: FeatureCache | None) -> Callable | None:

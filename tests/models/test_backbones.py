@@ -143,6 +143,29 @@ def test_last_level_is_the_final_layernormed_patch_tokens(registers: bool) -> No
     torch.testing.assert_close(last, patches)
 
 
+@pytest.mark.parametrize("registers", [False, True])
+def test_asked_levels_are_the_same_maps_and_only_their_hidden_states_are_kept(registers: bool) -> None:
+    backbone = build_backbone("tiny", registers=registers).eval()
+    kept: list[list[bool]] = []
+    backbone.model.register_forward_hook(lambda m, a, out: kept.append([h is not None for h in out.hidden_states]))
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 100, 112)
+    with torch.no_grad():
+        every = backbone(x)
+        some = backbone(x, [3, 1])
+    assert len(some) == 2 and torch.equal(some[0], every[3]) and torch.equal(some[1], every[1])
+    # hidden_states[i + 1] is block i's output: the all-levels pass keeps all, the other one only blocks 1 and 3.
+    taps = {backbone.layer_indices[i] + 1 for i in (1, 3)}
+    assert kept == [[True] * 5, [i in taps for i in range(5)]]
+
+
+@pytest.mark.parametrize("levels", [[4], [-1], [], [2, 2]])
+def test_bad_levels_are_a_model_error(levels: list[int]) -> None:
+    backbone = build_backbone("tiny")
+    with pytest.raises(ModelError, match=r"levels .* must be distinct indices in 0\.\.3 \(it taps blocks"):
+        backbone(torch.rand(1, 1, 28, 28), levels)
+
+
 def test_padding_is_zero_at_right_and_bottom() -> None:
     backbone = build_backbone("tiny")
     torch.manual_seed(0)

@@ -21,8 +21,8 @@ from lasegseg.models import (
     state_for_checkpoint,
     weights_fingerprint,
 )
-from lasegseg.models.decoders import FOREGROUND_PRIOR
-from lasegseg.models.segmenter import Segmenter
+from lasegseg.models.decoders import FOREGROUND_PRIOR, decoder_levels
+from lasegseg.models.segmenter import FROZEN_FEATURE_DTYPE, Segmenter
 
 BACKBONE_DECODERS = [name for name in list_decoders() if decoder_spec(name).needs_backbone]
 # Registry × modes; decoders without backbone ignore the mode, so they run once.
@@ -51,6 +51,46 @@ def test_registry_has_the_documented_decoders() -> None:
     assert set(list_decoders()) >= {"linear", "conv", "multiscale", "unetr", "unet"}
     assert not decoder_spec("unet").needs_backbone
     assert all(decoder_spec(n).needs_backbone for n in ("linear", "conv", "multiscale", "unetr"))
+
+
+def test_decoder_levels_come_from_the_registry() -> None:
+    assert decoder_levels("linear", 4) == decoder_levels("conv", 4) == (3,)
+    assert decoder_levels("multiscale", 4) == decoder_levels("unetr", 4) == (0, 1, 2, 3)
+    assert decoder_levels("linear", 1) == decoder_levels("multiscale", 1) == (0,)
+    assert decoder_levels("unet", 4) == ()
+    with pytest.raises(ValueError, match="decoder 'first-only': levels must be one of all, last, got 'first'"):
+        register_decoder("first-only", levels="first")
+    with pytest.raises(ModelError, match="unknown decoder 'nope'"):
+        decoder_levels("nope", 4)
+
+
+@pytest.mark.parametrize("name", BACKBONE_DECODERS)
+def test_decoder_reads_only_the_levels_it_declares(name: str) -> None:
+    """Fed only its declared levels, a decoder gives the logits it gives when fed every level."""
+    torch.manual_seed(0)
+    decoder = create_decoder(name, embed_dim=24, num_levels=4, patch_size=14, width=16, num_classes=2).eval()
+    feats = [torch.randn(2, 24, 8, 8) for _ in range(4)]
+    image = torch.rand(2, 1, 112, 112)
+    with torch.no_grad():
+        every = decoder(feats, image)
+        declared = decoder([feats[i] for i in decoder_levels(name, 4)], image)
+    assert torch.equal(declared, every)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", BACKBONE_DECODERS)
+def test_segmenter_hands_the_decoder_its_levels(name: str, mode: str) -> None:
+    seg = _build(name, mode).eval()
+    assert seg.levels == decoder_levels(name, seg.backbone.num_features_levels)
+    x = torch.rand(2, 1, 100, 100)
+    with torch.no_grad():
+        feats = seg.features(x)
+        every = seg.backbone(x)
+    assert len(feats) == len(seg.levels)
+    for f, i in zip(feats, seg.levels, strict=True):
+        # A frozen backbone's features are fp16 values (those a feature cache stores).
+        ref = every[i].to(FROZEN_FEATURE_DTYPE).float() if mode == "frozen" else every[i]
+        assert torch.equal(f, ref)
 
 
 @pytest.mark.parametrize("name", BACKBONE_DECODERS)
@@ -277,4 +317,4 @@ def test_unet_baseline_ignores_the_mode() -> None:
     seg = _build("unet", "frozen")
     assert seg.backbone is None and seg.mode == "finetune"
     assert all(p.requires_grad for p in seg.parameters())
-    assert seg.features(torch.rand(1, 1, 112, 112)) == []
+    assert seg.features(torch.rand(1, 1, 112, 112)) == [] and seg.levels == ()

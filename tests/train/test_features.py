@@ -1,10 +1,12 @@
-"""Frozen-backbone feature cache: layout, reuse, damage, locking, and trials trained on it."""
+"""Frozen-backbone feature cache: layout, reuse, damage, locking, stored levels, and trials trained on it."""
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ from lasegseg.models.backbones import fingerprint
 from lasegseg.train import features as F
 from lasegseg.train.checkpoint import load_model
 from lasegseg.train.trial import evaluate, prepare_data, run_trial
+
+ALL = (0, 1, 2, 3)  # the tiny backbone taps four blocks
+LAST = (3,)
 
 
 def _cfg(phantom_dir, **flat):
@@ -43,8 +48,10 @@ def test_layout_key_and_values(built):
     manifest = json.loads((feats.path / "manifest.json").read_text())
     assert manifest["slice_cache"] == cache.key and manifest["rows"] == len(cache)
     assert sorted(manifest["files"]) == [f"level_{i}.npy" for i in range(backbone.num_features_levels)]
+    assert feats.stored == feats.levels == tuple(manifest["levels"]) == ALL
+    assert manifest["blocks"] == backbone.layer_indices
     grid = -(-cache.image_size // backbone.patch_size)
-    for level in feats.levels:
+    for level in feats.maps.values():
         assert level.shape == (len(cache), grid, grid, backbone.embed_dim) and level.dtype == np.float16
     rows = np.array([0, 5, 17])
     with torch.no_grad():
@@ -140,3 +147,126 @@ def test_sweep_helpers_pick_one_cache_per_frozen_backbone():
     picked = F.distinct_frozen_backbones(trials)
     assert [(t["model.decoder"], t["model.registers"]) for t in picked] == [("linear", False), ("multiscale", True)]
     assert F.feature_slot(trials[0]) == F.feature_slot(trials[1]) != F.feature_slot(trials[5])
+    readers = F.slot_readers(trials)
+    assert readers == {F.feature_slot(trials[0]): ("conv", "linear"), F.feature_slot(trials[5]): ("multiscale",)}
+    assert F.levels_read(readers[F.feature_slot(trials[0])], 4) == LAST
+    assert F.levels_read(("linear", "multiscale"), 4) == ALL
+
+
+def _fresh_cache(phantom_dir, tmp_path, monkeypatch):
+    """A slice cache in a cache folder of its own, so that no feature cache exists yet."""
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    return prepare_data(_cfg(phantom_dir)).cache
+
+
+def _feature_folders(cache) -> list[Path]:
+    return sorted(p for p in F.features_root(cache).iterdir() if not p.name.startswith("."))
+
+
+def _no_build(*args, **kwargs):
+    pytest.fail("built features that an existing cache holds")
+
+
+@pytest.mark.parametrize(
+    ("decoders", "stored"),
+    [(("linear",), LAST), (("linear", "conv"), LAST), (("linear", "multiscale"), ALL), (("conv", "unetr"), ALL)],
+)
+def test_a_sweep_cache_stores_the_union_of_its_frozen_decoders_levels(
+    phantom_dir, tmp_path, monkeypatch, decoders, stored
+):
+    cache = _fresh_cache(phantom_dir, tmp_path, monkeypatch)
+    base = _cfg(phantom_dir).to_flat()
+    trials = [{**base, "model.decoder": name, "seed": seed} for name in decoders for seed in (0, 1)]
+    # Trials that do not read the cache do not widen it.
+    trials += [{**base, "model.decoder": "multiscale", "model.mode": "finetune"},
+               {**base, "model.decoder": "unetr", "train.augment": "flip"}]  # fmt: skip
+    assert F.slot_readers(trials) == {F.feature_slot(base): tuple(sorted(decoders))}
+    (path,) = F.build_sweep_features(trials, cache, device="cpu").values()
+    assert _feature_folders(cache) == [Path(path)]
+    files = sorted(p.name for p in Path(path).iterdir())
+    assert files == sorted([*(f"level_{i}.npy" for i in stored), "manifest.json"])
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["levels"] == list(stored) and sorted(manifest["files"]) == files[:-1]
+    grid = -(-cache.image_size // 14)
+    for i in stored:  # fp16 maps of every slice, nothing more
+        assert np.load(Path(path) / f"level_{i}.npy", mmap_mode="r").nbytes == len(cache) * grid * grid * 128 * 2
+
+
+def test_a_multiscale_reader_of_a_linear_only_cache_gets_a_new_cache(phantom_dir, tmp_path, monkeypatch):
+    from lasegseg.models.segmenter import load_backbone
+
+    cache = _fresh_cache(phantom_dir, tmp_path, monkeypatch)
+    backbone = load_backbone("tiny").requires_grad_(False)
+    first: dict = {}
+    linear = F.get_or_build_features(backbone, cache, levels=LAST, amp="off", stats=first)
+    assert first["built"] and linear.stored == linear.levels == LAST
+    with pytest.raises(DataError, match=r"stores levels \[3\], not \[0, 1, 2\]"):
+        linear.reader(ALL)
+    # A multiscale trial handed the linear-only cache (as a sweep would) builds the full one beside it.
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "multiscale"})
+    data = prepare_data(cfg, cache=cache)
+    data.features = F.FeatureCache.open(linear.path)
+    timings: dict = {}
+    results = run_trial(cfg, data=data, timings=timings)
+    assert results["feature_cache"] and timings["features_built"]
+    (full_path,) = [p for p in _feature_folders(cache) if p != linear.path]
+    full = F.FeatureCache.open(full_path)
+    assert full.stored == ALL and full.path.name == F.feature_key(backbone, cache, "fp32", ALL)
+    rows = np.arange(0, len(cache), 7)
+    torch.testing.assert_close(full.reader(LAST).batch(rows, torch.device("cpu")),
+                               linear.batch(rows, torch.device("cpu")), rtol=0, atol=0)  # fmt: skip
+
+
+def test_the_first_trial_to_build_builds_every_level_its_sweep_reads(phantom_dir, tmp_path, monkeypatch):
+    """A local cluster has no cache task: its first frozen trial (linear) builds what the multiscale ones read too."""
+    cache = _fresh_cache(phantom_dir, tmp_path, monkeypatch)
+    for decoder, build in (("linear", True), ("multiscale", False)):
+        cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": decoder})
+        data = prepare_data(cfg, cache=cache)
+        data.feature_readers = ("linear", "multiscale")
+        timings: dict = {}
+        assert run_trial(cfg, data=data, timings=timings)["feature_cache"]
+        assert timings["features_built"] is build
+    (folder,) = _feature_folders(cache)
+    assert F.FeatureCache.open(folder).stored == ALL
+
+
+def test_a_linear_reader_of_a_full_cache_reuses_it_without_building(phantom_dir, tmp_path, monkeypatch):
+    from lasegseg.models.segmenter import load_backbone
+
+    cache = _fresh_cache(phantom_dir, tmp_path, monkeypatch)
+    backbone = load_backbone("tiny").requires_grad_(False)
+    full = F.get_or_build_features(backbone, cache, amp="off")
+    monkeypatch.setattr(F, "build_features", _no_build)
+    linear = F.get_or_build_features(backbone, cache, levels=LAST, amp="off")
+    assert linear.path == full.path and linear.levels == LAST and linear.stored == ALL
+    rows = np.array([1, 4, 30])
+    (only,) = linear.batch(rows, torch.device("cpu"))
+    assert torch.equal(only, full.batch(rows, torch.device("cpu"))[3])
+    assert pickle.loads(pickle.dumps(linear)).levels == LAST  # what a Ray worker receives
+    # A frozen linear trial with no cache handed to it finds the full one too; so does one handed the full one.
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
+    for given in (None, F.FeatureCache.open(full.path)):
+        timings: dict = {}
+        data = prepare_data(cfg, cache=cache)
+        data.features = given
+        assert run_trial(cfg, data=data, timings=timings)["feature_cache"] and not timings["features_built"]
+    assert _feature_folders(cache) == [full.path]
+
+
+def test_frozen_linear_trial_is_unchanged_by_storing_only_the_last_level(phantom_dir, tmp_path, monkeypatch):
+    from lasegseg.models import segmenter
+
+    cache = _fresh_cache(phantom_dir, tmp_path, monkeypatch)
+    segmenter.load_backbone("tiny")  # both runs deep-copy the same loaded backbone
+    cfg = _cfg(phantom_dir, **{"train.epochs": 3, "model.decoder": "linear", "optim.lr": 1e-2})
+    one = run_trial(cfg, data=prepare_data(cfg, cache=cache))
+    (one_level,) = _feature_folders(cache)
+    assert sorted(json.loads((one_level / "manifest.json").read_text())["files"]) == ["level_3.npy"]
+    # As before: the decoder is fed every level, from a cache of every level.
+    monkeypatch.setattr(segmenter, "decoder_levels", lambda name, num_levels: tuple(range(num_levels)))
+    every = run_trial(cfg, data=prepare_data(cfg, cache=cache))
+    assert {F.FeatureCache.open(p).stored for p in _feature_folders(cache)} == {LAST, ALL}
+    assert one["feature_cache"] and every["feature_cache"]
+    assert [h["train_loss"] for h in one["history"]] == [h["train_loss"] for h in every["history"]]
+    assert (one["val_dice"], one["test_dice_mean"]) == (every["val_dice"], every["test_dice_mean"])

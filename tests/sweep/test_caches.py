@@ -1,0 +1,41 @@
+"""A node's cache task: one feature cache per frozen backbone, holding the levels its sweep's frozen trials read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lasegseg.config import Config
+from lasegseg.sweep.caches import build_on_node, frozen_feature_trials
+from lasegseg.train.features import feature_slot, slot_readers
+
+
+def _trials(phantom_dir, decoders):
+    base = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 42, "model.mode": "frozen"}).to_flat()
+    return [{**base, "model.decoder": name} for name in decoders] + [
+        {**base, "model.decoder": "multiscale", "model.mode": "lora"},  # runs its backbone: reads no cache
+    ]
+
+
+def test_node_task_builds_the_union_of_levels_once(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))  # outside Ray: this process is the node
+    linear_only = _trials(phantom_dir, ("linear", "conv"))
+    slot = feature_slot(linear_only[0])
+    first = build_on_node(frozen_feature_trials(linear_only), slot_readers(linear_only))
+    assert first["built"] == [slot] and first["device"] == "cpu"
+    path = Path(first["paths"][slot])
+    assert sorted(p.name for p in path.iterdir()) == ["level_3.npy", "manifest.json"]
+    assert build_on_node(frozen_feature_trials(linear_only), slot_readers(linear_only))["built"] == []
+    # Adding a multiscale trial to the sweep widens the cache to every level: a new folder, built once.
+    mixed = _trials(phantom_dir, ("linear", "multiscale"))
+    second = build_on_node(frozen_feature_trials(mixed), slot_readers(mixed))
+    wide = Path(second["paths"][slot])
+    assert second["built"] == [slot] and wide != path
+    assert json.loads((wide / "manifest.json").read_text())["levels"] == [0, 1, 2, 3]
+    # The exact cache is preferred; without it, the wider one serves the linear-only sweep, with no build.
+    again = build_on_node(frozen_feature_trials(linear_only), slot_readers(linear_only))
+    assert again["built"] == [] and again["paths"][slot] == str(path)
+    shutil.rmtree(path)
+    third = build_on_node(frozen_feature_trials(linear_only), slot_readers(linear_only))
+    assert third["built"] == [] and third["paths"][slot] == str(wide)
