@@ -307,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``lasegseg`` command: :func:`main`, and the process ends once its exit handlers ran (no teardown)."""
+    from lasegseg import process
+
+    process.end_quickly()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    process.exit_with(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -15,7 +15,12 @@ from pathlib import Path
 # Under `ray job submit --working-dir .` the project may not be installed on the head node; the working dir is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lasegseg import process  # noqa: E402
+
+if __name__ == "__main__":
+    process.end_quickly()  # first: its exit handler runs after Ray's, MLflow's and torch's own
+
 from lasegseg.sweep.runner import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    process.exit_with(main())
