@@ -62,7 +62,8 @@ class Grid:
 
     def naive_args(self) -> list[str]:
         """The same grid as bench/naive.py arguments."""
-        return ["--decoders", ",".join(self.decoders), "--modes", ",".join(self.modes or [self.mode]), "--lrs", ",".join(map(repr, self.lrs)),
+        modes = ",".join(self.modes or [self.mode])
+        return ["--decoders", ",".join(self.decoders), "--modes", modes, "--lrs", ",".join(map(repr, self.lrs)),
                 "--patients", ",".join(map(str, self.patients)), "--seeds", ",".join(map(str, self.seeds)),
                 "--epochs", str(self.epochs), "--image-size", str(IMAGE_SIZE), "--batch-size", "16",
                 "--backbone", self.backbone]  # fmt: skip
