@@ -213,6 +213,25 @@ def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:
     return salt
 
 
+def _warm_tracking(tracking_uri: str):
+    """MLflow's store imports (~1 s) and a new local store's copy, on a thread while Ray starts (mostly waiting)."""
+    import threading
+
+    def work() -> None:
+        try:
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+            from lasegseg.sweep import tracking
+
+            tracking.seed_sqlite_store(tracking_uri)
+        except Exception:  # noqa: BLE001 - only a head start: the main thread does it again and reports
+            pass
+
+    thread = threading.Thread(target=work, name="warm-tracking", daemon=True)
+    thread.start()
+    return thread
+
+
 def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
     """Ray first: the workers it starts import torch & co. while this process builds features and the store."""
     from lasegseg.paths import CACHE_ENV
@@ -325,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
     tracking.check_reachable(tracking_uri)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(plan, args.resume)
+    warming = _warm_tracking(tracking_uri)
     _start_ray(plan, tracking_uri)
     _check_cluster(plan, tracking_uri)
     # Decode once, driver side, for the case list; trials memory-map their node's copy instead of reading NIfTI.
@@ -335,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     # A resumed sweep keeps the choice of its first run: one sweep never mixes real ids and aliases.
     pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
     salt = _pseudonym_salt(plan.sweep_dir, cache.cases) if pseudonymize else None
+    warming.join()
     state = _open_parent_run(args, plan, tracking_uri, state, pseudonymize)
     _save_state(plan, state)
     ctx = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
