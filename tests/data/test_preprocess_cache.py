@@ -3,8 +3,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import os
 import pickle
+import re
 import shutil
 import stat
 import threading
@@ -29,7 +31,7 @@ from lasegseg.data.preprocess import (
     resize_slices,
 )
 from lasegseg.data.types import Case, LoadedCase
-from lasegseg.errors import DataError
+from lasegseg.errors import ConfigError, DataError
 from lasegseg.paths import cache_root
 
 SIZE = 28
@@ -423,6 +425,7 @@ def test_default_readers_build_from_a_nifti_dataset(tmp_path, cases, monkeypatch
     loads = []
     real = layouts.load_case
     monkeypatch.setattr(layouts, "load_case", lambda case: loads.append(case.case_id) or real(case))
+    monkeypatch.setenv(cache_mod.WORKERS_ENV, "1")  # loads counted in this process
     first = get_or_build_cache(root, "generic", PREP, cache_dir=tmp_path / "cache")
     assert loads == ["a", "b", "c"] and first.cases == ["a", "b", "c"]
     for c in cases:
@@ -460,3 +463,105 @@ def test_default_loader_reports_every_bad_file(tmp_path, cases):
     with pytest.raises(DataError, match=r"(?s)a\.nii\.gz.*c\.nii\.gz"):
         get_or_build_cache(root, "generic", PREP, cache_dir=tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["file_hashes.json"]
+
+
+# --- cache: parallel build -------------------------------------------------------------------------------------
+
+MANY = {"a": (32, 30, 6), "b": (24, 24, 5), "c": (40, 20, 7), "d": (20, 28, 4), "e": (36, 36, 8), "f": (26, 22, 5)}
+
+
+@pytest.fixture
+def many_cases() -> list[LoadedCase]:
+    """Six cases of different sizes: more than two workers hold at once, finishing out of order."""
+    return [make_case(cid, shape, seed) for seed, (cid, shape) in enumerate(MANY.items())]
+
+
+def _cache_files(path: Path) -> tuple[dict[str, bytes], dict]:
+    """Every file of a cache folder, and its manifest without the fields that say when and by whom it was built."""
+    files = {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    manifest = json.loads(files.pop("manifest.json"))
+    assert set(manifest.pop("builder")) == {"host", "pid"} and manifest.pop("created")
+    return files, manifest
+
+
+@pytest.mark.parametrize("source", ["arrays", "files"])
+def test_two_workers_build_the_same_bytes_as_one(tmp_path, many_cases, source):
+    root = _write_generic(tmp_path, many_cases) if source == "files" else None
+    paths = {}
+    for workers in (1, 2):
+        if root is None:
+            paths[workers] = build_cache(many_cases, tmp_path / f"c{workers}", "k1", PREP, workers=workers)
+        else:  # the default readers: the workers read the NIfTI files themselves
+            paths[workers] = get_or_build_cache(root, "generic", PREP, tmp_path / f"c{workers}", workers=workers).path
+    assert paths[1].name == paths[2].name  # the same key
+    (files1, manifest1), (files2, manifest2) = _cache_files(paths[1]), _cache_files(paths[2])
+    assert sorted(files1) == ["cases.arrow", "slices.arrow"]
+    assert files1 == files2 and manifest1 == manifest2
+    assert manifest1["cases"] == list(MANY)
+    assert sorted(p.name for p in paths[2].parent.iterdir() if p.name.startswith(".")) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("slice-cache")]  # the pool is gone
+
+
+def test_default_worker_count_starts_threads_only_for_slow_cases(tmp_path, many_cases, monkeypatch):
+    monkeypatch.delenv(cache_mod.WORKERS_ENV, raising=False)
+    serial = build_cache(many_cases, tmp_path / "serial", "k1", PREP, workers=1)
+    pools = []
+    real_pool = cache_mod.ThreadPoolExecutor
+    monkeypatch.setattr(cache_mod, "ThreadPoolExecutor", lambda n, **kw: pools.append(n) or real_pool(n, **kw))
+    build_cache(many_cases, tmp_path / "quick", "k1", PREP)  # tiny cases: quicker inline than any pool
+    assert pools == []
+    monkeypatch.setattr(cache_mod, "_PARALLEL_AFTER_S", 0.0)
+    monkeypatch.setattr(cache_mod, "_usable_cores", lambda: 2)  # a pool even on a one-core runner
+    parallel = build_cache(many_cases, tmp_path / "slow", "k1", PREP)  # the first case inline, the rest in the pool
+    assert pools == [2] == [cache_mod.cache_workers()]
+    assert _cache_files(parallel) == _cache_files(serial)
+
+
+@pytest.mark.parametrize("bad", [["b"], ["b", "f"]])
+def test_bad_cases_fail_the_same_under_two_workers_and_leave_nothing(tmp_path, many_cases, bad):
+    root = _write_generic(tmp_path, many_cases)
+    for cid in bad:
+        (root / "labels" / f"{cid}.nii.gz").write_bytes(b"not a nifti")
+    messages = []
+    for workers in (1, 2):
+        cache_dir = tmp_path / f"cache{workers}"
+        with pytest.raises(DataError) as err:
+            get_or_build_cache(root, "generic", PREP, cache_dir, workers=workers)
+        messages.append(str(err.value))
+        assert [p.name for p in cache_dir.iterdir()] == ["file_hashes.json"]  # no cache, no temporary folder
+    assert messages[0] == messages[1]
+    # Every bad file is named (the cases after the first bad one are still checked), and nothing else.
+    named = [line for line in messages[1].splitlines() if ".nii.gz" in line]
+    assert len(named) == len(bad)
+    assert all(str(root / "labels" / f"{cid}.nii.gz") in line for cid, line in zip(bad, named, strict=True))
+    assert len(messages[1].splitlines()) == (1 if len(bad) == 1 else 1 + len(bad))
+    assert not [t for t in threading.enumerate() if t.name.startswith("slice-cache")]  # the pool is gone
+
+
+def test_bad_array_case_under_two_workers(tmp_path, many_cases):
+    bad = make_case("bad", (10, 10, 3), 0)
+    bad.label = bad.label[:, :, :2]
+    with pytest.raises(DataError, match=r"^case 'bad': image \(10, 10, 3\) and label \(10, 10, 2\)"):
+        build_cache([*many_cases[:3], bad, *many_cases[3:]], tmp_path, "k1", PREP, workers=2)
+    with pytest.raises(DataError, match=r"^case 'a': duplicate case id$"):
+        build_cache([*many_cases, many_cases[0]], tmp_path, "k1", PREP, workers=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5", "2x"])
+def test_worker_count_from_the_environment_is_validated(tmp_path, many_cases, monkeypatch, value):
+    monkeypatch.setenv(cache_mod.WORKERS_ENV, value)
+    with pytest.raises(ConfigError, match=rf"^LASEGSEG_CACHE_WORKERS must be .* got '{re.escape(value)}'$"):
+        build_cache(many_cases, tmp_path / "c", "k1", PREP)
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_worker_count_keyword_then_environment_then_cores(monkeypatch):
+    monkeypatch.delenv(cache_mod.WORKERS_ENV, raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cache_mod.cache_workers() == cores
+    monkeypatch.setenv(cache_mod.WORKERS_ENV, " 3 ")
+    assert cache_mod.cache_workers() == 3 and cache_mod.cache_workers(1) == 1
+    for bad in (0, True, 2.0):
+        with pytest.raises(ConfigError, match="workers"):
+            cache_mod.cache_workers(bad)
