@@ -80,9 +80,8 @@ def slice_dice(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> floa
     return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
-def run_plain_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, patients: int, seed: int) -> dict:
-    """The plain loop's trial: read, train every epoch without validation, score the test patients' slices."""
-    t0 = time.perf_counter()
+def _set_up(args: argparse.Namespace, decoder: str, mode: str, lr: float, patients: int, seed: int) -> tuple:
+    """Every volume read and resized again, the seeded split and few-shot patients, the model and AdamW."""
     cases = read_dataset(Path(args.data))
     slices = {cid: to_slices(image, label, args.image_size) for cid, (image, label) in cases.items()}
     split = split_patients(cases, 0, 0.2, 0.2)
@@ -92,17 +91,33 @@ def run_plain_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float
     torch.manual_seed(seed)
     model = build_segmenter(ModelConfig(backbone=args.backbone, decoder=decoder, mode=mode))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
-    first_step = None
+    return cases, slices, split, train_x, train_y, model, optimizer
+
+
+def _train_epoch(args, model, optimizer, loss_fn, train_x, train_y, seed: int, epoch: int, schedule=None) -> float:
+    """One epoch in the order seeded by (seed, epoch); returns ``time.perf_counter()`` after its first step."""
+    order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(train_x)))
+    first = None
+    for i in range(0, len(order), args.batch_size):
+        idx = order[i : i + args.batch_size]
+        loss = loss_fn(model(train_x[idx]), train_y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        first = first or time.perf_counter()
+    return first
+
+
+def run_plain_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, patients: int, seed: int) -> dict:
+    """The plain loop's trial: read, train every epoch without validation, score the test patients' slices."""
+    t0 = time.perf_counter()
+    cases, slices, split, train_x, train_y, model, optimizer = _set_up(args, decoder, mode, lr, patients, seed)
     model.train()
-    for epoch in range(args.epochs):
-        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(train_x)))
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i : i + args.batch_size]
-            loss = bce_dice_loss(model(train_x[idx]), train_y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            first_step = first_step or time.perf_counter() - t0
+    first_step = _train_epoch(args, model, optimizer, bce_dice_loss, train_x, train_y, seed, 0) - t0
+    for epoch in range(1, args.epochs):
+        _train_epoch(args, model, optimizer, bce_dice_loss, train_x, train_y, seed, epoch)
     test = np.mean([slice_dice(model, *slices[c], args.batch_size) for c in split.test])
     return {"decoder": decoder, "mode": mode, "lr": lr, "patients": patients, "seed": seed, "val_dice": float("nan"),
             "test_dice": float(test), "n_train_slices": len(train_x), "first_step_s": first_step,
@@ -134,16 +149,7 @@ def dice_3d(model, x: torch.Tensor, label: np.ndarray, batch_size: int) -> float
 def run_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, patients: int, seed: int) -> dict:
     """One trial from the raw files to the test Dice of its best epoch."""
     t0 = time.perf_counter()
-    cases = read_dataset(Path(args.data))
-    slices = {cid: to_slices(image, label, args.image_size) for cid, (image, label) in cases.items()}
-    split = split_patients(cases, 0, 0.2, 0.2)
-    train_ids = fewshot_patients(split.train, seed, patients)
-    train_x = torch.cat([slices[c][0] for c in train_ids])
-    train_y = torch.cat([slices[c][1] for c in train_ids])
-
-    torch.manual_seed(seed)
-    model = build_segmenter(ModelConfig(backbone=args.backbone, decoder=decoder, mode=mode))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    cases, slices, split, train_x, train_y, model, optimizer = _set_up(args, decoder, mode, lr, patients, seed)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total = steps_per_epoch * args.epochs
 
@@ -157,15 +163,8 @@ def run_trial(args: argparse.Namespace, decoder: str, mode: str, lr: float, pati
     first_step = None
     model.train()
     for epoch in range(args.epochs):
-        order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(train_x)))
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i : i + args.batch_size]
-            loss = dice_ce_loss(model(train_x[idx]), train_y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            first_step = first_step or time.perf_counter() - t0
+        stepped = _train_epoch(args, model, optimizer, dice_ce_loss, train_x, train_y, seed, epoch, schedule)
+        first_step = first_step or stepped - t0
         val = np.mean([dice_3d(model, slices[c][0], cases[c][1], args.batch_size) for c in split.val])
         if val > best:
             best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
