@@ -209,7 +209,7 @@ def _requested_workers(workers: int | None) -> int | None:
     except ValueError:
         value = 0
     if value < 1:
-        raise ConfigError(f"{WORKERS_ENV} must be a whole number of worker processes >= 1, got '{text}'")
+        raise ConfigError(f"{WORKERS_ENV} must be a whole number of worker threads >= 1, got '{text}'")
     return value
 
 
