@@ -12,9 +12,10 @@ Layout of ``<cache_dir>/<key>/``::
 
 The key comes from :mod:`lasegseg.data.fingerprint` (dataset content + preprocessing). Caches are written into a
 temporary folder and renamed into place, so readers see a whole cache or none. Cases are read and preprocessed in
-parallel by :func:`cache_workers` threads (``$LASEGSEG_CACHE_WORKERS``, else the usable cores) and written in case
-order, so the files do not depend on the worker count. Only numpy and pyarrow are imported: the cache is meant
-to be opened by many light processes that share the page cache instead of copying slices per trial.
+parallel by :func:`cache_workers` workers (``$LASEGSEG_CACHE_WORKERS``, else the usable cores; processes where
+:func:`processes_are_safe`, else threads) and written in case order, so the files do not depend on the worker
+count. Only numpy and pyarrow are imported: the cache is meant to be opened by many light processes that share the
+page cache instead of copying slices per trial.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,9 +120,9 @@ def build_cache(
 ) -> Path:
     """Preprocess cases into ``<cache_dir>/<key>/`` (see the module docstring for the files).
 
-    Cases are read and preprocessed by ``workers`` threads and written in case order, so the files are the same
-    whatever the worker count. Memory holds one full-resolution case per worker and at most two preprocessed cases
-    per worker waiting to be written (one case in all for a single worker). Slices are spilled to
+    Cases are read and preprocessed by ``workers`` workers (processes or threads) and written in case order, so the
+    files are the same whatever the worker count. Memory holds one full-resolution case per worker and at most two
+    preprocessed cases per worker waiting to be written (one case in all for a single worker). Slices are spilled to
     raw files and then written as a single record batch so that every column is one contiguous, memory-mappable
     buffer. The cache is assembled in a temporary folder and renamed into place; if another builder got there
     first, its cache is kept and this one discarded. A case that cannot be cached stops the writing, the remaining
@@ -133,8 +136,9 @@ def build_cache(
         key: the cache folder name, usually :func:`~lasegseg.data.fingerprint.cache_key`.
         preprocessing: slice size and intensity percentiles; recorded in the manifest's ``params``.
         meta: extra JSON-serialisable parameters recorded in the manifest (fingerprint, layout, data root …).
-        workers: worker threads; 1 builds in the calling thread. By default (see :func:`cache_workers`) the first case
-            is built in this process and, if it took long enough to be worth it, the rest in parallel.
+        workers: worker processes or threads; 1 builds in the calling thread. By default (see
+            :func:`cache_workers`) the first case is built in this process and, if it took long enough to be worth
+            it, the rest in parallel.
 
     Returns:
         The final cache folder.
@@ -177,14 +181,12 @@ def build_cache(
 
 
 def cache_workers(workers: int | None = None) -> int:
-    """How many threads build a slice cache: ``workers`` if given, else ``$LASEGSEG_CACHE_WORKERS``, else the
+    """How many workers build a slice cache: ``workers`` if given, else ``$LASEGSEG_CACHE_WORKERS``, else the
     cores this process may run on.
 
     With neither set, a build makes its first case in the calling process and starts this many workers for the
-    rest only if that case took ``_PARALLEL_AFTER_S`` (0.5 s) or more. Threads, not processes: reading (zlib),
-    percentiles and resizing run in numpy/scipy code that releases the GIL (4 full-size scans: 1.8× on 2 cores,
-    against 1.6× for a process pool), and a thread pool never re-imports the caller's main module (a Ray worker's
-    or a script's) nor copies preprocessed cases between processes.
+    rest only if that case took ``_PARALLEL_AFTER_S`` (0.5 s) or more. The workers are processes where that is
+    safe and threads elsewhere (see :func:`processes_are_safe`).
 
     Args:
         workers: an explicit count (>= 1); 1 reads and preprocesses every case in the calling thread.
@@ -209,7 +211,7 @@ def _requested_workers(workers: int | None) -> int | None:
     except ValueError:
         value = 0
     if value < 1:
-        raise ConfigError(f"{WORKERS_ENV} must be a whole number of worker threads >= 1, got '{text}'")
+        raise ConfigError(f"{WORKERS_ENV} must be a whole number of workers >= 1, got '{text}'")
     return value
 
 
@@ -253,7 +255,7 @@ def _write_arrow_files(
         open(image_spill, "wb") as fimg,
         open(label_spill, "wb") as flbl,
         ipc.new_file(str(folder / CASES_FILE), _CASES_SCHEMA) as cases_writer,
-        # Closed on any error too, so the worker threads are done before the temporary folder goes.
+        # Closed on any error too, so the workers are done before the temporary folder goes.
         contextlib.closing(_prepared_cases(cases, preprocessing, workers, lambda: bool(problems))) as prepared,
     ):
         for prep in prepared:
@@ -331,7 +333,7 @@ def _prepared_cases(
     """:func:`_prepare_case` of every case, in case order: inline for 1 worker, else in a thread pool.
 
     ``workers`` None (the default count): the first case is prepared inline and timed; the rest go to
-    :func:`cache_workers` threads only if it took at least ``_PARALLEL_AFTER_S``. ``check_only()`` is asked as
+    :func:`cache_workers` workers only if it took at least ``_PARALLEL_AFTER_S``. ``check_only()`` is asked as
     each case is handed out: once the build has failed, the rest are read and checked but not preprocessed.
     """
     cases = iter(cases)
@@ -353,27 +355,80 @@ def _prepared_cases(
 def _prepared_in_pool(
     cases: Iterator[LoadedCase | Case], preprocessing: Preprocessing, workers: int, check_only: Callable[[], bool]
 ) -> Iterator[_Prepared | str]:
-    """:func:`_prepared_cases` in ``workers`` threads; at most ``workers * (1 + _QUEUED_PER_WORKER)`` cases are
-    in flight or waiting to be written, so memory stays bounded however many cases there are."""
-    logger.info("building the slice cache in %d worker threads", workers)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="slice-cache")
+    """:func:`_prepared_cases` in ``workers`` processes (threads where processes are not safe, see
+    :func:`processes_are_safe`); at most ``workers * (1 + _QUEUED_PER_WORKER)`` cases are in flight or waiting to be
+    written, so memory stays bounded however many cases there are."""
+    pool = _pool(workers)
     pending: deque[Future] = deque()
     try:
         for case in cases:
             pending.append(pool.submit(_prepare_case, case, preprocessing, check_only()))
             if len(pending) >= workers * (1 + _QUEUED_PER_WORKER):
-                yield pending.popleft().result()
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield _result(pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Entry points whose code runs under `if __name__ == "__main__":` only, so a worker process may import them again.
+_SAFE_MAIN_FILES = ("sweeps/fewshot.py", "bench/run.py", "bin/lasegseg")
+_SAFE_MAIN_MODULES = ("lasegseg.cli",)
+
+
+def processes_are_safe() -> bool:
+    """Whether this process may start worker processes for a build.
+
+    A ``spawn``/``forkserver`` worker runs the caller's main module again before it works. That is harmless for
+    lasegseg's own entry points (``sweeps/fewshot.py``, the ``lasegseg`` command, ``python -m lasegseg.cli``,
+    ``bench/run.py``) and
+    for callers without a main file (``python -c``, a notebook, ``python -m pkg``'s ``__main__``), but a Ray
+    worker's main (``default_worker.py``) or a user's script without the guard would run its top-level code again,
+    so those builds use threads instead: ≈ 0.6–0.9× linear rather than ≈ 0.9× (24 full-size scans, 2 cores).
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return name in _SAFE_MAIN_MODULES or name == "__main__" or name.endswith(".__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or Path(path).resolve().as_posix().endswith(_SAFE_MAIN_FILES)
+
+
+def _pool(workers: int) -> Executor:
+    """A pool of ``workers`` processes (``forkserver``, never ``fork``: the caller may have threads), or threads."""
+    if not processes_are_safe():
+        logger.info("building the slice cache in %d worker threads", workers)
+        return ThreadPoolExecutor(workers, thread_name_prefix="slice-cache")
+    import multiprocessing
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    logger.info("building the slice cache in %d worker processes (%s)", workers, method)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
+
+
+def _result(future: Future) -> _Prepared | str:
+    try:
+        return future.result()
+    except BrokenProcessPool as err:
+        raise DataError(
+            f"a slice-cache worker process died (out of memory?); {WORKERS_ENV}=1 builds the cache in this process"
+        ) from err
+
+
+def _init_worker() -> None:
+    """Set up a build process: one thread per library (torch too, if something imported it)."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _prepare_case(case: LoadedCase | Case, preprocessing: Preprocessing, check_only: bool) -> _Prepared | str:
     """Read (a :class:`Case`), check and preprocess one case; a :class:`DataError` comes back as its message.
 
-    Runs in a worker thread: a :class:`DataError` comes back as its message (reported in case order with the
-    others), and the full-resolution volume is dropped before returning.
+    Runs in a worker (process or thread): a :class:`DataError` comes back as its message (plain strings and arrays
+    travel back by pickle whatever the error class), and the full-resolution volume is dropped before returning.
     """
     try:
         if isinstance(case, Case):

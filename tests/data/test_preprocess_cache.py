@@ -3,11 +3,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import re
 import shutil
 import stat
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -483,8 +485,17 @@ def _cache_files(path: Path) -> tuple[dict[str, bytes], dict]:
     return files, manifest
 
 
+@pytest.fixture(params=["processes", "threads"])
+def pool_kind(request, monkeypatch):
+    """Build with worker processes (lasegseg's own entry points) or threads (a Ray worker, a user's script)."""
+    monkeypatch.setattr(cache_mod, "processes_are_safe", lambda: request.param == "processes")
+    yield request.param
+    assert not multiprocessing.active_children()  # every pool is gone
+    assert not [t for t in threading.enumerate() if t.name.startswith("slice-cache")]
+
+
 @pytest.mark.parametrize("source", ["arrays", "files"])
-def test_two_workers_build_the_same_bytes_as_one(tmp_path, many_cases, source):
+def test_two_workers_build_the_same_bytes_as_one(tmp_path, many_cases, source, pool_kind):
     root = _write_generic(tmp_path, many_cases) if source == "files" else None
     paths = {}
     for workers in (1, 2):
@@ -498,15 +509,14 @@ def test_two_workers_build_the_same_bytes_as_one(tmp_path, many_cases, source):
     assert files1 == files2 and manifest1 == manifest2
     assert manifest1["cases"] == list(MANY)
     assert sorted(p.name for p in paths[2].parent.iterdir() if p.name.startswith(".")) == []
-    assert not [t for t in threading.enumerate() if t.name.startswith("slice-cache")]  # the pool is gone
 
 
-def test_default_worker_count_starts_threads_only_for_slow_cases(tmp_path, many_cases, monkeypatch):
+def test_default_worker_count_starts_a_pool_only_for_slow_cases(tmp_path, many_cases, monkeypatch):
     monkeypatch.delenv(cache_mod.WORKERS_ENV, raising=False)
     serial = build_cache(many_cases, tmp_path / "serial", "k1", PREP, workers=1)
     pools = []
-    real_pool = cache_mod.ThreadPoolExecutor
-    monkeypatch.setattr(cache_mod, "ThreadPoolExecutor", lambda n, **kw: pools.append(n) or real_pool(n, **kw))
+    real_pool = cache_mod._pool
+    monkeypatch.setattr(cache_mod, "_pool", lambda n: pools.append(n) or real_pool(n))
     build_cache(many_cases, tmp_path / "quick", "k1", PREP)  # tiny cases: quicker inline than any pool
     assert pools == []
     monkeypatch.setattr(cache_mod, "_PARALLEL_AFTER_S", 0.0)
@@ -517,7 +527,7 @@ def test_default_worker_count_starts_threads_only_for_slow_cases(tmp_path, many_
 
 
 @pytest.mark.parametrize("bad", [["b"], ["b", "f"]])
-def test_bad_cases_fail_the_same_under_two_workers_and_leave_nothing(tmp_path, many_cases, bad):
+def test_bad_cases_fail_the_same_under_two_workers_and_leave_nothing(tmp_path, many_cases, bad, pool_kind):
     root = _write_generic(tmp_path, many_cases)
     for cid in bad:
         (root / "labels" / f"{cid}.nii.gz").write_bytes(b"not a nifti")
@@ -534,7 +544,30 @@ def test_bad_cases_fail_the_same_under_two_workers_and_leave_nothing(tmp_path, m
     assert len(named) == len(bad)
     assert all(str(root / "labels" / f"{cid}.nii.gz") in line for cid, line in zip(bad, named, strict=True))
     assert len(messages[1].splitlines()) == (1 if len(bad) == 1 else 1 + len(bad))
-    assert not [t for t in threading.enumerate() if t.name.startswith("slice-cache")]  # the pool is gone
+
+
+@pytest.mark.parametrize(
+    ("spec", "file", "safe"),
+    [
+        (None, "/opt/venv/lib/python3.11/site-packages/ray/_private/workers/default_worker.py", False),  # no guard
+        (None, "/home/me/my_script.py", False),  # a user's script may not guard its work
+        (None, "/repo/sweeps/fewshot.py", True),
+        (None, "/repo/.venv/bin/lasegseg", True),  # the console script
+        (None, None, True),  # python -c, a notebook: no main file to run again
+        ("lasegseg.cli", "/repo/lasegseg/cli.py", True),
+        ("pytest.__main__", "/venv/pytest/__main__.py", True),  # multiprocessing never re-runs a package's __main__
+        ("mytool", "/venv/mytool.py", False),
+    ],
+)
+def test_worker_processes_only_where_the_main_module_may_run_again(monkeypatch, spec, file, safe):
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name=spec) if spec else None
+    if file is not None:
+        main.__file__ = file
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert cache_mod.processes_are_safe() is safe
 
 
 def test_bad_array_case_under_two_workers(tmp_path, many_cases):
