@@ -95,6 +95,10 @@ def test_shipped_sweep_files_parse():
     assert len(trials) >= 8 and len(decoders) >= 2 and len(modes) >= 2 and len(sizes) >= 2 and len(demo.seeds) >= 2
     paper = load_spec(ROOT / "sweeps" / "configs" / "paper.yaml")
     assert paper.screen is not None and len(paper.seeds) >= 3
+    by_mode = {
+        t["model.mode"]: paper.resources.for_trial(t)["gpu"] for t in paper.trials() if t["model.backbone"] != "none"
+    }
+    assert by_mode == {"frozen": 0.25, "finetune": 1, "lora": 1}  # frozen trials on cached features share a GPU
     assert {
         t["data.image_size"]
         for t in paper.trials(
