@@ -12,11 +12,16 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lasegseg.errors import ConfigError
 
-PATCH_SIZE = 14
+# Patch size and display name of each backbone family of lasegseg.models.backbones (by the prefix of its named sizes)
+# and the family of each tiny model, declared here so that data.image_size is checked without importing torch; the
+# family registry refuses a family these do not declare.
+BACKBONE_PATCH_SIZES = {"dinov2": (14, "DINOv2"), "dinov3": (16, "DINOv3")}
+TINY_BACKBONES = {"tiny": "dinov2", "tiny-dinov3": "dinov3"}
 MODES = ("frozen", "finetune", "lora")
 LAYOUTS = ("auto", "msd", "lasc2018", "lascarqs", "generic")
 AMP_CHOICES = ("auto", "bf16", "off")
@@ -33,7 +38,8 @@ class DataConfig:
     Args:
         path: dataset folder (any supported layout).
         layout: ``auto`` or one of the layouts in :mod:`lasegseg.data.layouts`.
-        image_size: square slice size fed to the model; a multiple of the patch size (14).
+        image_size: square slice size fed to the model; a multiple of the backbone's patch size (14 for DINOv2,
+            16 for DINOv3; 448 suits both).
         clip_low, clip_high: intensity percentiles mapped to 0 and 1.
         split_seed: seeds the patient-level train/val/test split; the test set depends on nothing else.
         val_fraction, test_fraction: share of patients held out for validation and test.
@@ -60,9 +66,11 @@ class ModelConfig:
     """Backbone, decoder and training mode.
 
     Args:
-        backbone: ``tiny``, ``dinov2-small|base|large|giant``, a hub id, a local directory, or ``none``
-            (the MONAI UNet baseline, decoder ``unet``).
-        registers: use the with-registers DINOv2 variant for the named sizes.
+        backbone: ``tiny``, ``dinov2-small|base|large|giant``, ``tiny-dinov3``,
+            ``dinov3-small|small-plus|base|large|huge-plus|7b``, a hub id, a local directory, or ``none`` (the MONAI
+            UNet baseline, decoder ``unet``).
+        registers: use the with-registers DINOv2 variant for the named sizes (DINOv3 models always have their
+            register tokens and refuse true).
         decoder: a name from the decoder registry.
         mode: ``frozen`` (no backbone gradients), ``finetune`` (end to end) or ``lora``.
         backbone_lr_mult: backbone learning rate = ``optim.lr * backbone_lr_mult`` in finetune mode.
@@ -127,6 +135,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Test-time evaluation (validation keeps Dice and IoU only).
+
+    Args:
+        nsd_tolerance_mm: boundary tolerance of the normalised surface Dice, in mm (voxel spacing applied).
+    """
+
+    nsd_tolerance_mm: float = 2.0
+
+
+@dataclass
 class Config:
     """A whole trial."""
 
@@ -134,6 +153,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
     def to_flat(self) -> dict[str, Any]:
@@ -245,14 +265,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def validate_config(cfg: Config) -> None:
     """Value checks that need no heavy imports; names of backbones/decoders are checked by their registries."""
-    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
     checks = [
         (d.layout in LAYOUTS, "data.layout", f"must be one of {', '.join(LAYOUTS)}, got '{d.layout}'"),
-        (
-            d.image_size > 0 and d.image_size % PATCH_SIZE == 0,
-            "data.image_size",
-            f"must be a positive multiple of the patch size {PATCH_SIZE}, got {d.image_size}",
-        ),
+        (d.image_size > 0, "data.image_size", f"must be a positive number of pixels, got {d.image_size}"),
+        _image_size_check(d.image_size, m.backbone),
         (0 <= d.clip_low < d.clip_high <= 100, "data.clip_low/clip_high", "must satisfy 0 <= low < high <= 100"),
         (0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}"),
         (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
@@ -288,6 +305,11 @@ def validate_config(cfg: Config) -> None:
             f"must be one of {', '.join(AUGMENT_CHOICES)}, got '{t.augment}'",
         ),
         (t.loss in LOSS_CHOICES, "train.loss", f"must be one of {', '.join(LOSS_CHOICES)}, got '{t.loss}'"),
+        (
+            e.nsd_tolerance_mm > 0 and math.isfinite(e.nsd_tolerance_mm),
+            "eval.nsd_tolerance_mm",
+            f"must be a finite distance > 0 (mm), got {e.nsd_tolerance_mm}",
+        ),
     ]
     _raise_first(checks)
     validate_model(m)
@@ -302,6 +324,50 @@ def validate_model(m: ModelConfig) -> None:
         (0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"),
         (m.decoder_width >= 4, "model.decoder_width", f"must be >= 4, got {m.decoder_width}"),
     ])  # fmt: skip
+
+
+def backbone_patch_size(backbone: str) -> tuple[int, str] | None:
+    """The patch size of a ``model.backbone`` value and where it comes from, without loading or importing anything.
+
+    Args:
+        backbone: a named or tiny backbone (its family's patch size), a local folder (the ``patch_size`` of its
+            ``config.json``), a hub id or ``none``. None when the size is not known without loading: ``none``, a hub
+            id, a folder without a readable config (the backbone loader reports that one).
+    """
+    family = TINY_BACKBONES.get(backbone) or next(
+        (f for f in BACKBONE_PATCH_SIZES if backbone.startswith(f"{f}-")), None
+    )
+    if family is not None:
+        patch, display = BACKBONE_PATCH_SIZES[family]
+        return patch, display
+    if backbone == "none":
+        return None
+    config = Path(backbone).expanduser() / "config.json"
+    try:
+        patch = json.loads(config.read_text()).get("patch_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(patch, list) and len(set(patch)) == 1:
+        patch = patch[0]
+    if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0:
+        return patch, f"patch_size in {config}"
+    return None
+
+
+def _image_size_check(image_size: int, backbone: str) -> tuple[bool, str, str]:
+    """``data.image_size`` against the backbone's patch size: an entry for :func:`_raise_first`."""
+    known = backbone_patch_size(backbone) if image_size > 0 else None
+    if known is None or image_size % known[0] == 0:
+        return True, "data.image_size", ""
+    patch, why = known
+    below = image_size // patch * patch
+    fits = f"{below} or {below + patch}" if below else str(patch)
+    return (
+        False,
+        "data.image_size",
+        f"must be a positive multiple of the patch size {patch} of backbone '{backbone}' ({why}), got {image_size}; "
+        f"{fits} would do",
+    )
 
 
 def _raise_first(checks: list[tuple[bool, str, str]]) -> None:

@@ -41,12 +41,27 @@ def test_strings_are_parsed_by_declared_type():
         ({"data.patients": -1}, "'data.patients' must be >= 0"),
         ({"data.patients": 2, "data.fraction": 0.5}, "not both"),
         ({"data.layout": "dicom"}, "'data.layout' must be one of"),
+        ({"eval.nsd_tolerance_mm": 0.0}, "'eval.nsd_tolerance_mm' must be a finite distance > 0 (mm), got 0.0"),
+        ({"eval.nsd_tolerance_mm": -1}, "'eval.nsd_tolerance_mm' must be a finite distance > 0"),
+        ({"eval.nsd_tolerance_mm": float("inf")}, "'eval.nsd_tolerance_mm' must be a finite distance > 0"),
+        ({"eval.nsd_tolerance_mm": "2mm"}, "'eval.nsd_tolerance_mm' expects float"),
+        ({"eval.nsd_tol": 2.0}, "unknown config key 'eval.nsd_tol'"),
     ],
 )
 def test_bad_values_name_the_key(flat, needle):
     with pytest.raises(ConfigError) as info:
         from_flat(flat)
     assert needle in str(info.value)
+
+
+def test_nsd_tolerance_key():
+    assert config_keys()["eval.nsd_tolerance_mm"] is float
+    assert Config().eval.nsd_tolerance_mm == 2.0
+    flat = parse_overrides(["eval.nsd_tolerance_mm=1"])
+    assert flat == {"eval.nsd_tolerance_mm": 1.0} and from_flat(flat).eval.nsd_tolerance_mm == 1.0
+    # A config stored before the key existed (a checkpoint's config.json) still loads, with the default.
+    old = {k: v for k, v in Config().to_flat().items() if k != "eval.nsd_tolerance_mm"}
+    assert from_flat(old).eval.nsd_tolerance_mm == 2.0
 
 
 def test_override_syntax_error():

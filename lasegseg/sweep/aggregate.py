@@ -32,13 +32,18 @@ TRIAL_METRICS = (
     "test_dice_std",
     "test_iou_mean",
     "test_iou_std",
+    "test_nsd_mean",
+    "test_nsd_std",
     "test_hd95_mean",
+    "test_hd95_n_undefined",
     "val_dice",
     "val_iou",
 )
-CELL_METRICS = ("test_dice_mean", "test_iou_mean", "val_dice")
+CELL_METRICS = ("test_dice_mean", "test_iou_mean", "test_nsd_mean", "val_dice")
 """Metrics summarised per cell with mean, sample std and a 95% t-interval over seeds."""
 MEAN_ONLY_METRICS = ("test_hd95_mean",)
+SUM_METRICS = ("test_hd95_n_undefined",)
+"""Per-trial counts summed over a cell's trials: the test cases whose HD95 the per-trial mean skipped."""
 NOT_HYPERPARAMETERS = ("seed",)
 """Config keys that vary between the trials of one cell. ``data.path``/``data.cache_dir`` are constant within a
 sweep, so grouping by them costs nothing and keeps sweeps on different datasets apart."""
@@ -54,7 +59,7 @@ _PAGE_SIZE = 1000
 
 
 @contextlib.contextmanager
-def _tracking(tracking_uri: str) -> Iterator[Any]:
+def tracking(tracking_uri: str) -> Iterator[Any]:
     """An MlflowClient for ``tracking_uri`` that fails fast, with one clear line, when the store is unreachable."""
     from mlflow.exceptions import MlflowException
 
@@ -71,14 +76,16 @@ def _tracking(tracking_uri: str) -> Iterator[Any]:
             raise LasegsegError(f"MLflow tracking store {tracking_uri}: {first_line(exc)}") from exc
 
 
-def _experiment_id(client: Any, tracking_uri: str, experiment: str) -> str:
+def experiment_id(client: Any, tracking_uri: str, experiment: str) -> str:
+    """The id of the experiment named ``experiment``; LasegsegError naming the store when there is none."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise LasegsegError(f"experiment '{experiment}' not found at {tracking_uri}")
     return exp.experiment_id
 
 
-def _search_all(client: Any, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
+def search_all(client: Any, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
+    """Every run of the experiment that matches ``filter_string``, page by page."""
     runs: list = []
     token = None
     while True:
@@ -91,7 +98,8 @@ def _search_all(client: Any, experiment_id: str, filter_string: str, order_by: l
             return runs
 
 
-def _trial_filter(parent_run_id: str | None) -> str:
+def trial_filter(parent_run_id: str | None) -> str:
+    """The MLflow filter of a sweep's trial runs (of one parent run when given)."""
     flt = "tags.`lasegseg.role` = 'trial'"
     if parent_run_id:
         flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
@@ -128,9 +136,9 @@ def load_trials(tracking_uri: str, experiment: str, parent_run_id: str | None = 
     Raises:
         LasegsegError: the store is unreachable, the experiment does not exist, or it has no finished trial.
     """
-    with _tracking(tracking_uri) as client:
-        experiment_id = _experiment_id(client, tracking_uri, experiment)
-        runs = _search_all(client, experiment_id, _trial_filter(parent_run_id))
+    with tracking(tracking_uri) as client:
+        exp_id = experiment_id(client, tracking_uri, experiment)
+        runs = search_all(client, exp_id, trial_filter(parent_run_id))
 
     skipped: dict[str, int] = {}
     rows = []
@@ -210,8 +218,9 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
 
     Columns: the cell's config columns, ``cell`` (:func:`lasegseg.config.config_hash` without the seed), ``n``
     (trials), ``seeds`` (e.g. ``"0,1,2"``), for each of :data:`CELL_METRICS` ``<m>_mean``, ``<m>_std`` (sample
-    std, NaN when n = 1), ``<m>_ci95_low``/``<m>_ci95_high`` (Student t), then ``test_hd95_mean_mean`` and
-    ``n_train_patients`` when the trials have it.
+    std, NaN when n = 1), ``<m>_ci95_low``/``<m>_ci95_high`` (Student t), then ``test_hd95_mean_mean``,
+    ``test_hd95_n_undefined_sum`` (cases without an HD95 over all the cell's trials; NaN when no trial logged the
+    count, as runs from before NSD did not) and ``n_train_patients`` when the trials have it.
     """
     keys = cell_keys(trials)
     rows = []
@@ -228,6 +237,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             row.update(zip((f"{m}_mean", f"{m}_std", f"{m}_ci95_low", f"{m}_ci95_high"), stats_, strict=True))
         for m in MEAN_ONLY_METRICS:
             row[f"{m}_mean"] = float(group[m].mean()) if m in group else math.nan
+        for m in SUM_METRICS:
+            row[f"{m}_sum"] = float(group[m].sum(min_count=1)) if m in group else math.nan
         for c in EXTRA_CELL_COLUMNS:
             if c in group:
                 row[c] = float(group[c].median())
@@ -261,7 +272,7 @@ def _pm(mean: Any, std: Any) -> str:
     return _fmt(mean) if pd.isna(std) else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
-def _display(summary: pd.DataFrame) -> pd.DataFrame:
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Strings for people: the usual columns plus any other config key that varies between cells."""
     out = pd.DataFrame(index=summary.index)
     for key, name in _TABLE_COLUMNS.items():
@@ -285,13 +296,16 @@ def _display(summary: pd.DataFrame) -> pd.DataFrame:
     out["IoU mean ± std"] = [
         _pm(m, s) for m, s in zip(summary["test_iou_mean_mean"], summary["test_iou_mean_std"], strict=True)
     ]
+    out["NSD mean ± std"] = [
+        _pm(m, s) for m, s in zip(summary["test_nsd_mean_mean"], summary["test_nsd_mean_std"], strict=True)
+    ]
     out["val Dice"] = summary["val_dice_mean"].map(_fmt)
     return out
 
 
 def format_markdown(summary: pd.DataFrame) -> str:
     """A Markdown table of the summary (best validation Dice first)."""
-    table = _display(summary)
+    table = display_table(summary)
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "|".join("---" for _ in table.columns) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
@@ -299,7 +313,7 @@ def format_markdown(summary: pd.DataFrame) -> str:
 
 def format_table(summary: pd.DataFrame, max_rows: int = 20) -> str:
     """A short aligned plain-text table for the terminal (best validation Dice first)."""
-    table = _display(summary)
+    table = display_table(summary)
     shown = table.head(max_rows)
     widths = [max(len(c), *(len(v) for v in shown[c])) if len(shown) else len(c) for c in table.columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(table.columns, widths, strict=True))]
@@ -340,7 +354,8 @@ def write_summary(summary: pd.DataFrame, trials: pd.DataFrame, out_dir: str | Pa
     return paths
 
 
-def _latest_sweep_run(client: Any, experiment_id: str) -> str | None:
+def latest_sweep_run(client: Any, experiment_id: str) -> str | None:
+    """The most recently started sweep (parent) run of the experiment, or None."""
     page = client.search_runs(
         [experiment_id],
         filter_string="tags.`lasegseg.role` = 'sweep'",
@@ -372,8 +387,8 @@ def aggregate(
     summary = summarize(trials)
     paths = write_summary(summary, trials, out_dir)
     if log_to_parent:
-        with _tracking(tracking_uri) as client:
-            parent = parent_run_id or _latest_sweep_run(client, _experiment_id(client, tracking_uri, experiment))
+        with tracking(tracking_uri) as client:
+            parent = parent_run_id or latest_sweep_run(client, experiment_id(client, tracking_uri, experiment))
             if parent is None:
                 log.warning("experiment '%s' has no sweep parent run; results not logged to MLflow", experiment)
             else:

@@ -39,9 +39,9 @@ CELL = "lasegseg.cell"
 CONFIG = "lasegseg.config"  # hash of the whole trial config, seed included: one trial of one sweep
 EPOCH_METRICS = ("train_loss", "val_dice", "val_iou", "lr")
 FINAL_METRICS = (
-    "best_epoch", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std",
-    "test_hd95_mean", "test_hd95_std", "test_slice_dice_mean", "test_slice_dice_std", "n_train_slices",
-    "n_train_patients",
+    "best_epoch", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std", "test_nsd_mean",
+    "test_nsd_std", "test_hd95_mean", "test_hd95_std", "test_hd95_n_undefined", "test_slice_dice_mean",
+    "test_slice_dice_std", "n_train_slices", "n_train_patients",
 )  # fmt: skip
 RETRY_ENV = "LASEGSEG_MLFLOW_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 300.0

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lasegseg.config import Config, run_name
+from lasegseg.config import Config, EvalConfig, run_name
 from lasegseg.data.cache import open_cache
 from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
@@ -33,7 +33,7 @@ from lasegseg.train.features import (
 )
 from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native
 from lasegseg.train.losses import build_loss
-from lasegseg.train.metrics import case_metrics, dice_iou, summarize
+from lasegseg.train.metrics import METRICS, case_metrics, dice_iou, summarize
 
 logger = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float], "Path | None"], None]
@@ -125,12 +125,14 @@ def predict_case(
 
 def evaluate(
     model, cache, case_ids: Sequence[str], *, device, amp: str, batch_size: int, full: bool = False,
-    features: FeatureCache | None = None,
+    features: FeatureCache | None = None, nsd_tolerance_mm: float = EvalConfig.nsd_tolerance_mm,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Per-patient 3D metrics at native resolution; ``full`` adds HD95 and per-slice Dice (test).
+    """Per-patient 3D metrics at native resolution; ``full`` adds NSD, HD95 and per-slice Dice (test).
 
     Args:
         features: cached backbone features (frozen mode) to decode from instead of running the backbone.
+        nsd_tolerance_mm: NSD's tolerance with ``full`` (``eval.nsd_tolerance_mm``); distances use each case's
+            voxel spacing.
     """
     was_training = model.training
     model.eval()
@@ -139,7 +141,8 @@ def evaluate(
         pred = predict_case(model, cache, cid, device=device, amp=amp, batch_size=batch_size, features=features)
         ref = cache.native_label(cid)
         if full:
-            rows.append({"case_id": cid, **case_metrics(pred, ref, cache.spacing(cid))})
+            metrics = case_metrics(pred, ref, cache.spacing(cid), nsd_tolerance_mm=nsd_tolerance_mm)
+            rows.append({"case_id": cid, **metrics})
         else:
             dice, iou = dice_iou(pred, ref)
             rows.append({"case_id": cid, "dice": dice, "iou": iou})
@@ -322,6 +325,7 @@ class _Fit:
         return evaluate(
             self.model, self.data.cache, case_ids, device=self.device, amp=self.cfg.train.amp,
             batch_size=self.cfg.train.batch_size, full=full, features=self.features,
+            nsd_tolerance_mm=self.cfg.eval.nsd_tolerance_mm,
         )  # fmt: skip
 
 
@@ -533,8 +537,7 @@ def write_outputs(
     results = pseudonymize_results(results, alias)
     ckpt.save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["case_id", "split", "dice", "iou", "hd95", "slice_dice"],
-                            extrasaction="ignore")  # fmt: skip
+    writer = csv.DictWriter(table, fieldnames=["case_id", "split", *METRICS], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(results["per_patient"])
     atomic_write(out_dir / "per_patient.csv", table.getvalue())

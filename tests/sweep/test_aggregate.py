@@ -27,10 +27,11 @@ N_TRAIN = 12
 EXPERIMENT = "fewshot"
 
 
-def _log_trial(client, exp_id, parent_id, cfg, metrics, status="FINISHED", start_time=None):
+def _log_trial(client, exp_id, parent_id, cfg, metrics, status="FINISHED", start_time=None, drop=()):
+    """Log a trial run as the sweep does; ``drop``: config keys the run does not log (a run from an older version)."""
     from mlflow.entities import Metric, Param
 
-    flat = cfg.to_flat()
+    flat = {k: v for k, v in cfg.to_flat().items() if k not in drop}
     run = client.create_run(
         exp_id,
         run_name=run_name(cfg),
@@ -51,7 +52,10 @@ def _log_trial(client, exp_id, parent_id, cfg, metrics, status="FINISHED", start
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Two sweeps (parents) in one experiment, a FAILED trial, and an experiment without trials."""
+    """Two sweeps (parents) in one experiment, a FAILED trial, and an experiment without trials.
+
+    The older sweep's trials predate ``eval.nsd_tolerance_mm`` and NSD: they log neither.
+    """
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -68,11 +72,13 @@ def store(tmp_path_factory):
     known: dict[tuple, dict[str, list[float]]] = {}
     base = Config().replace(**{"data.path": "/data/msd", "model.backbone": "dinov2-small", "optim.lr": 3e-4})
     for dec, mode, patients in itertools.product(DECODERS, MODES, PATIENTS):
-        cell = known.setdefault((dec, mode, patients), {"dice": [], "iou": [], "val": []})
+        cell = known.setdefault((dec, mode, patients), {"dice": [], "iou": [], "nsd": [], "val": []})
         for seed in SEEDS:
             dice, iou, val = rng.uniform(0.6, 0.9), rng.uniform(0.4, 0.8), rng.uniform(0.5, 0.95)
+            nsd = rng.uniform(0.5, 0.9)
             cell["dice"].append(dice)
             cell["iou"].append(iou)
+            cell["nsd"].append(nsd)
             cell["val"].append(val)
             cfg = base.replace(**{"model.decoder": dec, "model.mode": mode, "data.patients": patients, "seed": seed})
             metrics = {
@@ -80,7 +86,10 @@ def store(tmp_path_factory):
                 "test_dice_std": 0.05,
                 "test_iou_mean": iou,
                 "test_iou_std": 0.04,
+                "test_nsd_mean": nsd,
+                "test_nsd_std": 0.03,
                 "test_hd95_mean": 5.0 + seed,
+                "test_hd95_n_undefined": seed,
                 "val_dice": val,
                 "val_iou": val - 0.1,
                 "n_train_patients": N_TRAIN,
@@ -90,7 +99,8 @@ def store(tmp_path_factory):
     _log_trial(client, exp_id, parent_id, failed, {"test_dice_mean": 0.0, "val_dice": 0.99}, status="FAILED")
     for seed in (0, 1):
         other = base.replace(**{"model.decoder": "conv", "seed": seed})
-        _log_trial(client, exp_id, old_parent.info.run_id, other, {"test_dice_mean": 0.5, "val_dice": 0.5})
+        metrics = {"test_dice_mean": 0.5, "val_dice": 0.5, "test_hd95_mean": 4.0}
+        _log_trial(client, exp_id, old_parent.info.run_id, other, metrics, drop=("eval.nsd_tolerance_mm",))
 
     client.create_experiment("empty", artifact_location=(root / "empty").as_uri(), tags=kind)
     empty_id = client.get_experiment_by_name("empty").experiment_id
@@ -143,7 +153,12 @@ def test_summary_statistics(store, trials):
     assert summary["n_train_patients"].eq(N_TRAIN).all()
     for _, row in summary.iterrows():
         known = store["known"][(row["model.decoder"], row["model.mode"], row["data.patients"])]
-        for metric, key in (("test_dice_mean", "dice"), ("test_iou_mean", "iou"), ("val_dice", "val")):
+        for metric, key in (
+            ("test_dice_mean", "dice"),
+            ("test_iou_mean", "iou"),
+            ("test_nsd_mean", "nsd"),
+            ("val_dice", "val"),
+        ):
             values = np.array(known[key])
             assert row[f"{metric}_mean"] == pytest.approx(values.mean())
             assert row[f"{metric}_std"] == pytest.approx(values.std(ddof=1))
@@ -151,6 +166,8 @@ def test_summary_statistics(store, trials):
             assert row[f"{metric}_ci95_low"] == pytest.approx(values.mean() - half)
             assert row[f"{metric}_ci95_low"] < row[f"{metric}_mean"] < row[f"{metric}_ci95_high"]
         assert row["test_hd95_mean_mean"] == pytest.approx(6.0)  # seeds 0..2 → 5, 6, 7
+        assert row["test_hd95_n_undefined_sum"] == 3  # 0 + 1 + 2 cases without an HD95
+        assert row["eval.nsd_tolerance_mm"] == 2.0
         # The FAILED trial (val_dice 0.99, seed 3) never enters a cell.
         assert row["val_dice_mean"] < 0.96
 
@@ -184,7 +201,9 @@ def test_write_summary_round_trip(tmp_path, trials):
     assert len(table) == 2 + len(summary)
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:7] == ["decoder", "mode", "backbone", "patients", "fraction", "lr", "n"]
-    assert "Dice mean ± std" in header and "±" in table[2]
+    assert {"Dice mean ± std", "IoU mean ± std", "NSD mean ± std"} <= set(header) and "±" in table[2]
+    nsd = table[2].split("|")[1 + header.index("NSD mean ± std")].strip()
+    assert nsd == f"{summary['test_nsd_mean_mean'].iloc[0]:.3f} ± {summary['test_nsd_mean_std'].iloc[0]:.3f}"
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -249,9 +268,25 @@ def test_format_table(trials):
     summary = summarize(trials)
     text = format_table(summary, max_rows=3)
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["decoder", "mode", "backbone"]
+    assert lines[0].split()[:3] == ["decoder", "mode", "backbone"] and "NSD mean ± std" in lines[0]
     assert len(lines) == 2 + 3 + 1 and lines[-1].startswith("… 5 more")
     assert "all" in text or "2" in text
+
+
+def test_runs_from_before_nsd_keep_their_own_cell(store, trials):
+    everything = load_trials(store["uri"], EXPERIMENT)
+    old = everything[everything["model.decoder"] == "conv"]
+    assert old["eval.nsd_tolerance_mm"].isna().all() and old["test_nsd_mean"].isna().all()
+    assert trials["eval.nsd_tolerance_mm"].eq(2.0).all()  # never filled with today's default
+    summary = summarize(everything)
+    row = summary[summary["model.decoder"] == "conv"].iloc[0]
+    assert row["n"] == 2 and row["cell"] == old["cell"].iloc[0]
+    assert math.isnan(row["test_nsd_mean_mean"]) and math.isnan(row["test_hd95_n_undefined_sum"])
+    assert row["test_hd95_mean_mean"] == pytest.approx(4.0)
+    shown = format_table(summary, max_rows=len(summary)).splitlines()
+    assert "eval.nsd_tolerance_mm" in shown[0]  # it varies between these cells
+    conv = next(line for line in shown if line.startswith("conv"))
+    assert "–" in conv
 
 
 def test_unknown_and_empty_experiments(store):

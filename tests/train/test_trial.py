@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -38,30 +39,50 @@ def _cfg(phantom_dir, **flat):
 
 @pytest.fixture(scope="module")
 def trained(phantom_dir, tmp_path_factory):
-    cfg = _cfg(phantom_dir)
+    """A 2-epoch trial; ``nsd_calls`` records the (tolerance, spacing) each test case's NSD was computed with."""
+    import lasegseg.train.metrics as metrics
+
+    cfg = _cfg(phantom_dir, **{"eval.nsd_tolerance_mm": 3.0})  # not the default: the trial must pass it through
     out = tmp_path_factory.mktemp("run")
-    seen = []
-    results = run_trial(cfg, out, on_epoch=lambda e, m, s: seen.append((e, m, s)))
-    return cfg, out, results, seen
+    seen, nsd_calls = [], []
+
+    def recording_surface_metrics(pred, ref, tolerance_mm, spacing=None):
+        nsd_calls.append((tolerance_mm, tuple(spacing)))
+        return real_surface_metrics(pred, ref, tolerance_mm, spacing)
+
+    real_surface_metrics = metrics.surface_metrics
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "surface_metrics", recording_surface_metrics)
+        results = run_trial(cfg, out, on_epoch=lambda e, m, s: seen.append((e, m, s)))
+    return cfg, out, results, seen, nsd_calls
 
 
 def test_outputs_and_metrics_file(trained):
-    cfg, out, results, seen = trained
+    cfg, out, results, seen, nsd_calls = trained
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("val_dice", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std", "test_hd95_mean"):
         assert key in metrics and isinstance(metrics[key], float)
-    assert 0.0 <= metrics["test_dice_mean"] <= 1.0
-    assert metrics["config"] == cfg.to_flat()
-    assert [row["case_id"] for row in metrics["per_patient"]] == metrics["split"]["test"]
+    for key in ("test_nsd_mean", "test_nsd_std"):
+        assert isinstance(metrics[key], float)
+    assert 0.0 <= metrics["test_dice_mean"] <= 1.0 and 0.0 <= metrics["test_nsd_mean"] <= 1.0
+    assert metrics["config"] == cfg.to_flat() and metrics["config"]["eval.nsd_tolerance_mm"] == 3.0
+    rows = metrics["per_patient"]
+    assert [row["case_id"] for row in rows] == metrics["split"]["test"]
+    assert metrics["test_nsd_mean"] == pytest.approx(np.mean([row["nsd"] for row in rows]))
+    assert metrics["test_hd95_n_undefined"] == sum(math.isnan(row["hd95"]) for row in rows)
+    assert nsd_calls == [(3.0, (1.25, 1.25, 2.5))] * len(rows)  # the config's tolerance, the phantom's spacing
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
-    assert (out / "per_patient.csv").read_text().splitlines()[0].startswith("case_id,split,dice")
+    with (out / "per_patient.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["case_id", "split", "dice", "iou", "nsd", "hd95", "slice_dice"]
+    assert [float(r["nsd"]) for r in table] == pytest.approx([row["nsd"] for row in rows])
     assert [e for e, _, _ in seen] == [0, 1]
     assert all(s is None for _, _, s in seen)  # no checkpoint_dir given → no training state written
     assert max(m["val_dice"] for _, m, _ in seen) == pytest.approx(results["val_dice"])
 
 
 def test_splits_are_patient_level_and_disjoint(trained):
-    _, _, results, _ = trained
+    _, _, results, _, _ = trained
     split = results["split"]
     sets = [set(split[k]) for k in ("train", "val", "test")]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
@@ -69,13 +90,17 @@ def test_splits_are_patient_level_and_disjoint(trained):
 
 
 def test_reloaded_model_reproduces_the_reported_test_metrics(trained):
-    cfg, out, results, _ = trained
+    cfg, out, results, _, _ = trained
     model, cfg2, _ = load_model(out / "model")
     assert cfg2 == cfg
     data = prepare_data(cfg2)
-    rows = evaluate(model, data.cache, data.split.test, device="cpu", amp="off", batch_size=8, full=True)
+    rows = evaluate(
+        model, data.cache, data.split.test, device="cpu", amp="off", batch_size=8, full=True,
+        nsd_tolerance_mm=cfg2.eval.nsd_tolerance_mm,
+    )  # fmt: skip
     for ours, reported in zip(rows, results["per_patient"], strict=True):
         assert ours["dice"] == pytest.approx(reported["dice"], abs=1e-6)
+        assert ours["nsd"] == pytest.approx(reported["nsd"], abs=1e-6)
 
 
 def test_training_is_deterministic_on_cpu(phantom_dir):
