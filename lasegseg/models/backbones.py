@@ -1,11 +1,13 @@
-"""Backbone families through transformers (DINOv2): named sizes, hub ids, local folders and a tiny random model.
+"""Backbone families through transformers (DINOv2, DINOv3): named sizes, hub ids, local folders and tiny random models.
 
 A family is one registry entry (:class:`BackboneFamily`): its patch size, named sizes and their layer tables, hub
-ids, transformers model classes, LoRA target modules and tiny random config.
+ids, transformers model classes, LoRA target modules and tiny random config. Each family's patch size is declared in
+:data:`lasegseg.config.BACKBONE_PATCH_SIZES` as well, so that the config checks ``data.image_size`` without
+importing torch; registering a family that disagrees with it fails.
 
-Every backbone — the tiny one included — is loaded with ``from_pretrained`` from a folder or hub id, so tests
-exercise the same path as real weights. The tiny model is created once per cache folder from a fixed seed and
-saved as safetensors under ``<cache>/backbones/tiny[-reg]``.
+Every backbone — the tiny ones included — is loaded with ``from_pretrained`` from a folder or hub id, so tests
+exercise the same path as real weights. A tiny model is created once per cache folder from a fixed seed and saved
+as safetensors under ``<cache>/backbones/<tiny name>[-reg]`` (``tiny``, ``tiny-reg``, ``tiny-dinov3``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lasegseg.config import BACKBONE_PATCH_SIZES, TINY_BACKBONES
 from lasegseg.errors import ModelError, first_line
 from lasegseg.paths import cache_root
 from lasegseg.registry import Registry
@@ -44,16 +47,22 @@ class BackboneFamily:
         sizes: the named sizes, written ``<name>-<size>``.
         layer_indices: multi-layer feature taps (0-based block indices) per size and for ``tiny``.
         arch_sizes: ``(hidden_size, num_hidden_layers)`` → size, so that a local copy of a named size gets its table.
-        hub_id: hub id of a named size, formatted with ``size``.
-        registers_hub_id: the same for the with-registers variant.
+        hub_id: hub id of a named size, formatted with ``size`` (its ``hub_sizes`` spelling).
+        registers_hub_id: the same for the with-registers variant; empty when the family has no such variant.
         model_classes: transformers ``model_type`` → model class name, for every variant of the family.
-        registers_model_types: the model types in ``model_classes`` that have register tokens.
+        registers_model_types: the model types in ``model_classes`` that form a separate with-registers variant,
+            which ``model.registers=true`` selects. Empty for a family with one variant (DINOv3, whose models all
+            have register tokens): there ``model.registers=true`` is refused rather than silently ignored, so a
+            sweep never runs the same model as two cells.
         final_norm: attribute of the model that holds its final layer norm.
         lora_targets: candidate name sets of the attention projections LoRA adapts; the first set the model has
             wins (transformers renamed them between versions).
         tiny_name: short name of the tiny random model (saved under ``<cache>/backbones/<tiny_name>[-reg]``).
         tiny_config: transformers config fields of the tiny model, the patch size aside.
-        tiny_num_registers: register tokens of its with-registers variant.
+        tiny_num_registers: register tokens of its with-registers variant, or of the tiny model itself when the
+            family has one variant.
+        hub_sizes: size → how the hub ids spell it, where they differ (``small-plus`` → ``s16plus``).
+        load_config: config fields set on every model of the family as it is loaded.
     """
 
     name: str
@@ -71,6 +80,13 @@ class BackboneFamily:
     tiny_name: str
     tiny_config: Mapping[str, object]
     tiny_num_registers: int
+    hub_sizes: Mapping[str, str] = field(default_factory=dict)
+    load_config: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def single_variant(self) -> bool:
+        """Whether the family has one variant only (no separate with-registers models)."""
+        return not self.registers_model_types
 
 
 FAMILIES: Registry[BackboneFamily] = Registry("backbone family", "families", ModelError)
@@ -80,8 +96,16 @@ def register_backbone_family(family: BackboneFamily) -> BackboneFamily:
     """Register a backbone family; its tiny name and named sizes become backbone names.
 
     Args:
-        family: the entry; registering a name twice is an error.
+        family: the entry; registering a name twice, or a family whose patch size or tiny name
+            :data:`lasegseg.config.BACKBONE_PATCH_SIZES` / :data:`~lasegseg.config.TINY_BACKBONES` do not declare, is an
+            error.
     """
+    declared = BACKBONE_PATCH_SIZES.get(family.name)
+    if declared != (family.patch_size, family.display_name) or TINY_BACKBONES.get(family.tiny_name) != family.name:
+        raise ValueError(
+            f"backbone family '{family.name}' (patch {family.patch_size}, tiny '{family.tiny_name}') must be declared "
+            f"in lasegseg.config.BACKBONE_PATCH_SIZES and TINY_BACKBONES, which the config checks without torch"
+        )
     return FAMILIES.add(family.name, family)
 
 
@@ -141,6 +165,65 @@ register_backbone_family(
     )
 )
 
+register_backbone_family(
+    BackboneFamily(
+        name="dinov3",
+        display_name="DINOv3",
+        patch_size=16,
+        sizes=("small", "small-plus", "base", "large", "huge-plus", "7b"),
+        # Four evenly spaced blocks ending at the last, as dinov3's dense heads take them (FOUR_EVEN_INTERVALS):
+        # depths 12 (S, S+, B), 24 (L), 32 (H+), 40 (7B).
+        layer_indices={
+            "tiny": [0, 1, 2, 3],
+            "small": [2, 5, 8, 11],
+            "small-plus": [2, 5, 8, 11],
+            "base": [2, 5, 8, 11],
+            "large": [5, 11, 17, 23],
+            "huge-plus": [7, 15, 23, 31],
+            "7b": [9, 19, 29, 39],
+        },
+        # S and S+ share (384, 12) and their table; "small" stands for both.
+        arch_sizes={
+            (384, 12): "small",
+            (768, 12): "base",
+            (1024, 24): "large",
+            (1280, 32): "huge-plus",
+            (4096, 40): "7b",
+        },
+        hub_id="facebook/dinov3-vit{size}-pretrain-lvd1689m",
+        registers_hub_id="",
+        hub_sizes={
+            "small": "s16",
+            "small-plus": "s16plus",
+            "base": "b16",
+            "large": "l16",
+            "huge-plus": "h16plus",
+            "7b": "7b16",
+        },
+        model_classes={"dinov3_vit": "DINOv3ViTModel"},
+        # Every DINOv3 checkpoint has 4 register tokens: one variant, see BackboneFamily.registers_model_types.
+        registers_model_types=(),
+        final_norm="norm",
+        lora_targets=(("q_proj", "v_proj"),),
+        tiny_name="tiny-dinov3",
+        # The tiny DINOv2's width and depth on a 16-px patch, with the 4 register tokens every DINOv3 has.
+        tiny_config={
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "image_size": 128,
+            "layerscale_value": 1.0,
+            "drop_path_rate": 0.0,
+        },
+        tiny_num_registers=4,
+        # The hub configs keep DINOv3's pre-training augmentation of the RoPE patch coordinates (random rescale by
+        # up to 2x) switched on in training mode. Off here: a fine-tuned backbone then sees the same geometry in
+        # training as at inference (as DINOv2, which has none), and its pass does not draw from the trial's RNG.
+        load_config={"pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": None},
+    )
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -154,10 +237,11 @@ def list_backbones() -> list[str]:
 
 
 class Backbone(nn.Module):
-    """A model of a registered family (DINOv2) that maps a grayscale batch to a list of patch-feature maps.
+    """A model of a registered family (DINOv2, DINOv3) that maps a grayscale batch to a list of patch-feature maps.
 
     Args:
-        model: a transformers model of a registered family (``Dinov2Model`` or ``Dinov2WithRegistersModel``).
+        model: a transformers model of a registered family (``Dinov2Model``, ``Dinov2WithRegistersModel``,
+            ``DINOv3ViTModel``).
         layer_indices: 0-based transformer blocks whose (final-layernormed) outputs are returned.
         source: where the weights came from (hub id or folder), for messages and metadata.
 
@@ -167,6 +251,7 @@ class Backbone(nn.Module):
         patch_size: pixels per patch; inputs are padded right/bottom to a multiple of it.
         layer_indices: the tapped blocks.
         num_features_levels: ``len(layer_indices)``.
+        num_prefix_tokens: CLS and register tokens ahead of the patch tokens, dropped from every map.
     """
 
     def __init__(self, model: nn.Module, layer_indices: list[int], *, source: str) -> None:
@@ -280,16 +365,20 @@ def build_backbone(name: str, *, registers: bool = False, gradient_checkpointing
     """Load a backbone of a registered family.
 
     Args:
-        name: ``tiny``, ``dinov2-small|base|large|giant`` (see :func:`list_backbones`), a hub id (``org/name``) or a
-            local folder.
-        registers: pick the with-registers variant of ``tiny`` and the named sizes; a hub id or folder is what
-            its config says, and asking for registers on one without them is an error.
+        name: ``tiny``, ``dinov2-small|base|large|giant``, ``tiny-dinov3``,
+            ``dinov3-small|small-plus|base|large|huge-plus|7b`` (see :func:`list_backbones`), a hub id (``org/name``)
+            or a local folder.
+        registers: pick DINOv2's with-registers variant of ``tiny`` and the named sizes; a hub id or folder is what
+            its config says, and asking for registers on one without them is an error. DINOv3 models always have
+            their register tokens and no separate variant: true is refused for them.
         gradient_checkpointing: recompute activations in backward (for large/giant when fine-tuning).
     """
     source, size, local = _resolve(name, registers=registers)
     model = _load(source, local=local)
     config = model.config
     family = _family_of_model_type(config.model_type)  # never None: _load accepts only registered model types
+    if registers and family.single_variant:
+        raise ModelError(_single_variant_message(name, family))
     if registers and config.model_type not in family.registers_model_types:
         raise ModelError(
             f"model.registers=true but backbone '{name}' ({source}) is a {family.display_name} without registers"
@@ -307,7 +396,7 @@ def tiny_backbone_dir(*, registers: bool = False, family: str = "dinov2") -> Pat
     """The folder of a family's tiny random model, created on first use (safe when processes race).
 
     Args:
-        registers: the with-registers variant (``tiny-reg``).
+        registers: the with-registers variant (``tiny-reg``; DINOv2 only).
         family: a registered backbone family.
     """
     tiny_name = backbone_family(family).tiny_name
@@ -335,7 +424,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     LoRA adapters are ignored and peft's ``base_layer`` renaming is undone, so injecting LoRA leaves it unchanged.
 
     Args:
-        model: any module (the transformers DINOv2 model for a backbone).
+        model: any module (the transformers model of a backbone).
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -377,11 +466,15 @@ def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, s
     if name == NONE:
         raise ModelError("backbone 'none' has no model (it selects the decoder-only baseline, model.decoder=unet)")
     for family in FAMILIES.values():
+        size = name.removeprefix(f"{family.name}-")
+        named = name.startswith(f"{family.name}-") and size in family.sizes
+        if (named or name == family.tiny_name) and registers and family.single_variant:
+            raise ModelError(_single_variant_message(name, family))
         if name == family.tiny_name:
             return str(tiny_backbone_dir(registers=registers, family=family.name) if create else name), "tiny", True
-        size = name.removeprefix(f"{family.name}-")
-        if name.startswith(f"{family.name}-") and size in family.sizes:
-            return (family.registers_hub_id if registers else family.hub_id).format(size=size), size, False
+        if named:
+            hub_size = family.hub_sizes.get(size, size)
+            return (family.registers_hub_id if registers else family.hub_id).format(size=hub_size), size, False
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path), None, True
@@ -391,6 +484,13 @@ def _resolve(name: str, *, registers: bool, create: bool = True) -> tuple[str, s
         raise ModelError(f"backbone folder '{name}' does not exist")
     raise ModelError(
         f"unknown backbone '{name}' (valid names: {', '.join(list_backbones())}, a hub id org/name or a local folder)"
+    )
+
+
+def _single_variant_message(name: str, family: BackboneFamily) -> str:
+    return (
+        f"model.registers=true but backbone '{name}' is a {family.display_name}, which has one variant (its models "
+        f"always carry their register tokens): leave model.registers false"
     )
 
 
@@ -410,6 +510,8 @@ def _load(source: str, *, local: bool) -> nn.Module:
                 f"backbone {where} '{source}' holds a '{config.model_type}' model, not {_family_display_names()}"
             )
         model_class = getattr(transformers, family.model_classes[config.model_type])
+        for key, value in family.load_config.items():
+            setattr(config, key, value)
         # A local load takes milliseconds: its progress bars would only clutter every trial's log.
         with _progress_bars(enabled=not local):
             # fp32 master weights whatever dtype the checkpoint was saved in: without ``dtype`` transformers keeps
@@ -453,8 +555,8 @@ def _create_tiny(final: Path, *, registers: bool, family: str = "dinov2") -> Non
     model_type = next((t for t in fam.model_classes if (t in fam.registers_model_types) == registers), None)
     if model_type is None:
         raise ModelError(f"backbone family '{family}' has no model {'with' if registers else 'without'} registers")
-    fields = {**fam.tiny_config, "patch_size": fam.patch_size}
-    if registers:
+    fields = {**fam.tiny_config, **fam.load_config, "patch_size": fam.patch_size}
+    if registers or fam.single_variant:
         fields["num_register_tokens"] = fam.tiny_num_registers
     model_class = getattr(transformers, fam.model_classes[model_type])
     # transformers' random init draws from torch's global generator; without the fork the first trial on a fresh
@@ -481,7 +583,7 @@ def _seed_weights(model: nn.Module, seed: int) -> None:
     """Redraw every randomly initialised tensor from numpy's PCG64 so the tiny weights do not depend on the torch
     version or its RNG; constant tensors (norms, biases, layer scales, zero tokens) keep their init."""
     rng = np.random.default_rng(seed)
-    std = 0.02  # transformers' initializer_range for DINOv2
+    std = 0.02  # transformers' initializer_range for DINOv2 and DINOv3
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):
             flat = param.reshape(-1)

@@ -16,7 +16,8 @@ PREWARM_HOOK = "lasegseg.sweep.worker.prewarm_worker"
 # importing it (no import cycle).
 WARM_MODULES = (
     "torch", "transformers.models.dinov2.modeling_dinov2",
-    "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers", "mlflow.tracking",
+    "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
+    "transformers.models.dinov3_vit.modeling_dinov3_vit", "mlflow.tracking",
     "lasegseg.train.trial", "lasegseg.sweep.trainable",
 )  # fmt: skip
 _PREWARMED = False
@@ -25,8 +26,8 @@ _PREWARMED = False
 def prewarm_worker(*, full: bool = True) -> None:
     """Pay a fresh Ray worker's one-time costs when the process starts, before Tune hands it a trial.
 
-    torch, transformers' DINOv2, the trial modules and the MLflow client are imported. With ``full`` the worker
-    also opens the tracking store and loads the sweep's first backbone (``$LASEGSEG_PREWARM_BACKBONE``). Two
+    torch, transformers' DINOv2 and DINOv3, the trial modules and the MLflow client are imported. With ``full`` the
+    worker also opens the tracking store and loads the sweep's first backbone (``$LASEGSEG_PREWARM_BACKBONE``). Two
     callers: the ``worker_process_setup_hook`` of a sweep on an existing cluster (one worker per trial actor,
     ``full``), and :mod:`lasegseg.sweep.preload` on the sweep's own local cluster, where Ray starts one worker per
     CPU before the driver has created the store (imports only: a giant backbone per idle worker would cost

@@ -211,3 +211,28 @@ def test_bad_input_fails_with_one_line_naming_the_file_and_writes_nothing(tmp_pa
 )
 def test_output_path_is_the_named_file_for_one_input_else_a_file_in_the_folder(tmp_path, out, single, expected):
     assert output_path_for(tmp_path / "in" / "la_001.nii.gz", tmp_path / out, single) == tmp_path / expected
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny-dinov3"])
+def test_a_saved_model_of_every_tiny_family_predicts_from_a_fresh_cache(backbone, tmp_path, monkeypatch):
+    """The model folder names its backbone; a machine without the tiny weights recreates them, the fingerprint in
+    the checkpoint matches, and the mask comes back on the input grid."""
+    import lasegseg
+    from lasegseg.models.backbones import backbone_family
+    from lasegseg.models.segmenter import build_segmenter
+    from lasegseg.train.checkpoint import save_model
+
+    patch = backbone_family("dinov3" if backbone == "tiny-dinov3" else "dinov2").patch_size
+    cfg = tiny_config(**{"model.backbone": backbone, "model.mode": "lora", "data.image_size": 2 * patch})
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "train-cache"))
+    torch.manual_seed(0)
+    folder = save_model(build_segmenter(cfg.model), cfg, tmp_path / "model")
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "predict-cache"))
+    predictor = lasegseg.load_model(folder, device="cpu")
+    assert predictor.config.model.backbone == backbone and predictor.model.backbone.patch_size == patch
+    canonical, _ = _box_image(shape=(36, 30, 4), boxes=((slice(8, 24), slice(6, 20), slice(1, 3)),))
+    src = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(_to_stored(canonical), STORED_AFFINE), src)
+    predict_file(predictor.model, predictor.config, src, tmp_path / "mask.nii.gz")
+    mask = np.asarray(nib.load(tmp_path / "mask.nii.gz").dataobj)
+    assert mask.shape == (4, 30, 36) and set(np.unique(mask)) <= {0, 1}

@@ -24,7 +24,13 @@ from lasegseg.models.backbones import (
 )
 
 DINOV2 = backbone_family("dinov2")
+DINOV3 = backbone_family("dinov3")
 LAYER_INDICES = DINOV2.layer_indices
+TINY_NAMES = [backbone_family(f).tiny_name for f in list_backbone_families()]
+# Every (family, registers) pair a family builds: DINOv3 has one variant (always with registers) and refuses True.
+FAMILY_VARIANTS = [
+    (f, r) for f in list_backbone_families() for r in (False, True) if not (r and backbone_family(f).single_variant)
+]
 
 
 def _weights(backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -271,8 +277,7 @@ def test_registers_requested_on_a_folder_without_them() -> None:
 # ----------------------------------------------------------------------------------------- the family registry
 
 
-@pytest.mark.parametrize("family", list_backbone_families())
-@pytest.mark.parametrize("registers", [False, True])
+@pytest.mark.parametrize(("family", "registers"), FAMILY_VARIANTS)
 def test_every_family_builds_its_tiny_model_and_runs_forward(family: str, registers: bool) -> None:
     fam = backbone_family(family)
     backbone = build_backbone(fam.tiny_name, registers=registers)
@@ -280,7 +285,8 @@ def test_every_family_builds_its_tiny_model_and_runs_forward(family: str, regist
     assert backbone.patch_size == fam.patch_size
     assert backbone.embed_dim == fam.tiny_config["hidden_size"]
     assert backbone.layer_indices == fam.layer_indices["tiny"]
-    assert backbone.num_prefix_tokens == 1 + (fam.tiny_num_registers if registers else 0)
+    has_registers = registers or fam.single_variant
+    assert backbone.num_prefix_tokens == 1 + (fam.tiny_num_registers if has_registers else 0)
     size = 3 * fam.patch_size + 5
     torch.manual_seed(0)
     feats = backbone(torch.rand(2, 1, size, size))
@@ -297,9 +303,14 @@ def test_every_family_names_its_sizes_and_their_layer_tables(family: str) -> Non
     for size in fam.sizes:
         name = f"{family}-{size}"
         assert name in list_backbones()
-        check_backbone_name(name, registers=True)
-        assert backbones._resolve(name, registers=False) == (fam.hub_id.format(size=size), size, False)
-        assert backbones._resolve(name, registers=True) == (fam.registers_hub_id.format(size=size), size, False)
+        hub_size = fam.hub_sizes.get(size, size)
+        assert backbones._resolve(name, registers=False) == (fam.hub_id.format(size=hub_size), size, False)
+        if fam.single_variant:
+            with pytest.raises(ModelError, match="leave model.registers false"):
+                check_backbone_name(name, registers=True)
+        else:
+            check_backbone_name(name, registers=True)
+            assert backbones._resolve(name, registers=True) == (fam.registers_hub_id.format(size=size), size, False)
         taps = fam.layer_indices[size]
         assert taps == sorted(taps) and len(set(taps)) == len(taps) >= 1
     for (_, depth), size in fam.arch_sizes.items():
@@ -344,7 +355,7 @@ def test_a_new_family_is_one_registry_entry(monkeypatch) -> None:
 def test_registering_a_family_twice_fails() -> None:
     with pytest.raises(ValueError, match="already registered"):
         backbones.register_backbone_family(DINOV2)
-    assert list_backbone_families() == ["dinov2"]
+    assert list_backbone_families() == ["dinov2", "dinov3"]
 
 
 def test_a_bf16_checkpoint_loads_with_fp32_master_weights(tmp_path: Path) -> None:
@@ -356,3 +367,163 @@ def test_a_bf16_checkpoint_loads_with_fp32_master_weights(tmp_path: Path) -> Non
     source.save_pretrained(tmp_path / "bf16")
     loaded = build_backbone(str(tmp_path / "bf16"))
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_a_family_missing_from_the_config_declarations_is_refused() -> None:
+    """The config checks data.image_size from lasegseg.config's declarations: the registry must agree with them."""
+    with pytest.raises(ValueError, match="BACKBONE_PATCH_SIZES"):
+        backbones.register_backbone_family(dataclasses.replace(DINOV3, name="dinov4", tiny_name="tiny-dinov4"))
+    with pytest.raises(ValueError, match="BACKBONE_PATCH_SIZES"):
+        backbones.register_backbone_family(dataclasses.replace(DINOV3, patch_size=14))
+    assert list_backbone_families() == ["dinov2", "dinov3"]
+
+
+# ------------------------------------------------------------------------------- every tiny model, every family
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_forward_shapes_for_every_level_set(name: str) -> None:
+    backbone = build_backbone(name).eval()
+    p = backbone.patch_size
+    torch.manual_seed(0)
+    # Non-square, and not a multiple of the patch: RoPE (DINOv3) and interpolated position embeddings (DINOv2) both
+    # follow the grid of the padded input.
+    x = torch.rand(2, 1, 3 * p + 1, 5 * p)
+    with torch.no_grad():
+        every = backbone(x)
+        for levels in ([0], [3], [1, 2], [0, 3], [3, 2, 1, 0]):
+            some = backbone(x, levels)
+            assert [f.shape for f in some] == [(2, backbone.embed_dim, 4, 5)] * len(levels)
+            assert all(torch.equal(f, every[i]) for f, i in zip(some, levels, strict=True))
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_keeps_only_the_hidden_states_it_is_asked_for(name: str) -> None:
+    backbone = build_backbone(name).eval()
+    kept: list[list[bool]] = []
+    backbone.model.register_forward_hook(lambda m, a, out: kept.append([h is not None for h in out.hidden_states]))
+    with torch.no_grad():
+        backbone(torch.rand(1, 1, 64, 64), [2])
+    assert kept == [[i == backbone.layer_indices[2] + 1 for i in range(5)]]
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_last_level_is_the_final_normed_patch_tokens(name: str) -> None:
+    backbone = build_backbone(name).eval()
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 4 * backbone.patch_size, 3 * backbone.patch_size)
+    with torch.no_grad():
+        last = backbone(x)[-1]
+        mean = torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(backbones.IMAGENET_STD).view(1, 3, 1, 1)
+        tokens = backbone.model(pixel_values=(x.repeat(1, 3, 1, 1) - mean) / std).last_hidden_state
+    patches = tokens[:, backbone.num_prefix_tokens :].reshape(2, 4, 3, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(last, patches)
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_every_trainable_parameter_gets_a_gradient(name: str) -> None:
+    backbone = build_backbone(name).train()
+    torch.manual_seed(0)
+    sum(f.square().mean() for f in backbone(torch.rand(2, 1, 64, 64))).backward()
+    trainable = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert trainable and not missing, missing[:5]
+    assert all(p.grad is None for p in backbone.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_lora_adapts_the_attention_projections_and_trains(name: str) -> None:
+    from lasegseg.config import ModelConfig
+    from lasegseg.models.segmenter import build_segmenter, param_groups
+
+    torch.manual_seed(0)
+    seg = build_segmenter(ModelConfig(backbone=name, decoder="multiscale", mode="lora", decoder_width=16))
+    targets = set(lora_target_modules(seg.backbone))
+    adapted = {n.split(".attention.")[1].split(".")[0] for n, p in seg.backbone.named_parameters() if p.requires_grad}
+    assert adapted == targets and targets in ({"q_proj", "v_proj"}, {"query", "value"})
+    lora_b = {n: p.clone() for n, p in seg.backbone.named_parameters() if "lora_B" in n}
+    base = {k: v.clone() for k, v in seg.backbone.state_dict().items() if "lora_" not in k}
+    optimizer = torch.optim.AdamW(param_groups(seg, 1e-2, 1.0, 0.0))
+    seg.train()
+    seg(torch.rand(2, 1, 64, 64)).log_softmax(1)[:, 1].mean().neg().backward()
+    optimizer.step()
+    assert lora_b and all(not torch.equal(lora_b[n], p) for n, p in seg.backbone.named_parameters() if n in lora_b)
+    assert all(torch.equal(base[k], v) for k, v in seg.backbone.state_dict().items() if k in base)
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_tiny_saved_and_reloaded_through_from_pretrained_gives_identical_outputs(name: str, tmp_path: Path) -> None:
+    first = build_backbone(name).eval()
+    first.model.save_pretrained(tmp_path / "copy")
+    second = build_backbone(str(tmp_path / "copy")).eval()
+    assert fingerprint(second) == fingerprint(first) and second.layer_indices == first.layer_indices
+    x = torch.rand(1, 1, 64, 48)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(first(x), second(x), strict=True))
+
+
+@pytest.mark.parametrize("family", list_backbone_families())
+def test_a_local_copy_of_a_named_size_architecture_gets_its_table(family: str, tmp_path: Path) -> None:
+    """A folder is matched on (width, depth): the smallest named size's, with a narrow MLP to stay cheap."""
+    import transformers
+
+    fam = backbone_family(family)
+    (width, depth), size = min(fam.arch_sizes.items())
+    model_type = next(iter(fam.model_classes))
+    fields = {**fam.tiny_config, "hidden_size": width, "num_hidden_layers": depth, "num_attention_heads": 6}
+    fields |= {"mlp_ratio": 1, "intermediate_size": width, "patch_size": fam.patch_size}
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    getattr(transformers, fam.model_classes[model_type])(config).save_pretrained(tmp_path)
+    backbone = build_backbone(str(tmp_path))
+    assert backbone.layer_indices == fam.layer_indices[size] and backbone.family == family
+
+
+# ------------------------------------------------------------------------------------------------------- DINOv3
+
+
+@pytest.mark.parametrize(
+    ("name", "hub_id"),
+    [
+        ("dinov3-small", "facebook/dinov3-vits16-pretrain-lvd1689m"),
+        ("dinov3-small-plus", "facebook/dinov3-vits16plus-pretrain-lvd1689m"),
+        ("dinov3-base", "facebook/dinov3-vitb16-pretrain-lvd1689m"),
+        ("dinov3-large", "facebook/dinov3-vitl16-pretrain-lvd1689m"),
+        ("dinov3-huge-plus", "facebook/dinov3-vith16plus-pretrain-lvd1689m"),
+        ("dinov3-7b", "facebook/dinov3-vit7b16-pretrain-lvd1689m"),
+    ],
+)
+def test_dinov3_names_resolve_to_meta_hub_ids(name: str, hub_id: str) -> None:
+    assert backbones._resolve(name, registers=False) == (hub_id, name.removeprefix("dinov3-"), False)
+
+
+def test_dinov3_tables_are_four_even_intervals_of_each_depth() -> None:
+    depths = {"small": 12, "small-plus": 12, "base": 12, "large": 24, "huge-plus": 32, "7b": 40}
+    assert set(depths) == set(DINOV3.sizes)
+    for size, depth in depths.items():
+        assert DINOV3.layer_indices[size] == backbones._even_indices(depth), size
+    assert DINOV3.layer_indices["large"] == [5, 11, 17, 23]
+
+
+def test_tiny_dinov3_is_saved_with_its_registers_and_no_rope_augmentation(_cache: Path) -> None:
+    backbone = build_backbone("tiny-dinov3")
+    folder = _cache / "backbones" / "tiny-dinov3"
+    assert backbone.source == str(folder) and (folder / "model.safetensors").is_file()
+    config = backbone.model.config
+    assert (config.model_type, config.patch_size, config.num_register_tokens) == ("dinov3_vit", 16, 4)
+    assert backbone.num_prefix_tokens == 5
+    assert config.pos_embed_rescale is None and config.pos_embed_jitter is None and config.pos_embed_shift is None
+    # Training mode is the geometry of inference: the same features in train() and eval().
+    x = torch.rand(1, 1, 64, 80)
+    with torch.no_grad():
+        train = backbone.train()(x)
+        test = backbone.eval()(x)
+    assert all(torch.equal(a, b) for a, b in zip(train, test, strict=True))
+
+
+def test_dinov3_refuses_model_registers_true() -> None:
+    for name in ("tiny-dinov3", "dinov3-large"):
+        with pytest.raises(ModelError, match=r"DINOv3, which has one variant .* leave model.registers false"):
+            check_backbone_name(name, registers=True)
+    with pytest.raises(ModelError, match="leave model.registers false"):
+        build_backbone(str(tiny_backbone_dir(family="dinov3")), registers=True)
