@@ -162,9 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     check_metric(args.metric)  # before touching the store
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise LasegsegError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    uri = _tracking_uri(args)
     out = Path(args.out or Path("runs") / args.experiment / "best")
     result = export_best(
         uri, args.experiment, out, metric=args.metric, parent_run_id=args.parent_run, register=args.register,
@@ -183,16 +181,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_aggregate(args: argparse.Namespace) -> int:
-    from lasegseg.sweep.aggregate import aggregate, format_table
-
+def _tracking_uri(args: argparse.Namespace) -> str:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise LasegsegError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    return uri
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from lasegseg.sweep.aggregate import aggregate, format_table
+
+    uri = _tracking_uri(args)
     out = Path(args.out or Path("runs") / args.experiment / "summary")
     summary = aggregate(uri, args.experiment, out, parent_run_id=args.parent_run, log_to_parent=not args.no_log)
     print(format_table(summary))
     print(f"summary: {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lasegseg.sweep.compare import compare, format_table
+
+    uri = _tracking_uri(args)
+    out = Path(args.out or Path("runs") / args.experiment / "summary")
+    comparison, notes = compare(
+        uri, args.experiment, out, parent_run_id=args.parent_run, metric=args.metric, against=args.against,
+        seed=args.seed, resamples=args.resamples, tie=args.tie, log_to_parent=not args.no_log,
+    )  # fmt: skip
+    print(format_table(comparison, notes))
+    print(f"comparison: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lasegseg.sweep.report import write_report
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    out = Path(args.out or Path("runs") / args.experiment / "report.html")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise LasegsegError(f"--out {out}: the report is one HTML file; give a name ending in .html")
+    path = write_report(
+        _tracking_uri(args), args.experiment, out, parent_run_id=args.parent_run, metric=args.metric,
+        log_to_parent=not args.no_log,
+    )  # fmt: skip
+    print(f"report: {path}")
     return 0
 
 
@@ -232,10 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="run folder (model/, metrics.json, per_patient.csv)")
     p.add_argument("--layout", default=None, help=f"auto (default) or one of: {', '.join(layouts)}")
-    p.add_argument("--backbone", default=None, help="tiny, dinov2-small|base|large|giant, a hub id or dir, none")
+    p.add_argument(
+        "--backbone", default=None,
+        help="tiny, dinov2-small|base|large|giant, tiny-dinov3, dinov3-small|...|7b, a hub id or dir, none",
+    )  # fmt: skip
     p.add_argument("--decoder", default=None, help="decoder name (linear, conv, multiscale, unetr; unet baseline)")
     p.add_argument("--mode", default=None, help="frozen, finetune or lora")
-    p.add_argument("--image-size", type=int, default=None, help="slice size, a multiple of 14 (default 448)")
+    p.add_argument(
+        "--image-size", type=int, default=None,
+        help="slice size, a multiple of the backbone's patch (14 DINOv2, 16 DINOv3; default 448)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -277,6 +315,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")
     p.add_argument("--no-log", action="store_true", help="do not attach the summary to the sweep's MLflow run")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("compare", help="paired per-patient statistics of every cell against a reference cell")
+    options.add_experiment(p)
+    options.add_tracking(p)
+    p.add_argument("--out", default=None, help="output folder (default: runs/<experiment>/summary)")
+    p.add_argument(
+        "--parent-run", "--parent", default=None, help="only the trials of this sweep run, or 'latest' (default: all)"
+    )
+    p.add_argument("--metric", default="dice", help="per-patient test metric: dice (default), iou, nsd or hd95")
+    p.add_argument(
+        "--against", default="best", metavar="best|baseline|CELL",
+        help="reference: best validation Dice (default), the backbone=none baseline, a cell hash (prefix) or run name",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--resamples", type=_positive_int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--tie", type=float, default=1e-6, help="|difference| at most this is a tie (default 1e-6)")
+    p.add_argument("--no-log", action="store_true", help="do not attach the comparison to the sweep's MLflow run")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a study: summary, comparison, plots, model")
+    options.add_experiment(p)
+    options.add_tracking(p)
+    p.add_argument("--out", default=None, help="the HTML file (default: runs/<experiment>/report.html)")
+    p.add_argument("--parent-run", "--parent", default=None, help="only the trials of this sweep run (default: all)")
+    p.add_argument("--metric", default="dice", help="per-patient metric of the paired comparison (default: dice)")
+    p.add_argument("--no-log", action="store_true", help="do not attach the page to the sweep's MLflow run")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="export the best cell's model (chosen on validation) and register it")
     options.add_experiment(p)

@@ -96,3 +96,59 @@ class MlflowServer:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, no clean shutdown
             self.proc.wait(timeout=30)
+
+
+def chromium() -> str:
+    """Debian's Chromium (``.ci/run`` installs it); skip the test where it is absent, fail in CI."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed (.ci/run installs Debian's package)")
+        pytest.skip("chromium is not installed")
+    return found
+
+
+def headless_chromium(page: Path, tmp: Path, *, screenshot: Path | None = None, width: int = 1280,
+                      height: int = 2400) -> str:  # fmt: skip
+    """Open a local HTML file in headless Chromium with no network; return the DOM it built, and optionally save a
+    screenshot. The flags keep Chromium from reaching out (this machine's network refuses it anyway)."""
+    args = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'chromium-profile'}", f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ]  # fmt: skip
+    url = page.resolve().as_uri()
+    if screenshot is not None:
+        subprocess.run([*args, f"--screenshot={screenshot}", url], check=True, capture_output=True, timeout=120)
+    done = subprocess.run([*args, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+DEMO_YAML = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "demo.yaml"
+
+
+def quick_demo_yaml(folder: Path, *, epochs: int = 1, image_size: int = 28, dinov3_image_size: int = 32) -> Path:
+    """demo.yaml at test sizes, DINOv3 cell included: its DINOv2 cells at ``image_size`` (a multiple of 14), its
+    DINOv3 cell at ``dinov3_image_size`` (a multiple of 16), ``epochs`` epochs. A ``--set data.image_size`` cannot
+    do this: it sets one size for every cell."""
+    import yaml
+
+    spec = yaml.safe_load(DEMO_YAML.read_text())
+    spec["base"].update({"data.image_size": image_size, "train.epochs": epochs})
+    for cell in spec["baselines"]:
+        if str(cell.get("model.backbone", "")).endswith("dinov3"):
+            cell["data.image_size"] = dinov3_image_size
+    path = Path(folder) / "demo-quick.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def dinov2_demo(image_size: int = 28) -> list[str]:
+    """``--set`` flags that cut demo.yaml to its DINOv2 cells at ``image_size``: with the backbone and the image size
+    pinned, the DINOv3 cell becomes a copy of a DINOv2 cell, which the sweep runs once."""
+    return ["--set", "model.backbone=tiny", "--set", f"data.image_size={image_size}"]

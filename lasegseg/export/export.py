@@ -28,7 +28,7 @@ CHAMPION = "champion"
 METRICS_FILE = "metrics.json"
 MODEL_CARD = "MODEL_CARD.md"
 MEMBERS = "members"
-_CARD_METRICS = ("test_dice_mean", "test_iou_mean", "test_hd95_mean", "val_dice", "val_iou")
+_CARD_METRICS = ("test_dice_mean", "test_iou_mean", "test_nsd_mean", "test_hd95_mean", "val_dice", "val_iou")
 
 
 @dataclass
@@ -115,7 +115,8 @@ def select_best(
 # --------------------------------------------------------------------------------------------------- export
 
 
-def _download(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+def download_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Download one artifact (file or folder) of a run into ``dst``; LasegsegError naming the run when it cannot."""
     from mlflow.artifacts import download_artifacts
 
     try:
@@ -179,13 +180,13 @@ def export_best(
     try:
         with tempfile.TemporaryDirectory(prefix="lasegseg-export-") as dl:
             best = selection.best_run_id
-            model_dir = _download(tracking_uri, best, "model", Path(dl) / best)
+            model_dir = download_artifact(tracking_uri, best, "model", Path(dl) / best)
             meta = _copy_model(model_dir, tmp, best)
-            run_metrics = json.loads(_download(tracking_uri, best, METRICS_FILE, Path(dl) / best).read_text())
+            run_metrics = json.loads(download_artifact(tracking_uri, best, METRICS_FILE, Path(dl) / best).read_text())
             members = []
             if ensemble:
                 for row in selection.trials.itertuples(index=False):
-                    member_dir = _download(tracking_uri, row.run_id, "model", Path(dl) / row.run_id)
+                    member_dir = download_artifact(tracking_uri, row.run_id, "model", Path(dl) / row.run_id)
                     rel = f"{MEMBERS}/{_safe_name(row.run_name, row.run_id)}"
                     _copy_model(member_dir, tmp / rel, row.run_id)
                     members.append(rel)
@@ -200,6 +201,26 @@ def export_best(
         payload["registered"] = register_run(tracking_uri, register, selection)
     payload["export_seconds"] = time.perf_counter() - start
     return payload
+
+
+def best_run_card(tracking_uri: str, experiment: str, selection: Selection, dst: Path) -> str:
+    """The model card :func:`export_best` would write for ``selection``, read from the best run's ``metrics.json``
+    and ``model/config.json`` only (not its weights).
+
+    Args:
+        tracking_uri: the MLflow URI.
+        experiment: the sweep's experiment.
+        selection: :func:`select_best`.
+        dst: a scratch folder for the two downloads.
+    """
+    from lasegseg.train.checkpoint import CONFIG, read_model_config
+
+    best = selection.best_run_id
+    config_file = download_artifact(tracking_uri, best, f"model/{CONFIG}", Path(dst) / best)
+    meta = read_model_config(config_file.parent)
+    run_metrics = json.loads(download_artifact(tracking_uri, best, METRICS_FILE, Path(dst) / best).read_text())
+    payload = _metrics_payload(selection, tracking_uri, experiment, run_metrics, [])
+    return model_card(selection, meta["config"], payload)
 
 
 def _safe_name(run_name: Any, run_id: str) -> str:
@@ -248,6 +269,15 @@ def _fewshot_words(config: dict[str, Any]) -> str:
     if fraction < 1:
         return f"{fraction:g} of the training slices"
     return "all training patients"
+
+
+def _model_words(config: dict[str, Any]) -> str:
+    backbone = str(config.get("model.backbone", ""))
+    if backbone == "none":
+        return "a UNet segmenter (no foundation-model backbone)"
+    name = backbone.lower()
+    family = "DINOv3" if "dinov3" in name else "DINOv2" if "dinov2" in name or name == "tiny" else "ViT-backbone"
+    return f"{family} segmenters"
 
 
 def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, Any]) -> str:
@@ -299,8 +329,8 @@ def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, 
     lines += [
         "",
         "## Intended use",
-        "Research only: studying DINOv2 segmenters of the left atrium in MRI. **Not for clinical use**, diagnosis or",
-        "treatment decisions.",
+        f"Research only: studying {_model_words(config)} of the left atrium in MRI. **Not for clinical use**,",
+        "diagnosis or treatment decisions.",
         "",
         "## Limits",
         f"- Trained on {n_train if n_train is not None else sizes.get('train', '?')} patients of one dataset; "

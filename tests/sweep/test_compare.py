@@ -1,0 +1,335 @@
+"""Paired statistics between sweep cells: the numbers against SciPy/numpy, and end to end from a sqlite MLflow store."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from lasegseg import stats
+from lasegseg.cli import main
+from lasegseg.config import Config, config_hash, run_name
+from lasegseg.errors import LasegsegError
+from lasegseg.sweep.compare import (
+    compare,
+    compare_cells,
+    comparison_notes,
+    format_table,
+    patient_matrix,
+    pick_reference,
+)
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+REF = np.array([0.80, 0.75, 0.90, 0.60, 0.85, 0.70, 0.82, 0.78])
+CELL = np.array([0.84, 0.74, 0.95, 0.66, 0.85, 0.79, 0.88, 0.80])  # one tie (patient 5), one loss (patient 2)
+
+
+def test_paired_comparison_matches_scipy_and_numpy():
+    result = stats.paired_comparison(CELL, REF, resamples=5000, seed=7)
+    diff = CELL - REF
+    assert result.n_pairs == 8 and (result.wins, result.ties, result.losses) == (6, 1, 1)
+    assert result.median_diff == pytest.approx(np.median(diff))
+    untied = diff[np.abs(diff) > 1e-6]
+    assert result.p == pytest.approx(sps.wilcoxon(untied, alternative="two-sided").pvalue)
+    assert result.n_untied == 7 and result.small_sample is False
+    # The CI is reproducible with numpy alone from the documented draw.
+    idx = np.random.default_rng(7).integers(0, 8, size=(5000, 8))
+    low, high = np.percentile(np.median(diff[idx], axis=1), [2.5, 97.5])
+    assert (result.ci_low, result.ci_high) == pytest.approx((low, high))
+    assert result.ci_low <= result.median_diff <= result.ci_high
+    assert stats.paired_comparison(CELL, REF, resamples=5000, seed=7) == result  # same seed, same interval
+    # …and it is SciPy's percentile bootstrap, fed the same generator.
+    theirs = sps.bootstrap(
+        (diff,), np.median, n_resamples=5000, method="percentile", rng=np.random.default_rng(7), vectorized=True
+    ).confidence_interval
+    assert (result.ci_low, result.ci_high) == pytest.approx((theirs.low, theirs.high))
+
+
+def test_lower_is_better_flips_wins_not_the_difference():
+    result = stats.paired_comparison(CELL, REF, lower_is_better=True, resamples=100)
+    assert (result.wins, result.ties, result.losses) == (1, 1, 6)
+    assert result.median_diff > 0  # still cell − reference
+
+
+def test_complete_pairs_only_and_tie_tolerance():
+    cell = np.array([1.0, 2.0, np.nan, 4.0, np.inf])
+    ref = np.array([1.0 + 1e-9, 1.5, 3.0, np.nan, 5.0])
+    result = stats.paired_comparison(cell, ref, resamples=100)
+    assert result.n_pairs == 2 and (result.wins, result.ties, result.losses) == (1, 1, 0)
+    assert stats.paired_comparison(cell, ref, tie=0.6, resamples=100).ties == 2
+
+
+def test_all_zero_differences_give_p_one():
+    result = stats.paired_comparison(REF, REF.copy(), resamples=100)
+    assert result.p == 1.0 and result.ties == 8 and result.median_diff == 0.0
+    assert (result.ci_low, result.ci_high) == (0.0, 0.0) and result.small_sample
+    assert stats.wilcoxon_p(np.array([])) != stats.wilcoxon_p(np.array([]))  # NaN: nothing to test
+
+
+def test_small_samples_cannot_reach_significance():
+    diff = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    result = stats.paired_comparison(diff, np.zeros(5), resamples=100)
+    assert result.small_sample and result.p == pytest.approx(0.0625) == stats.wilcoxon_min_p(5)
+    assert not stats.paired_comparison(np.append(diff, 0.6), np.zeros(6), resamples=100).small_sample
+
+
+def test_holm_known_example_monotone_and_nan():
+    np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(stats.holm([0.5, 0.4]), [0.8, 0.8])  # monotone: never below a smaller raw p's
+    np.testing.assert_allclose(stats.holm([0.9, 0.8, np.nan]), [1.0, 1.0, np.nan])  # capped; NaN not counted
+    np.testing.assert_allclose(stats.holm([0.01, np.nan, 0.04]), [0.02, np.nan, 0.04])
+
+
+def test_kendall_tau_b_matches_scipy():
+    rng = np.random.default_rng(0)
+    x = np.array([1.0, 2.0, 2.0, 3.0, 0.5, 4.0])  # a tie in x
+    ys = rng.integers(0, 4, size=(50, 6)).astype(float)  # plenty of ties in y
+    expected = [sps.kendalltau(x, y).statistic for y in ys]
+    np.testing.assert_allclose(stats.kendall_tau_b(x, ys), expected)
+
+
+def test_rank_stability():
+    rng = np.random.default_rng(1)
+    clear = np.column_stack([rng.normal(m, 0.01, 20) for m in (0.9, 0.5, 0.1)])
+    rs = stats.rank_stability(clear, resamples=500, seed=3)
+    np.testing.assert_allclose(rs.p_first, [1.0, 0.0, 0.0])
+    assert rs.tau_mean == 1.0 and (rs.tau_low, rs.tau_high) == (1.0, 1.0)
+    assert stats.rank_stability(clear, lower_is_better=True, resamples=100).p_first[2] == 1.0
+    noisy = rng.normal(0.5, 0.2, size=(10, 4))
+    rs = stats.rank_stability(noisy, resamples=500, seed=3)
+    assert rs.p_first.sum() == pytest.approx(1.0) and -1 <= rs.tau_low < rs.tau_mean < rs.tau_high <= 1
+    one = stats.rank_stability(clear[:, :1], resamples=10)
+    assert one.p_first[0] == 1.0 and np.isnan(one.tau_mean)
+
+
+def _summary(cells: list[str], val: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"model.decoder": cells, "cell": cells, "n": 2, "val_dice_mean": val})
+
+
+def test_compare_cells_table_holm_and_notes():
+    rng = np.random.default_rng(2)
+    patients = [f"p{i}" for i in range(5)]  # fewer than 6: no comparison can reach p < 0.05
+    matrix = pd.DataFrame(
+        {"ref": REF[:5], "a": REF[:5] + rng.uniform(0.01, 0.05, 5), "b": REF[:5], "c": REF[:5] - 0.1}, index=patients
+    )
+    summary = _summary(["ref", "a", "b", "c"], [0.9, 0.8, 0.7, 0.6])
+    table = compare_cells(matrix, summary, "ref", metric="dice", resamples=1000, seed=0)
+    assert list(table["cell"]) == ["ref", "a", "b", "c"] and table["reference"].eq("ref").all()
+    assert table["p"].isna().iloc[0] and table.loc[table["cell"] == "b", "p"].item() == 1.0
+    np.testing.assert_allclose(table["p_holm"].iloc[1:], stats.holm(table["p"].iloc[1:]))
+    assert table.loc[table["cell"] == "a", ["wins", "ties", "losses"]].values.tolist() == [[5, 0, 0]]
+    assert table.loc[table["cell"] == "c", ["wins", "ties", "losses"]].values.tolist() == [[0, 0, 5]]
+    assert table["small_sample"].iloc[1:].all() and table["p_first"].sum() == pytest.approx(1.0)
+    notes = comparison_notes(table, "best mean validation Dice", resamples=1000, seed=0, tie=1e-6)
+    text = "\n".join(notes)
+    assert "fewer than 6 paired patients" in text and "0.0625" in text and "Holm" in text
+    assert "never on test" in text and "Δ > 0 favours the cell" in text and "Kendall τ" in text
+    printed = format_table(table, notes)
+    assert "reference" in printed and "5/0/0" in printed and "0.0625†" in printed
+
+    hd = compare_cells(matrix * 10, summary, "ref", metric="hd95", resamples=100)
+    assert hd.loc[hd["cell"] == "c", "wins"].item() == 5 and hd["lower_is_better"].all()
+    assert "Δ < 0 favours the cell" in "\n".join(comparison_notes(hd, resamples=100, seed=0, tie=1e-6))
+
+
+def test_pick_reference_choices():
+    summary = pd.DataFrame(
+        {
+            "model.backbone": ["tiny", "none", "tiny"],
+            "cell": ["aaaa1111", "bbbb2222", "aaab3333"],
+            "n": 2,
+            "val_dice_mean": [0.9, 0.8, 0.7],
+        }
+    )
+    trials = pd.DataFrame(
+        {"run_id": ["r1", "r2"], "run_name": ["linear·p2·s0", "unet·p2·s0"], "cell": ["aaab3333"] * 2}
+    )
+    assert pick_reference(summary, trials, "best")[0] == "aaaa1111"
+    assert pick_reference(summary, trials, "baseline") == ("bbbb2222", "the baseline (model.backbone=none)")
+    assert pick_reference(summary, trials, "bbbb")[0] == "bbbb2222"
+    assert pick_reference(summary, trials, "unet·p2·s0")[0] == "aaab3333"
+    with pytest.raises(LasegsegError, match="matches 2 cells"):
+        pick_reference(summary, trials, "aaa")
+    with pytest.raises(LasegsegError, match="zzz: not best, baseline"):
+        pick_reference(summary, trials, "zzz")
+    with pytest.raises(LasegsegError, match="exactly one cell with model.backbone=none"):
+        pick_reference(summary.assign(**{"model.backbone": "tiny"}), trials, "baseline")
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+
+EXPERIMENT = "cmp"
+N_PATIENTS = 8
+SEEDS = (0, 1)
+# (decoder, backbone): val Dice, per-patient test Dice offset. "multiscale" has the best test Dice but not the
+# best validation Dice: the reference must still be "linear".
+CELLS = {
+    ("linear", "tiny"): (0.90, 0.00),
+    ("multiscale", "tiny"): (0.85, 0.08),
+    ("conv", "tiny"): (0.80, -0.05),
+    ("unet", "none"): (0.70, -0.10),
+}
+
+
+def _log_trial(client, exp_id, parent_id, cfg, metrics, per_patient: pd.DataFrame | None, tmp, status="FINISHED"):
+    from mlflow.entities import Metric, Param
+
+    flat = cfg.to_flat()
+    tags = {"lasegseg.role": "trial", "mlflow.parentRunId": parent_id, "lasegseg.cell": config_hash(flat, ("seed",))}
+    run = client.create_run(exp_id, run_name=run_name(cfg), tags=tags)
+    now = int(time.time() * 1000)
+    final = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()], metrics=final)
+    if per_patient is not None:
+        path = tmp / run.info.run_id / "per_patient.csv"
+        path.parent.mkdir(parents=True)
+        per_patient.to_csv(path, index=False)
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sweep of 4 cells × 2 seeds on 8 test patients, a run without per_patient.csv and a FAILED run."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri(), tags=kind)
+    parent = client.create_run(exp_id, run_name="sweep", tags={"lasegseg.role": "sweep"}).info.run_id
+    rng = np.random.default_rng(0)
+    base_dice = rng.uniform(0.6, 0.85, N_PATIENTS)
+    cases = [f"la_{i:03d}" for i in range(N_PATIENTS)]
+    truth: dict[str, dict] = {}
+    base = Config().replace(**{"data.path": "/data/msd", "data.patients": 2})
+    for (decoder, backbone), (val, offset) in CELLS.items():
+        cfg0 = base.replace(**{"model.decoder": decoder, "model.backbone": backbone})
+        cell = config_hash(cfg0.to_flat(), exclude=("seed",))
+        per_seed = []
+        for seed in SEEDS:
+            dice = np.clip(base_dice + offset + rng.normal(0, 0.01, N_PATIENTS), 0, 1)
+            per_seed.append(dice)
+            table = pd.DataFrame(
+                {"case_id": cases, "split": "test", "dice": dice, "iou": dice / (2 - dice), "hd95": 10 * (1 - dice),
+                 "slice_dice": dice}
+            )  # fmt: skip
+            # A validation row must never enter the test comparison.
+            table = pd.concat([table, pd.DataFrame([{"case_id": "la_val", "split": "val", "dice": 0.0}])])
+            metrics = {"test_dice_mean": float(dice.mean()), "val_dice": val + 0.001 * seed}
+            _log_trial(client, exp_id, parent, cfg0.replace(seed=seed), metrics, table, root / "src")
+        truth[cell] = {"decoder": decoder, "dice": np.mean(per_seed, axis=0), "val": val}
+    # Finished but without its file (skipped with a warning), and a failed trial (never read).
+    linear = base.replace(**{"model.decoder": "linear", "model.backbone": "tiny", "seed": 2})
+    _log_trial(client, exp_id, parent, linear, {"val_dice": 0.9}, None, root / "src")
+    _log_trial(client, exp_id, parent, linear.replace(seed=3), {"val_dice": 0.9}, None, root / "src", "FAILED")
+    return {"uri": uri, "parent": parent, "truth": truth, "client": client}
+
+
+def _cell_of(truth, decoder):
+    return next(c for c, t in truth.items() if t["decoder"] == decoder)
+
+
+def test_compare_end_to_end(store, tmp_path, caplog):
+    truth, uri = store["truth"], store["uri"]
+    with caplog.at_level(logging.WARNING, logger="lasegseg.sweep.compare"):
+        table, notes = compare(uri, EXPERIMENT, tmp_path, parent_run_id=store["parent"], resamples=2000, seed=5)
+    assert "1 of 9 finished trial run(s) have no readable per_patient.csv" in caplog.text
+    ref = _cell_of(truth, "linear")
+    best_test = max(truth, key=lambda c: truth[c]["dice"].mean())
+    assert best_test == _cell_of(truth, "multiscale") != ref  # higher test Dice, lower validation Dice
+    assert table["reference"].eq(ref).all() and table["cell"].iloc[0] == ref
+    assert list(table["cell"]) == sorted(truth, key=lambda c: -truth[c]["val"])
+    for _, row in table.iloc[1:].iterrows():
+        expected = stats.paired_comparison(truth[row["cell"]]["dice"], truth[ref]["dice"], resamples=2000, seed=5)
+        assert row["n_pairs"] == N_PATIENTS and row["median_diff"] == pytest.approx(expected.median_diff)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.ci_low, expected.ci_high))
+        assert row["p"] == pytest.approx(expected.p) and row["mean"] == pytest.approx(truth[row["cell"]]["dice"].mean())
+        assert row["model.backbone"] == ("none" if truth[row["cell"]]["decoder"] == "unet" else "tiny")
+    np.testing.assert_allclose(table["p_holm"].iloc[1:], stats.holm(table["p"].iloc[1:]))
+    assert table.set_index("cell").loc[best_test, "wins"] == N_PATIENTS
+    assert table.set_index("cell").loc[best_test, "p_first"] == 1.0
+    assert any("left out" in n for n in notes) and not table["small_sample"].iloc[1:].any()
+
+    back = pd.read_parquet(tmp_path / "comparison.parquet")
+    pd.testing.assert_frame_equal(back, table)
+    md = (tmp_path / "comparison.md").read_text()
+    assert md.count("\n|") == 2 + len(CELLS) and "never on test" in md and "Holm" in md
+    logged = {a.path for a in store["client"].list_artifacts(store["parent"], "summary")}
+    assert {"summary/comparison.parquet", "summary/comparison.md"} <= logged
+
+
+def test_reference_choices_and_hd95_end_to_end(store, tmp_path):
+    truth = store["truth"]
+    table, notes = compare(
+        store["uri"], EXPERIMENT, tmp_path, store["parent"], metric="hd95", against="baseline", resamples=200,
+        log_to_parent=False,
+    )  # fmt: skip
+    assert table["reference"].iloc[0] == _cell_of(truth, "unet") and table["lower_is_better"].all()
+    assert (table["wins"].iloc[1:] == N_PATIENTS).all()  # every DINOv2 cell has the lower HD95 everywhere
+    assert (tmp_path / "comparison_hd95.parquet").is_file() and not (tmp_path / "comparison.parquet").exists()
+    assert "Δ < 0 favours the cell" in "\n".join(notes)
+
+
+def test_missing_metric_column_is_a_clear_error(store, tmp_path):
+    with pytest.raises(LasegsegError, match=r"no 'nsd' column \(runs from before nsd was recorded\?\).*dice, hd95"):
+        compare(store["uri"], EXPERIMENT, tmp_path, store["parent"], metric="nsd", resamples=10, log_to_parent=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_compare_prints_every_cell(store, tmp_path, capsys):
+    args = ["compare", "--experiment", EXPERIMENT, "--tracking-uri", store["uri"], "--parent", store["parent"]]
+    assert main([*args, "--out", str(tmp_path), "--resamples", "500", "--seed", "1", "--no-log"]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_parquet(tmp_path / "comparison.parquet")
+    lines = out.splitlines()
+    for _, row in table.iloc[1:].iterrows():
+        line = next(x for x in lines if row["cell"][:8] in x)
+        ci = f"{row['median_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        assert ci in line and f"{row['wins']}/{row['ties']}/{row['losses']}" in line
+        for p in (row["p"], row["p_holm"]):
+            assert ("<0.0001" if p < 0.0001 else f"{p:.4f}") in line
+    assert "reference" in next(x for x in lines if table["cell"].iloc[0][:8] in x)
+    assert "Kendall τ" in out and f"comparison: {tmp_path}" in out
+
+    assert main([*args, "--metric", "nsd", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no 'nsd' column" in err and "Traceback" not in err
+
+
+def test_patient_matrix_averages_seeds_on_the_test_split():
+    trials = pd.DataFrame({"run_id": ["r0", "r1", "r2"], "cell": ["a", "a", "b"]})
+    tables = {
+        "r0": pd.DataFrame({"case_id": ["x", "y", "v"], "split": ["test", "test", "val"], "hd95": [1.0, np.inf, 0.0]}),
+        "r1": pd.DataFrame({"case_id": ["x", "y"], "split": ["test", "test"], "hd95": [3.0, 4.0]}),
+        "r2": pd.DataFrame({"case_id": ["x"], "split": ["test"], "dice": [0.5]}),  # from before hd95 was recorded
+    }
+    matrix, counts = patient_matrix(trials, tables, "hd95")
+    assert matrix.to_dict() == {"a": {"x": 2.0, "y": 4.0}}
+    assert counts == {"without_metric": 1, "non_finite": 1}
+
+
+def test_statistics_import_no_tracking_or_ray():
+    code = "import sys, lasegseg.stats, lasegseg.sweep.compare; print(sorted({'mlflow', 'ray'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sweep_hook_prints_the_table_and_never_raises(store, tmp_path, capsys):
+    from lasegseg.sweep.runner import _compare
+
+    _compare(store["uri"], EXPERIMENT, tmp_path, store["parent"])
+    out = capsys.readouterr().out
+    assert "Δ median [95% CI]" in out and (tmp_path / "comparison.md").is_file()
+    _compare(store["uri"], "nope", tmp_path / "x", store["parent"])
+    captured = capsys.readouterr()
+    assert captured.err == "comparison: experiment 'nope' not found at " + store["uri"] + "\n" and not captured.out
