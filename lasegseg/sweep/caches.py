@@ -1,13 +1,13 @@
 """A sweep's caches, built where the trials run: one Ray task per node, with a frozen trial's resources.
 
 The slice cache and the frozen-backbone feature caches live in each node's own cache folder (``$LASEGSEG_CACHE`` on
-that node). Before the trials, the driver sends every node that can run a frozen trial one task that asks for
-that trial's CPUs and GPU share, so the backbone runs on the accelerator and in the precision the trials read,
-never on the driver (a cluster's head has no GPU). The task opens or builds the node's slice cache, then builds
-each frozen backbone's features under the cache's file lock, storing only the levels that backbone's frozen
-trials read (the union over their decoders): a node builds each at most once, and a trial that lands on a node
-added later builds its own levels the same way. On a GPU the task's worker exits afterwards, so the
-backbone's memory goes back to the trials.
+that node). Before the trials, the driver sends every node that can run a frozen trial one task that asks for that
+trial's CPUs and GPU share, so the backbone runs on the accelerator and in the precision the trials read, never on
+the driver (a cluster's head has no GPU). The task opens or builds the node's slice caches (one per image size),
+then builds each frozen backbone's features under the cache's file lock, storing only the levels that backbone's
+frozen trials read (the union over their decoders): a node builds each at most once, and a trial that lands on a
+node added later builds its own levels the same way. On a GPU the task's worker exits afterwards, so the backbone's
+memory goes back to the trials.
 
 Building on every node beats fetching from shared storage here: a ViT-L/g feature cache of a full dataset is tens
 of GB, which takes longer to download than the GPU takes to compute it (minutes), and the slice cache is rebuilt
@@ -21,6 +21,35 @@ import time
 from typing import Any
 
 log = logging.getLogger("lasegseg.sweep")
+
+
+def preprocessing_key(flat: dict[str, Any]) -> str:
+    """The identity of a trial's slice cache within a sweep: its preprocessing (image size and clipping)."""
+    import json
+
+    from lasegseg.data.preprocess import Preprocessing
+
+    return json.dumps(Preprocessing.from_flat(flat).as_dict(), sort_keys=True)
+
+
+def open_slice_caches(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """One slice cache per distinct preprocessing of ``trials``, built on first use: ``{preprocessing key: cache}``.
+
+    A sweep may mix image sizes (a grid over ``data.image_size``, or DINOv2 and DINOv3 cells at multiples of their
+    own patch sizes); every trial then reads the cache of its own size, each built once.
+
+    Args:
+        trials: flat trial configs of one dataset.
+    """
+    from lasegseg.config import from_flat
+    from lasegseg.data.cache import open_cache
+
+    caches: dict[str, Any] = {}
+    for flat in trials:
+        key = preprocessing_key(flat)
+        if key not in caches:
+            caches[key] = open_cache(from_flat(flat))
+    return caches
 
 
 def frozen_feature_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,12 +79,16 @@ def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...
 
     where = placement()
     t0 = time.perf_counter()
-    built: dict[str, Any] = {}
-    cache = open_cache(from_flat(flats[0]), built)
-    out = {**where, "paths": {}, "built": [], "slice_cache_built": bool(built.get("built"))}
+    caches: dict[str, Any] = {}
+    out = {**where, "paths": {}, "built": [], "slice_cache_built": False}
     for flat in flats:
+        key = preprocessing_key(flat)
+        if key not in caches:
+            built: dict[str, Any] = {}
+            caches[key] = open_cache(from_flat(flat), built)
+            out["slice_cache_built"] |= bool(built.get("built"))
         slot, built = feature_slot(flat), {}
-        feats = build_slot_features(flat, readers[slot], cache, device=where["device"], stats=built)
+        feats = build_slot_features(flat, readers[slot], caches[key], device=where["device"], stats=built)
         out["paths"][slot] = str(feats.path)
         if built.get("built"):
             out["built"].append(slot)

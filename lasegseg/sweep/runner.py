@@ -281,16 +281,39 @@ def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
     except LasegsegError as exc:
         print(f"aggregation: {exc}", file=sys.stderr)
         summary = None
+    if summary is not None:
+        _compare(uri, plan.name, plan.sweep_dir, parent)
     tracking.client(uri).set_terminated(parent, "FINISHED" if summary is not None else "FAILED")
     _save_state(plan, {**state, "status": "finished"})
     _push_files(plan)
     shown = tracking.display_uri(uri)
     print(f"results: {plan.root.uri}  (MLflow: {shown}, experiment '{plan.name}', parent run {parent})")
     print(ui_hint(shown, state["experiment_id"]))
+    if summary is not None:
+        print(f"study report (one HTML page): lasegseg report --experiment {plan.name} --tracking-uri {shown}")
     if failed:
         print(f"{len(failed)} trial(s) failed: " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0 if summary is not None else 1
+
+
+def _compare(uri: str, experiment: str, out_dir: Path, parent: str) -> None:
+    """Per-patient Dice of every cell against the best (on validation), into the sweep folder and parent run.
+
+    An extra on top of the summary: any failure is one line on stderr and never fails the sweep or keeps the
+    parent run from being closed.
+    """
+    from lasegseg.errors import first_line
+    from lasegseg.sweep.compare import compare, format_table
+
+    try:
+        comparison, notes = compare(uri, experiment, out_dir, parent_run_id=parent)
+        print(format_table(comparison, notes))
+    except LasegsegError as exc:
+        print(f"comparison: {exc}", file=sys.stderr)
+    except Exception as exc:  # a bug here must not cost the finished sweep its FINISHED parent run
+        log.debug("comparison failed", exc_info=True)
+        print(f"comparison: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
 
 
 def ui_hint(tracking_uri: str, experiment_id: str) -> str:
@@ -323,11 +346,9 @@ def run(args: argparse.Namespace) -> int:
     """Check the sweep, its storage, tracking store and cluster, build the caches on the nodes, run the stages on
     Ray Tune and aggregate the results. Returns 0 when every trial finished and the summary was written, else 1.
     """
-    from lasegseg.config import from_flat
-    from lasegseg.data.cache import open_cache
     from lasegseg.paths import default_tracking_uri
     from lasegseg.sweep import tracking
-    from lasegseg.sweep.caches import build_node_caches
+    from lasegseg.sweep.caches import build_node_caches, open_slice_caches
     from lasegseg.sweep.tune_runner import run_stages
     from lasegseg.train.features import slot_readers
 
@@ -346,8 +367,10 @@ def run(args: argparse.Namespace) -> int:
     warming = _warm_tracking(tracking_uri)
     _start_ray(plan, tracking_uri)
     _check_cluster(plan, tracking_uri)
-    # Decode once, driver side, for the case list; trials memory-map their node's copy instead of reading NIfTI.
-    cache = open_cache(from_flat(plan.trials[0]))
+    # Decode once, driver side (once per image size), for the case list; trials memory-map their node's copy
+    # instead of reading NIfTI.
+    caches = open_slice_caches(plan.trials)
+    cache = next(iter(caches.values()))  # every cache holds the same cases
     _check_pool(plan.trials, cache)
     # Frozen backbones: one pass over every slice per node, by a task with the trials' accelerator share.
     feature_paths = build_node_caches(plan.trials, plan.spec.resources, joined=bool(os.environ.get("RAY_ADDRESS")))
@@ -358,8 +381,9 @@ def run(args: argparse.Namespace) -> int:
     state = _open_parent_run(args, plan, tracking_uri, state, pseudonymize)
     _save_state(plan, state)
     ctx = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
-           "cache_path": str(cache.path), "threads": max(1, int(plan.spec.resources.cpus_per_trial)),
-           "feature_paths": feature_paths, "feature_readers": slot_readers(plan.trials),
+           "cache_paths": {k: str(c.path) for k, c in caches.items()},
+           "threads": max(1, int(plan.spec.resources.cpus_per_trial)), "feature_paths": feature_paths,
+           "feature_readers": slot_readers(plan.trials),
            "storage": plan.root}  # fmt: skip
     if salt is not None:
         ctx |= {"pseudonym_salt": salt.decode("utf-8"), "case_ids": list(cache.cases)}

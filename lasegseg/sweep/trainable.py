@@ -28,12 +28,14 @@ def _remove_orphaned_scratch() -> None:
 
 
 def _open_shared_cache(ctx: dict[str, Any], cfg, stats: dict[str, Any]):
-    """The slice cache in this node's own cache folder: the driver's, memory-mapped, when this node shares its
-    folder (one machine), else the node's own copy, built there once under the cache's lock (``stats["built"]``)."""
+    """The slice cache of this trial's preprocessing in this node's own cache folder: the driver's, memory-mapped,
+    when this node shares its folder (one machine), else the node's own copy, built there once under the cache's
+    lock (``stats["built"]``)."""
     from lasegseg.data.cache import SliceCache, open_cache
     from lasegseg.paths import cache_root
+    from lasegseg.sweep.caches import preprocessing_key
 
-    path = ctx.get("cache_path")
+    path = (ctx.get("cache_paths") or {}).get(preprocessing_key(cfg.to_flat()))
     if path and Path(path).is_dir() and Path(path).resolve().is_relative_to(cache_root(cfg.data.cache_dir).resolve()):
         # The driver verified the content hashes when it built or opened the cache; a size check suffices here.
         return SliceCache.open(Path(path), verify="size")
@@ -173,7 +175,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     Args:
         config: ``{"trial": flat config}`` (grid stage) plus ``"optim.lr"`` when Optuna samples the rate.
-        ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_path, feature_paths,
+        ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_paths, feature_paths,
             threads.
     """
     # Before this trial's own imports: was the process warm when the trial came? And where does it run?

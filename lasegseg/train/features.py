@@ -477,9 +477,11 @@ def levels_read(decoders: Iterable[str], num_levels: int) -> tuple[int, ...]:
 
 
 def feature_slot(flat: dict[str, Any]) -> str:
-    """Which feature cache of a sweep a trial reads: backbone, registers and precision setting (the sweep's trials
-    share one slice cache)."""
-    return f"{flat['model.backbone']}|{flat.get('model.registers', False)}|{flat.get('train.amp', 'auto')}"
+    """Which feature cache of a sweep a trial reads: backbone, registers, precision setting and the preprocessing
+    of the slices it encodes (a sweep may mix image sizes)."""
+    keys = ("data.image_size", "data.clip_low", "data.clip_high")
+    prep = "|".join(str(flat[k]) for k in keys if k in flat)
+    return f"{flat['model.backbone']}|{flat.get('model.registers', False)}|{flat.get('train.amp', 'auto')}|{prep}"
 
 
 def uses_feature_cache(flat: dict[str, Any]) -> bool:

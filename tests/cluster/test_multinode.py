@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import ROOT, LocalCluster, trial_runs
+from tests.helpers import dinov2_demo
 
 pytestmark = pytest.mark.cluster
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
 # The demo sweep cut to 4 trials: linear × {frozen, finetune} × {2, 4} patients, seed 0, tiny slices.
-DEMO = ["--config", "sweeps/configs/demo.yaml", "--set", "train.epochs=2", "--set", "data.image_size=28",
+DEMO = ["--config", "sweeps/configs/demo.yaml", "--set", "train.epochs=2", *dinov2_demo(28),
         "--set", "model.decoder=linear", "--set", "seed=0"]  # fmt: skip
 ABS_DEMO = [str(ROOT / a) if a.endswith(".yaml") else a for a in DEMO]  # for drivers started elsewhere
 PASSWORD = "pw-" + secrets.token_urlsafe(16)
@@ -122,8 +123,8 @@ def test_more_gpus_per_trial_than_any_node_has_is_refused_within_seconds(three, 
 
 def _sweep(three, tmp_path, s3, name: str, *args: str) -> subprocess.Popen:
     """A sweep driver on this machine, joined to the cluster, storing to the bucket."""
-    cmd = [sys.executable, str(FEWSHOT), "--config", str(ROOT / "sweeps/configs/demo.yaml"), "--set",
-           "model.decoder=linear", "--set", "model.mode=finetune", "--set", "seed=0", "--experiment", name,
+    cmd = [sys.executable, str(FEWSHOT), "--config", str(ROOT / "sweeps/configs/demo.yaml"), *dinov2_demo(56),
+           "--set", "model.decoder=linear", "--set", "model.mode=finetune", "--set", "seed=0", "--experiment", name,
            "--storage-path", f"s3://{s3.bucket}/runs", "--gpus-per-trial", "1", *args]  # fmt: skip
     env = three.driver_env(LASEGSEG_STORAGE_RETRY_SECONDS="180")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -183,7 +184,7 @@ def test_a_killed_driver_resumes_from_the_bucket_alone(three, servers, tmp_path)
     import signal
 
     s3, mlflow = servers
-    args = ["--set", "train.epochs=3", "--set", "data.image_size=28", "--set", "model.mode=frozen", "--set",
+    args = ["--set", "train.epochs=3", *dinov2_demo(28), "--set", "model.mode=frozen", "--set",
             "seed=0", "--config", str(ROOT / "sweeps/configs/demo.yaml"), "--max-concurrent", "1"]  # fmt: skip
     cmd = [sys.executable, str(FEWSHOT), *args, "--set", "model.decoder=linear", "--experiment", "resumed",
            "--storage-path", f"s3://{s3.bucket}/runs", "--gpus-per-trial", "1"]  # fmt: skip

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from lasegseg.train.metrics import dice_iou
+from tests.helpers import dinov2_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 FOUR_FILES = ["MODEL_CARD.md", "config.json", "metrics.json", "model.safetensors"]
@@ -45,7 +46,7 @@ def exported(phantom_dir, tmp_path_factory):
     sweep = [
         sys.executable, str(ROOT / "sweeps" / "fewshot.py"), "--config", str(ROOT / "sweeps" / "configs" / "demo.yaml"),
         "--data", str(phantom_dir), "--tracking-uri", uri, "--storage-path", str(tmp / "runs"),
-        "--set", "train.epochs=5", "--set", "data.image_size=28", "--set", "model.decoder=multiscale",
+        "--set", "train.epochs=5", *dinov2_demo(28), "--set", "model.decoder=multiscale",
         "--set", "data.patients=4",
     ]  # fmt: skip
     proc = subprocess.run(sweep, env=_env(), capture_output=True, text=True, timeout=900)

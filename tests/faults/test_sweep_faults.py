@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import sweep_env, sweep_runs
+from tests.helpers import dinov2_demo, sweep_env, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
@@ -113,7 +113,7 @@ def test_killed_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
     cmd = [
         sys.executable, str(FEWSHOT), "--config", str(ROOT / "sweeps" / "configs" / "demo.yaml"), "--data",
         str(phantom_dir), "--tracking-uri", uri, "--storage-path", str(tmp_path / "runs"), "--set", "train.epochs=2",
-        "--set", "data.image_size=28", "--set", "seed=0", "--max-concurrent", "1",
+        *dinov2_demo(28), "--set", "seed=0", "--max-concurrent", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from lasegseg.config import Config
-from lasegseg.sweep.caches import build_on_node, frozen_feature_trials
+from lasegseg.sweep.caches import build_on_node, frozen_feature_trials, open_slice_caches, preprocessing_key
 from lasegseg.train.features import feature_slot, slot_readers
 
 
@@ -39,3 +39,15 @@ def test_node_task_builds_the_union_of_levels_once(phantom_dir, tmp_path, monkey
     shutil.rmtree(path)
     third = build_on_node(frozen_feature_trials(linear_only), slot_readers(linear_only))
     assert third["built"] == [] and third["paths"][slot] == str(wide)
+
+
+def test_a_sweep_over_image_sizes_gets_one_slice_cache_and_feature_slot_per_size(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    trials = _trials(phantom_dir, ("linear",))[:1]
+    trials += [{**trials[0], "seed": 1}, {**trials[0], "data.image_size": 28}]
+    caches = open_slice_caches(trials)
+    assert sorted(c.image_size for c in caches.values()) == [28, 42]
+    assert caches[preprocessing_key(trials[2])].image_size == 28
+    assert feature_slot(trials[0]) == feature_slot(trials[1]) != feature_slot(trials[2])
+    out = build_on_node(frozen_feature_trials(trials), slot_readers(trials))
+    assert sorted(out["built"]) == sorted({feature_slot(t) for t in trials})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import sweep_env, sweep_runs
+from tests.helpers import quick_demo_yaml, sweep_env, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
@@ -20,10 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def _sweep_cmd(data: Path, storage: Path, uri: str, *extra: str) -> list[str]:
+    """The demo sweep (its DINOv3 cell included, at its own image size), 1 epoch on small slices."""
+    storage.parent.mkdir(parents=True, exist_ok=True)
     return [
-        sys.executable, str(FEWSHOT), "--config", str(ROOT / "sweeps" / "configs" / "demo.yaml"),
-        "--data", str(data), "--tracking-uri", uri, "--storage-path", str(storage),
-        "--set", "train.epochs=1", "--set", "data.image_size=28", *extra,
+        sys.executable, str(FEWSHOT), "--config", str(quick_demo_yaml(storage.parent)),
+        "--data", str(data), "--tracking-uri", uri, "--storage-path", str(storage), *extra,
     ]  # fmt: skip
 
 
@@ -46,11 +47,13 @@ def test_demo_sweep_logs_one_parent_and_every_trial(demo_sweep):
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     assert len(parents) == 1
     parent = parents[0]
-    assert len(trials) == 16  # 2 decoders × 2 modes × 2 patient counts × 2 seeds
+    assert len(trials) == 20  # (2 decoders × 2 modes + the DINOv3 cell) × 2 patient counts × 2 seeds
     assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     assert all(t.info.status == "FINISHED" for t in trials)
+    sizes = {(t.data.params["model.backbone"], t.data.params["data.image_size"]) for t in trials}
+    assert sizes == {("tiny", "28"), ("tiny-dinov3", "32")}  # one sweep, two image sizes, two slice caches
     for t in trials:
-        assert "test_dice_mean" in t.data.metrics and "best_val_dice" in t.data.metrics
+        assert {"test_dice_mean", "test_nsd_mean", "best_val_dice"} <= set(t.data.metrics)
         assert t.data.params["model.decoder"] in ("linear", "multiscale")
         assert t.data.params["train.epochs"] == "1"
         assert "·s" in t.info.run_name
@@ -58,7 +61,7 @@ def test_demo_sweep_logs_one_parent_and_every_trial(demo_sweep):
         assert {"model", "metrics.json", "per_patient.csv", "overlays.png"} <= artifacts
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "train_loss")]
         assert steps == [0]
-    assert len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 16
+    assert len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 20
 
 
 def test_trials_run_on_the_warm_workers_the_cluster_started(demo_sweep):
@@ -68,13 +71,15 @@ def test_trials_run_on_the_warm_workers_the_cluster_started(demo_sweep):
     sweep_dir = tmp / "runs" / "lasegseg-demo"
     with open(sweep_dir / "trial_timings.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 16
+    assert len(rows) == 20
     assert all(r["worker_prewarmed"] == "true" for r in rows)
     assert all(0 < float(r["worker_started_at"]) < float(r["tune_started_at"]) for r in rows)
     assert len({r["worker_pid"] for r in rows}) == 2
-    # One machine, one frozen backbone: its features are computed at most once (by the first frozen trial, under the
-    # lock; not at all when an earlier sweep over the same phantom left them in the cache).
-    assert sum(r["features_built"] == "true" for r in rows) <= 1
+    # One machine, two frozen backbones (tiny at 28 px, tiny-dinov3 at 32 px): each one's features are computed at
+    # most once (by its first frozen trial, under the lock; not at all when an earlier sweep over the same phantom
+    # left them in the cache).
+    built = [r["run_name"] for r in rows if r["features_built"] == "true"]
+    assert len(built) <= 2 and len({name.split("·")[0] for name in built}) == len(built), built
 
 
 def test_finished_trials_keep_no_training_state(demo_sweep):
@@ -83,7 +88,7 @@ def test_finished_trials_keep_no_training_state(demo_sweep):
     tmp, uri, proc = demo_sweep
     client, exp, parents, trials = sweep_runs(uri, "lasegseg-demo")
     kept = sorted((tmp / "runs" / "lasegseg-demo" / "tune").glob("*/trial_*/checkpoint_*"))
-    assert len(kept) == 16
+    assert len(kept) == 20
     assert {sorted(p.name for p in c.iterdir()) == ["mlflow_run.json"] for c in kept} == {True}
     assert {json.loads((c / "mlflow_run.json").read_text())["run_id"] for c in kept} == {t.info.run_id for t in trials}
 
@@ -106,9 +111,15 @@ def test_demo_sweep_summary_has_one_row_per_cell(demo_sweep):
     tmp, uri, proc = demo_sweep
     sweep_dir = tmp / "runs" / "lasegseg-demo"
     summary = pd.read_parquet(sweep_dir / "summary.parquet")
-    assert len(summary) == 8
+    assert len(summary) == 10
     assert set(summary["n"]) == {2}
-    for col in ("test_dice_mean_mean", "test_dice_mean_std", "test_iou_mean_mean", "val_dice_mean"):
+    for col in (
+        "test_dice_mean_mean",
+        "test_dice_mean_std",
+        "test_iou_mean_mean",
+        "test_nsd_mean_mean",
+        "val_dice_mean",
+    ):
         assert col in summary.columns
     assert (sweep_dir / "summary.csv").is_file() and (sweep_dir / "summary.md").is_file()
     plots = list(sweep_dir.glob("fewshot_patients_*.png"))
@@ -123,6 +134,44 @@ def test_aggregate_command_rebuilds_the_summary_from_mlflow_alone(demo_sweep, tm
     ours = pd.read_parquet(tmp_path / "summary.parquet").sort_values("cell").reset_index(drop=True)
     theirs = pd.read_parquet(tmp / "runs" / "lasegseg-demo" / "summary.parquet").sort_values("cell")
     pd.testing.assert_frame_equal(ours, theirs.reset_index(drop=True))
+
+
+def test_sweep_prints_and_logs_the_paired_comparison(demo_sweep):
+    tmp, uri, proc = demo_sweep
+    sweep_dir = tmp / "runs" / "lasegseg-demo"
+    comparison = pd.read_parquet(sweep_dir / "comparison.parquet")
+    assert len(comparison) == 10 and comparison["n_pairs"].isna().sum() == 1  # the reference, then 9 cells
+    assert "tiny-dinov3" in set(comparison["model.backbone"])
+    assert "Δ median [95% CI]" in proc.stdout and "p Holm" in proc.stdout and "W/T/L" in proc.stdout
+    # The comparison follows the summary in the sweep's output.
+    assert proc.stdout.index("Dice mean ± std") < proc.stdout.index("Δ median [95% CI]")
+    client, _, parents, _ = sweep_runs(uri, "lasegseg-demo")
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
+    assert {"summary/comparison.parquet", "summary/comparison.md"} <= logged
+
+
+def test_report_page_of_the_demo_sweep_renders_in_chromium(demo_sweep, tmp_path):
+    import matplotlib.image as mpimg
+
+    from lasegseg.cli import main
+    from tests.helpers import headless_chromium
+
+    tmp, uri, proc = demo_sweep
+    page = tmp_path / "report.html"
+    assert main(["report", "--experiment", "lasegseg-demo", "--tracking-uri", uri, "--out", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "Paired comparison" in text and "Best model (chosen on validation)" in text and 'id="notes"' not in text
+    client, _, parents, _ = sweep_runs(uri, "lasegseg-demo")
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    shot = tmp_path / "report.png"
+    dom = headless_chromium(page, tmp_path, screenshot=shot)
+    for table in ("summary-table", "comparison-table"):
+        assert f'id="{table}"' in dom
+    # Two few-shot curves, the per-patient dots and the best run's overlays, all embedded.
+    assert dom.count('src="data:image/png;base64,') >= 4
+    image = mpimg.imread(shot)[..., :3]
+    non_white = (image < 0.9).any(axis=-1).mean()
+    assert image.std() > 0.05 and non_white > 0.03, (image.std(), non_white)
 
 
 @pytest.mark.parametrize(
