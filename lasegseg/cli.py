@@ -87,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{results['run_name']}: val Dice {results['val_dice']:.4f} (epoch {results['best_epoch'] + 1}); "
         f"test Dice {results['test_dice_mean']:.4f} ± {results['test_dice_std']:.4f}, "
         f"IoU {results['test_iou_mean']:.4f} ± {results['test_iou_std']:.4f}, "
+        f"NSD@{cfg.eval.nsd_tolerance_mm:g}mm {results['test_nsd_mean']:.4f} ± {results['test_nsd_std']:.4f}, "
         f"HD95 {results['test_hd95_mean']:.2f} mm → {out}"
     )
     return 0
