@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="dice", help="per-patient test metric: dice (default), iou, nsd or hd95")
     p.add_argument(
         "--against", default="best", metavar="best|baseline|CELL",
-        help="reference: best validation Dice (default), the backbone=none baseline, a cell hash (prefix) or run name",
+        help="reference: best validation Dice (default), the backbone=none baseline (per few-shot size when there is "
+        "one per size), a cell hash (prefix) or run name",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--resamples", type=_positive_int, default=10_000, help="bootstrap resamples (default 10000)")

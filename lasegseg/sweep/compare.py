@@ -32,6 +32,8 @@ LOWER_IS_BETTER = frozenset({"hd95", "hd", "assd", "masd"})
 """Distances: a lower value is better, so a win is a negative difference."""
 AGAINST = ("best", "baseline")
 BASELINE_BACKBONE = "none"
+FEWSHOT_KEYS = ("data.patients", "data.fraction")
+"""What a few-shot size is: a sweep's baselines are trained at each one, and each cell is compared with its own."""
 _WORKERS = 8
 _NON_METRIC_COLUMNS = ("case_id", "split")
 
@@ -174,6 +176,35 @@ def pick_reference(summary: pd.DataFrame, trials: pd.DataFrame, against: str = "
     )
 
 
+def baseline_groups(summary: pd.DataFrame) -> list[tuple[str, list[str]]] | None:
+    """``[(baseline cell, the cells compared with it)]``, one per few-shot size, when a sweep has one UNet baseline
+    cell per few-shot size (as ``baselines:`` crossed with ``fewshot:`` gives); None when it has at most one.
+
+    A cell is compared with the baseline trained on the same few-shot subset (same ``data.patients`` and
+    ``data.fraction``): against a baseline that saw more or fewer patients, a difference would mix the two effects.
+
+    Raises:
+        LasegsegError: two baseline cells share a few-shot size (e.g. baselines at two learning rates).
+    """
+    if "model.backbone" not in summary.columns:
+        return None
+    is_base = summary["model.backbone"] == BASELINE_BACKBONE
+    if is_base.sum() <= 1:
+        return None
+    keys = [k for k in FEWSHOT_KEYS if k in summary.columns]
+    groups = []
+    for _, cells in summary.groupby(keys, dropna=False, sort=False) if keys else [(None, summary)]:
+        bases = cells[cells["model.backbone"] == BASELINE_BACKBONE]
+        if len(bases) > 1:
+            raise LasegsegError(
+                f"--against baseline: {len(bases)} baseline cells share a few-shot size ({', '.join(bases['cell'])}); "
+                "pass --against CELL"
+            )
+        if len(bases) == 1:
+            groups.append((bases["cell"].iloc[0], list(cells["cell"])))
+    return groups
+
+
 # --------------------------------------------------------------------------------------------------- comparing
 
 
@@ -251,6 +282,29 @@ def compare_cells(
     return out
 
 
+def compare_groups(
+    matrix: pd.DataFrame, summary: pd.DataFrame, groups: list[tuple[str, list[str]]], **kwargs: Any
+) -> pd.DataFrame:
+    """:func:`compare_cells` for each ``(reference, cells)`` group, one table; Holm runs over every comparison of
+    every group, while ``P(first)`` stays within a group.
+
+    Args:
+        matrix: patients × cells (:func:`patient_matrix`).
+        summary: the summary of all cells.
+        groups: from :func:`baseline_groups`, or one group holding every cell.
+        kwargs: ``metric``, ``resamples``, ``seed``, ``tie`` of :func:`compare_cells`.
+    """
+    tables = [compare_cells(matrix, summary[summary["cell"].isin(cells)], ref, **kwargs) for ref, cells in groups]
+    if len(tables) == 1:
+        return tables[0]
+    for part in tables:
+        part.attrs = {}  # pandas compares the parts' attrs on concat; each part's rank stability is its own
+    table = pd.concat(tables, ignore_index=True)
+    table["p_holm"] = stats.holm(table["p"].to_numpy(float))
+    table.attrs.update(rank_stability=None, grouped=True)
+    return table
+
+
 # --------------------------------------------------------------------------------------------------- tables
 
 
@@ -310,10 +364,16 @@ def comparison_notes(comparison: pd.DataFrame, reason: str = "", *, resamples: i
     """
     metric, ref = comparison["metric"].iloc[0], comparison["reference"].iloc[0]
     lower = bool(comparison["lower_is_better"].iloc[0])
-    notes = [
-        f"Reference: cell {ref}, {reason or 'as chosen'}. The reference is picked on validation, never on test; "
-        "its test values are what the other cells are compared with."
-    ]
+    if comparison["reference"].nunique() > 1:
+        notes = [
+            f"Reference: {reason} ({comparison['reference'].nunique()} cells, each listed first in its group as "
+            "'ref'). A cell is compared only with the baseline of its own few-shot size."
+        ]
+    else:
+        notes = [
+            f"Reference: cell {ref}, {reason or 'as chosen'}. The reference is picked on validation (or named), "
+            "never on test; its test values are what the other cells are compared with."
+        ]
     better = "lower is better, so Δ < 0 favours the cell" if lower else "higher is better, so Δ > 0 favours the cell"
     notes.append(
         f"Δ = cell − reference in per-patient test {metric} (seeds averaged within each patient), paired over the "
@@ -343,6 +403,9 @@ def comparison_notes(comparison: pd.DataFrame, reason: str = "", *, resamples: i
         )
     elif rs is not None:
         notes.append("Rank stability: not computed (fewer than two cells, or no patient that every cell has).")
+    elif comparison.attrs.get("grouped"):
+        notes.append("P(first): share of patient resamples in which a cell ranks first among the cells of its own "
+                     "few-shot size.")  # fmt: skip
     skipped = comparison.attrs.get("skipped") or {}
     if skipped.get("missing_file"):
         notes.append(f"{skipped['missing_file']} finished trial run(s) had no readable {PER_PATIENT_FILE}; left out.")
@@ -459,7 +522,12 @@ def compare_trials(
 
     if resamples < 1:
         raise LasegsegError(f"resamples must be >= 1, got {resamples}")
-    reference, reason = pick_reference(summary, trials, against)
+    groups = baseline_groups(summary) if against == "baseline" else None
+    if groups:
+        reason = f"for each few-shot size, the baseline (model.backbone={BASELINE_BACKBONE}) trained on it"
+    else:
+        reference, reason = pick_reference(summary, trials, against)
+        groups = [(reference, list(summary["cell"]))]
     with tracking(tracking_uri) as client:
         uris = _artifact_uris(client, experiment_id(client, tracking_uri, experiment), parent_run_id)
     uris = {r: uris[r] for r in trials["run_id"] if r in uris}
@@ -474,9 +542,10 @@ def compare_trials(
     matrix, counts = patient_matrix(trials, tables, metric)
     if counts["without_metric"]:
         log.warning("%d trial run(s) did not record %s; comparing without them", counts["without_metric"], metric)
-    if reference not in matrix.columns:
-        raise LasegsegError(f"the reference cell {reference} has no per-patient {metric} on the test split")
-    table = compare_cells(matrix, summary, reference, metric=metric, resamples=resamples, seed=seed, tie=tie)
+    for reference, _ in groups:
+        if reference not in matrix.columns:
+            raise LasegsegError(f"the reference cell {reference} has no per-patient {metric} on the test split")
+    table = compare_groups(matrix, summary, groups, metric=metric, resamples=resamples, seed=seed, tie=tie)
     table.attrs["skipped"] = {"missing_file": len(missing), **counts}
     notes = comparison_notes(table, reason, resamples=resamples, seed=seed, tie=tie)
     return Comparison(table, notes, tables)

@@ -17,8 +17,10 @@ from lasegseg.cli import main
 from lasegseg.config import Config, config_hash, run_name
 from lasegseg.errors import LasegsegError
 from lasegseg.sweep.compare import (
+    baseline_groups,
     compare,
     compare_cells,
+    compare_groups,
     comparison_notes,
     format_table,
     patient_matrix,
@@ -161,6 +163,35 @@ def test_pick_reference_choices():
         pick_reference(summary, trials, "zzz")
     with pytest.raises(LasegsegError, match="exactly one cell with model.backbone=none"):
         pick_reference(summary.assign(**{"model.backbone": "tiny"}), trials, "baseline")
+
+
+def test_baseline_per_few_shot_size_and_holm_across_all_comparisons():
+    summary = pd.DataFrame(
+        {
+            "model.backbone": ["tiny", "none", "tiny", "none"],
+            "data.patients": [2, 2, 4, 4],
+            "data.fraction": 1.0,
+            "cell": ["t2", "b2", "t4", "b4"],
+            "n": 2,
+            "val_dice_mean": [0.9, 0.8, 0.95, 0.85],
+        }
+    )
+    groups = baseline_groups(summary)
+    assert groups == [("b2", ["t2", "b2"]), ("b4", ["t4", "b4"])]
+    assert baseline_groups(summary.iloc[:2]) is None  # one baseline: the plain --against baseline
+    rng = np.random.default_rng(3)
+    matrix = pd.DataFrame(rng.uniform(0.5, 0.9, (8, 4)), columns=["t2", "b2", "t4", "b4"])
+    matrix["t2"] += 0.05
+    table = compare_groups(matrix, summary, groups, metric="dice", resamples=200, seed=0, tie=1e-6)
+    assert list(table["cell"]) == ["b2", "t2", "b4", "t4"] and list(table["reference"]) == ["b2", "b2", "b4", "b4"]
+    t2 = stats.paired_comparison(matrix["t2"].to_numpy(), matrix["b2"].to_numpy(), resamples=200, seed=0)
+    t4 = stats.paired_comparison(matrix["t4"].to_numpy(), matrix["b4"].to_numpy(), resamples=200, seed=0)
+    assert table["p"].iloc[[1, 3]].tolist() == pytest.approx([t2.p, t4.p])
+    assert table["p_holm"].iloc[[1, 3]].tolist() == pytest.approx(list(stats.holm([t2.p, t4.p])))
+    notes = "\n".join(comparison_notes(table, "for each few-shot size", resamples=200, seed=0, tie=1e-6))
+    assert "only with the baseline of its own few-shot size" in notes and "among the cells of its own" in notes
+    with pytest.raises(LasegsegError, match="2 baseline cells share a few-shot size"):
+        baseline_groups(summary.assign(**{"data.patients": 2}))
 
 
 # --------------------------------------------------------------------------------------------------- end to end
