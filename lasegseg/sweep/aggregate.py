@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -387,16 +387,35 @@ def aggregate(
     summary = summarize(trials)
     paths = write_summary(summary, trials, out_dir)
     if log_to_parent:
-        with tracking(tracking_uri) as client:
-            parent = parent_run_id or latest_sweep_run(client, experiment_id(client, tracking_uri, experiment))
-            if parent is None:
-                log.warning("experiment '%s' has no sweep parent run; results not logged to MLflow", experiment)
-            else:
-                for path in paths.values():
-                    client.log_artifact(parent, str(path), artifact_path="summary")
-                best = summary.iloc[0]
+        parent = log_to_sweep_run(tracking_uri, experiment, parent_run_id, paths.values(), "summary", "results")
+        if parent is not None:
+            best = summary.iloc[0]
+            with tracking(tracking_uri) as client:
                 for name in ("test_dice_mean_mean", "val_dice_mean"):
                     if not pd.isna(best[name]):
                         client.log_metric(parent, f"best_{name.removesuffix('_mean')}", float(best[name]))
                 client.set_tag(parent, "lasegseg.best_cell", best["cell"])
     return summary
+
+
+def log_to_sweep_run(
+    tracking_uri: str, experiment: str, parent_run_id: str | None, paths: Iterable[Path], artifact_path: str, what: str
+) -> str | None:
+    """Log files as artifacts of a sweep's parent run; returns its id, or None (with a warning) when there is none.
+
+    Args:
+        tracking_uri: the MLflow URI.
+        experiment: the sweep's experiment.
+        parent_run_id: the parent run; None for the experiment's most recent sweep run.
+        paths: the files.
+        artifact_path: the folder they go to in the run's artifacts.
+        what: the files in the warning (``results``, ``the report``).
+    """
+    with tracking(tracking_uri) as client:
+        parent = parent_run_id or latest_sweep_run(client, experiment_id(client, tracking_uri, experiment))
+        if parent is None:
+            log.warning("experiment '%s' has no sweep parent run; %s not logged to MLflow", experiment, what)
+            return None
+        for path in paths:
+            client.log_artifact(parent, str(path), artifact_path=artifact_path)
+    return parent

@@ -587,7 +587,14 @@ def compare(
         LasegsegError: the store, experiment, trials, artifacts or metric column are missing, or ``against`` fits
             no single cell.
     """
-    from lasegseg.sweep.aggregate import experiment_id, latest_sweep_run, load_trials, summarize, tracking
+    from lasegseg.sweep.aggregate import (
+        experiment_id,
+        latest_sweep_run,
+        load_trials,
+        log_to_sweep_run,
+        summarize,
+        tracking,
+    )
 
     if parent_run_id == "latest":
         with tracking(tracking_uri) as client:
@@ -601,11 +608,5 @@ def compare(
     )  # fmt: skip
     paths = write_comparison(result.table, result.notes, out_dir)
     if log_to_parent:
-        with tracking(tracking_uri) as client:
-            parent = parent_run_id or latest_sweep_run(client, experiment_id(client, tracking_uri, experiment))
-            if parent is None:
-                log.warning("experiment '%s' has no sweep parent run; comparison not logged to MLflow", experiment)
-            else:
-                for path in paths.values():
-                    client.log_artifact(parent, str(path), artifact_path="summary")
+        log_to_sweep_run(tracking_uri, experiment, parent_run_id, paths.values(), "summary", "the comparison")
     return result.table, result.notes

@@ -427,19 +427,10 @@ def write_report(
         page = render(study, _figures(study, Path(tmp)))
     out = atomic_write(Path(out), lambda p: p.write_text(page, encoding="utf-8"))
     if log_to_parent:
-        _log_to_parent(tracking_uri, experiment, parent_run_id, out)
-    return out
+        from lasegseg.sweep.aggregate import log_to_sweep_run
 
-
-def _log_to_parent(tracking_uri: str, experiment: str, parent_run_id: str | None, path: Path) -> None:
-    from lasegseg.sweep.aggregate import experiment_id, latest_sweep_run, tracking
-
-    with tracking(tracking_uri) as client:
-        parent = parent_run_id or latest_sweep_run(client, experiment_id(client, tracking_uri, experiment))
-        if parent is None:
-            log.warning("experiment '%s' has no sweep parent run; the report is not logged to MLflow", experiment)
-            return
         try:
-            client.log_artifact(parent, str(path), artifact_path="report")
+            log_to_sweep_run(tracking_uri, experiment, parent_run_id, [out], "report", "the report")
         except Exception as exc:  # noqa: BLE001 - the page is written; say why MLflow did not get it
-            raise LasegsegError(f"report written to {path} but not logged to run {parent}: {first_line(exc)}") from exc
+            raise LasegsegError(f"report written to {out} but not logged to MLflow: {first_line(exc)}") from exc
+    return out

@@ -146,7 +146,6 @@ def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path)
 def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_dir: Path | None, first_report, alias):
     """Fit, validate and test the trial (resuming from ``resume_dir``) on this node's caches and the device Ray
     assigned; returns run_trial's results."""
-    from ray import tune
 
     from lasegseg.train.trial import prepare_data, run_trial
 
@@ -159,7 +158,9 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
     data = prepare_data(cfg, cache=cache)
     data.features = _open_shared_features(ctx, cfg.to_flat(), first_report["node_id"])
     data.feature_readers = _feature_readers(ctx, cfg.to_flat())
-    out = Path(tune.get_context().get_trial_dir()) / "result"
+    # Scratch, not Tune's trial folder: these files go to MLflow's artifact store, and Tune would copy them to its
+    # storage as well (a fine-tuned ViT-g's weights twice).
+    out = work / "result"
     results = run_trial(
         cfg, out, data=data, device=first_report["device"],
         on_epoch=_epoch_reporter(tracker, run_id, first_report, timings), checkpoint_dir=work / "state",
@@ -167,7 +168,7 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
         durable_checkpoints=False,  # scratch: Tune copies it to its storage
     )  # fmt: skip
     tracker.finish(results, artifact_dir=out)
-    return results
+    return {**results, "scored_at": timings.get("scored_at", 0.0)}
 
 
 def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -194,11 +195,13 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
         cfg = from_flat(merge_trial(config))
+        t_track = time.perf_counter()
         tracker = _tracker(ctx, cfg)
         resume_dir, known_run = _restored(work)
         run_id = tracker.start(known_run)
         tracker.tag_attempt({f"lasegseg.{k}": first_report[k] for k in ("node_ip", "node_id", "device")})
         finished = tracker.finished_results()
+        first_report["tracking_start_s"] = time.perf_counter() - t_track
         if finished is not None:
             # The trial completed before the driver died but Tune never recorded it: report, do not retrain.
             tune.report({**finished, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})

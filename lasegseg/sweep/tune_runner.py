@@ -18,8 +18,11 @@ SCREENING_FILE = "screening.json"
 TIMING_FIELDS = (
     "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
     "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-    "features_built",
+    "features_built", "tracking_start_s", "end_cost_s",
 )  # fmt: skip
+"""``fixed_cost_s``: Tune scheduling the trial → its first optimizer step. ``tracking_start_s``: opening its MLflow
+run (part of the fixed cost). ``end_cost_s``: its test patients scored → Tune recording it complete (model, files,
+overlays, MLflow artifacts and final metrics, the last report). The two last are the trial's bookkeeping."""
 
 
 def _trainable(ctx: dict[str, Any], res):
@@ -121,7 +124,16 @@ def _timings_callback(sweep_dir: Path):
                 "device": result.get("device", ""),
                 "slice_cache_built": str(bool(result.get("slice_cache_built", False))).lower(),
                 "features_built": str(bool(result.get("features_built", False))).lower(),
+                "tracking_start_s": f"{float(result.get('tracking_start_s', 0.0)):.3f}",
             })  # fmt: skip
+            atomic_write(path, _csv_text(self.rows))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            scored = float((trial.last_result or {}).get("scored_at") or 0.0)
+            row = next((r for r in reversed(self.rows) if r["trial_id"] == trial.trial_id), None)
+            if row is None or not scored:
+                return
+            row["end_cost_s"] = f"{time.time() - scored:.3f}"
             atomic_write(path, _csv_text(self.rows))
 
     return Timings()

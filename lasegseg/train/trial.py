@@ -434,8 +434,9 @@ def run_trial(
             given on the epochs the :class:`CheckpointPolicy` saved on.
         checkpoint_dir: write the resumable training state here when the :class:`CheckpointPolicy` says so.
         resume_from: a training-state folder to continue from.
-        timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step)
-            and ``feature_cache`` (bool), for a sweep's fixed-cost accounting.
+        timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step),
+            ``scored_at`` (once the test patients are scored) and ``feature_cache`` (bool), for a sweep's fixed-cost
+            and bookkeeping accounting.
         alias: maps case ids to the names written to ``out_dir`` and returned (``--pseudonymize``).
         durable_checkpoints: fsync each training-state commit; off where the folder is a scratch copy that another
             component persists (a sweep trial's, which Tune copies to its storage after every epoch).
@@ -471,6 +472,7 @@ def run_trial(
     if bar is not None:
         bar.close()
     results = _test(fit, state)
+    timings["scored_at"] = time.time()  # what follows is bookkeeping: files, overlays, tracking
     if out_dir is not None:
         write_outputs(Path(out_dir), fit.model, cfg, results, cache=fit.data.cache, device=device, alias=alias)
     return pseudonymize_results(results, alias)

@@ -169,7 +169,23 @@ def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, 
     bench_fixed.measure(bench)
     assert [(r.value, r.verdict) for r in bench.report.rows] == [
         (2.5, "PASS"), (8.0, "MISS"), (0.3, "PASS"), (1, "info"),  # 1 of 6 trials on a worker started warm
+        (None, "n/a"),  # these files predate the bookkeeping columns
     ]  # fmt: skip
+    # Bookkeeping: MLflow run start + scored → complete, per completed trial (an attempt without end cost is skipped).
+    with open(one / "trial_timings.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row, start, end in zip(rows, ("0.05", "0.02"), ("0.10", "0.40"), strict=True):
+        row.update(tracking_start_s=start, end_cost_s=end)
+    rows.append({**rows[0], "trial_id": "z", "end_cost_s": ""})
+    with open(one / "trial_timings.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    total, end = bench_fixed.bookkeeping([runs[1]])
+    assert total == pytest.approx([0.15, 0.42]) and end == pytest.approx([0.10, 0.40])
+    bench.report = common.Report()
+    bench_fixed.measure(bench)
+    assert (bench.report.rows[-1].value, bench.report.rows[-1].verdict) == (pytest.approx(0.285), "MISS")
 
 
 def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):

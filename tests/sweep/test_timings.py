@@ -30,17 +30,21 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     scheduled = cb.scheduled["t_00000"]
     worker = {"worker_pid": 4242, "worker_started_at": scheduled - 9.0, "worker_prewarmed": True,
               "node_ip": "10.0.0.2", "node_id": "n2", "device": "cpu", "slice_cache_built": True}  # fmt: skip
-    cb.on_trial_result(0, [a], a, {"trial_started_at": scheduled + 0.5, "first_step_at": scheduled + 1.25, **worker})
+    cb.on_trial_result(0, [a], a, {"trial_started_at": scheduled + 0.5, "first_step_at": scheduled + 1.25,
+                                    "tracking_start_s": 0.04, **worker})  # fmt: skip
     cb.on_trial_result(0, [a], a, {"train_loss": 0.3})  # later reports carry no timings
     cb.on_trial_restore(iteration=1, trials=[a], trial=a)  # a retry is a new attempt with its own fixed cost
     cb.on_trial_result(1, [a], a, {"trial_started_at": time.time(), "first_step_at": time.time() + 2.0})
+    # Its test patients were scored 0.3 s before Tune recorded it complete: the end of its bookkeeping.
+    a.last_result = {"scored_at": time.time() - 0.3}
+    cb.on_trial_complete(iteration=2, trials=[a], trial=a)
     with open(tmp_path / tune_runner.TIMINGS_FILE, newline="") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
     assert tuple(reader.fieldnames) == (
         "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
         "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-        "features_built",
+        "features_built", "tracking_start_s", "end_cost_s",
     )  # fmt: skip
     assert [r["trial_id"] for r in rows] == ["t_00000", "t_00000"]
     assert rows[0]["run_name"] == "multiscale·frozen·p2·lr0.0003·s0"
@@ -52,6 +56,8 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     assert (rows[0]["worker_pid"], rows[0]["worker_prewarmed"]) == ("4242", "true")
     assert float(rows[0]["worker_started_at"]) == pytest.approx(scheduled - 9.0, abs=2e-3)
     assert (rows[1]["worker_pid"], rows[1]["worker_prewarmed"]) == ("", "false")  # a worker that did not say
+    assert rows[0]["tracking_start_s"] == "0.040" and rows[0]["end_cost_s"] == ""
+    assert float(rows[1]["end_cost_s"]) == pytest.approx(0.3, abs=0.05)  # the completed attempt gets the end cost
     # Where each attempt ran and which caches it had to build there.
     assert [rows[0][k] for k in ("node_ip", "node_id", "device", "slice_cache_built", "features_built")] == [
         "10.0.0.2", "n2", "cpu", "true", "false"]  # fmt: skip
