@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import logging
 import math
 import re
 import tempfile
@@ -24,8 +23,6 @@ import pandas as pd
 
 from lasegseg.errors import LasegsegError, first_line
 from lasegseg.fsio import atomic_write, save_figure
-
-log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 DOT_METRICS = {"dice": "Dice", "nsd": "NSD"}
