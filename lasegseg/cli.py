@@ -215,7 +215,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lasegseg.sweep.report import write_report
+    from lasegseg.export.report import write_report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = Path(args.out or Path("runs") / args.experiment / "report.html")
@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+    _add_study_commands(sub)
+    return parser
+
+
+def _add_study_commands(sub) -> None:
+    """The commands that read a sweep back from MLflow: aggregate, compare, report, export."""
     p = sub.add_parser("aggregate", help="mean/std/CI of test and val metrics over seeds, from MLflow alone")
     options.add_experiment(p)
     options.add_tracking(p)
@@ -354,7 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")
     p.add_argument("--ensemble", action="store_true", help="export every seed of the best cell; predict averages them")
     p.set_defaults(func=cmd_export)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

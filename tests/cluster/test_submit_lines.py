@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import ROOT, LocalCluster, trial_runs
+from tests.helpers import dinov2_demo
 
 pytestmark = pytest.mark.cluster
-QUICK = ["--set", "train.epochs=1", "--set", "data.image_size=28", "--set", "model.decoder=linear",
+QUICK = ["--set", "train.epochs=1", *dinov2_demo(28), "--set", "model.decoder=linear",
          "--set", "model.mode=finetune", "--set", "seed=0"]  # fmt: skip
 
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from lasegseg.config import Config
+from lasegseg.export.report import Study, cell_label, dot_plot, html_table, markdown_to_html, render
 from lasegseg.sweep.aggregate import summarize
-from lasegseg.sweep.report import Study, cell_label, dot_plot, html_table, markdown_to_html, render
 from tests.helpers import headless_chromium
 
 
