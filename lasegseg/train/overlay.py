@@ -95,7 +95,13 @@ def overlay_figure(
     nrows = math.ceil(n / ncols)
     width, height = ncols * panel_inches, nrows * panel_inches + LEGEND_INCHES
     fig = Figure(figsize=(width, height), facecolor="white")
-    top = 1 - LEGEND_INCHES / height
+    # One axes for every panel, in panel units (panel (r, c) spans x in [c, c + 1], y in [nrows - r - 1, nrows - r]):
+    # six axes cost more to build and draw than the panels themselves.
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1 - LEGEND_INCHES / height))
+    ax.set_xlim(0, ncols)
+    ax.set_ylim(0, nrows)
+    ax.set_axis_off()
+    pad, title_band = 0.02, 0.08
     for i, (image, truth, pred, title) in enumerate(zip(images, truths, preds, titles, strict=True)):
         image, truth, pred = np.asarray(image, dtype=float), np.asarray(truth, bool), np.asarray(pred, bool)
         if image.ndim != 2 or truth.shape != image.shape or pred.shape != image.shape:
@@ -104,25 +110,23 @@ def overlay_figure(
                 f"{image.shape}, {truth.shape}, {pred.shape}"
             )
         row, col = divmod(i, ncols)
-        # Axes in figure fractions (not subplots) so the PNG's pixel size is exact and predictable.
-        pad = 0.02
-        ax = fig.add_axes(
-            (
-                (col + pad) / ncols,
-                top - (row + 1 - pad) * panel_inches / height,
-                (1 - 2 * pad) / ncols,
-                (1 - 2 * pad - 0.08) * panel_inches / height,
-            )
-        )
+        # The slice fits the panel below its title band, keeping its aspect; a non-square one hangs from the top.
+        box_w, box_h = 1 - 2 * pad, 1 - 2 * pad - title_band
+        scale = min(box_w / image.shape[0], box_h / image.shape[1])
+        w, h = image.shape[0] * scale, image.shape[1] * scale
+        x0, top = col + (1 - w) / 2, nrows - row - pad - title_band
+        extent = (x0, x0 + w, top - h, top)
         finite = image[np.isfinite(image)]
         vmin, vmax = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
-        ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-6))
+        ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-6), extent=extent,
+                  interpolation="nearest", aspect="auto")  # fmt: skip
+        # Pixel centres in panel units, so the contours sit where matplotlib's imshow draws the pixels.
+        xs = x0 + (np.arange(image.shape[0]) + 0.5) * scale
+        ys = top - h + (np.arange(image.shape[1]) + 0.5) * scale
         for mask, color in ((truth, TRUTH_COLOR), (pred, PRED_COLOR)):
             if mask.any() and not mask.all():
-                ax.contour(mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
-        ax.set_anchor("N")  # a non-square slice hangs under its title instead of floating mid-panel
-        ax.set_title(title, fontsize=10, y=1.0, pad=6.0)  # fixed position: skips the per-axes tick layout
-        ax.set_axis_off()
+                ax.contour(xs, ys, mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
+        ax.text(col + 0.5, top + 0.01, title, ha="center", va="bottom", fontsize=10)
     handles = [
         Line2D([], [], color=TRUTH_COLOR, lw=2, label="ground truth"),
         Line2D([], [], color=PRED_COLOR, lw=2, label="prediction"),
@@ -136,4 +140,5 @@ def overlay_figure(
         bbox_to_anchor=(0.5, 1.0),
         facecolor="white",
     )
-    return save_figure(fig, path, dpi=dpi)
+    # Fast PNG compression: a quarter less time for a file a quarter larger; the figure is written once per trial.
+    return save_figure(fig, path, dpi=dpi, compress_level=1)
