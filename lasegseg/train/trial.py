@@ -513,12 +513,12 @@ def write_overlays(
         case_rows = case_rows[np.argsort(cache.slice_index[case_rows], kind="stable")]
         labels = np.moveaxis(np.asarray(cache.labels[case_rows]), 0, -1).astype(bool)
         for z in pick_slices(labels, k=k):
-            image = np.asarray(cache.images[case_rows[z]], dtype=np.float32)
-            prob = predict_slices(model, image[None], batch_size=1, device=device, amp=amp)[0]
-            images.append(image)
+            images.append(np.asarray(cache.images[case_rows[z]], dtype=np.float32))
             truths.append(labels[..., z])
-            preds.append(prob >= 0.5)
             titles.append(f"{alias(cid) if alias else cid} z={z} (3D Dice {row['dice']:.3f})")
+    if images:  # one batch for every panel
+        probs = predict_slices(model, np.stack(images), batch_size=len(images), device=device, amp=amp)
+        preds = list(probs >= 0.5)
     return overlay_figure(path, images, truths, preds, titles)
 
 
