@@ -101,32 +101,8 @@ def overlay_figure(
     ax.set_xlim(0, ncols)
     ax.set_ylim(0, nrows)
     ax.set_axis_off()
-    pad, title_band = 0.02, 0.08
-    for i, (image, truth, pred, title) in enumerate(zip(images, truths, preds, titles, strict=True)):
-        image, truth, pred = np.asarray(image, dtype=float), np.asarray(truth, bool), np.asarray(pred, bool)
-        if image.ndim != 2 or truth.shape != image.shape or pred.shape != image.shape:
-            raise ValueError(
-                f"panel {i}: image, truth and pred must be 2D of one shape, got "
-                f"{image.shape}, {truth.shape}, {pred.shape}"
-            )
-        row, col = divmod(i, ncols)
-        # The slice fits the panel below its title band, keeping its aspect; a non-square one hangs from the top.
-        box_w, box_h = 1 - 2 * pad, 1 - 2 * pad - title_band
-        scale = min(box_w / image.shape[0], box_h / image.shape[1])
-        w, h = image.shape[0] * scale, image.shape[1] * scale
-        x0, top = col + (1 - w) / 2, nrows - row - pad - title_band
-        extent = (x0, x0 + w, top - h, top)
-        finite = image[np.isfinite(image)]
-        vmin, vmax = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
-        ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-6), extent=extent,
-                  interpolation="nearest", aspect="auto")  # fmt: skip
-        # Pixel centres in panel units, so the contours sit where matplotlib's imshow draws the pixels.
-        xs = x0 + (np.arange(image.shape[0]) + 0.5) * scale
-        ys = top - h + (np.arange(image.shape[1]) + 0.5) * scale
-        for mask, color in ((truth, TRUTH_COLOR), (pred, PRED_COLOR)):
-            if mask.any() and not mask.all():
-                ax.contour(xs, ys, mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
-        ax.text(col + 0.5, top + 0.01, title, ha="center", va="bottom", fontsize=10)
+    for i, panel in enumerate(zip(images, truths, preds, titles, strict=True)):
+        _draw_panel(ax, i, *panel, ncols=ncols, nrows=nrows)
     handles = [
         Line2D([], [], color=TRUTH_COLOR, lw=2, label="ground truth"),
         Line2D([], [], color=PRED_COLOR, lw=2, label="prediction"),
@@ -142,3 +118,29 @@ def overlay_figure(
     )
     # Fast PNG compression: a quarter less time for a file a quarter larger; the figure is written once per trial.
     return save_figure(fig, path, dpi=dpi, compress_level=1)
+
+
+def _draw_panel(ax, i: int, image, truth, pred, title: str, *, ncols: int, nrows: int) -> None:
+    """Panel ``i`` of :func:`overlay_figure` on its one axes: the slice, both contours and the title."""
+    pad, title_band = 0.02, 0.08
+    image, truth, pred = np.asarray(image, dtype=float), np.asarray(truth, bool), np.asarray(pred, bool)
+    if image.ndim != 2 or truth.shape != image.shape or pred.shape != image.shape:
+        raise ValueError(
+            f"panel {i}: image, truth and pred must be 2D of one shape, got {image.shape}, {truth.shape}, {pred.shape}"
+        )
+    row, col = divmod(i, ncols)
+    # The slice fits the panel below its title band, keeping its aspect; a non-square one hangs from the top.
+    scale = min((1 - 2 * pad) / image.shape[0], (1 - 2 * pad - title_band) / image.shape[1])
+    w, h = image.shape[0] * scale, image.shape[1] * scale
+    x0, top = col + (1 - w) / 2, nrows - row - pad - title_band
+    finite = image[np.isfinite(image)]
+    vmin, vmax = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
+    ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=max(vmax, vmin + 1e-6),
+              extent=(x0, x0 + w, top - h, top), interpolation="nearest", aspect="auto")  # fmt: skip
+    # Pixel centres in panel units, so the contours sit where imshow draws the pixels.
+    xs = x0 + (np.arange(image.shape[0]) + 0.5) * scale
+    ys = top - h + (np.arange(image.shape[1]) + 0.5) * scale
+    for mask, color in ((truth, TRUTH_COLOR), (pred, PRED_COLOR)):
+        if mask.any() and not mask.all():
+            ax.contour(xs, ys, mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
+    ax.text(col + 0.5, top + 0.01, title, ha="center", va="bottom", fontsize=10)
