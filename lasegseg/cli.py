@@ -164,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     check_metric(args.metric)  # before touching the store
     uri = _tracking_uri(args)
-    out = Path(args.out or Path("runs") / args.experiment / "best")
+    out = _study_out(args, "best")
     result = export_best(
         uri, args.experiment, out, metric=args.metric, parent_run_id=args.parent_run, register=args.register,
         ensemble=args.ensemble,
@@ -189,11 +189,16 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     return uri
 
 
+def _study_out(args: argparse.Namespace, default: str) -> Path:
+    """``--out``, else ``runs/<experiment>/<default>``."""
+    return Path(args.out or Path("runs") / args.experiment / default)
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from lasegseg.sweep.aggregate import aggregate, format_table
 
     uri = _tracking_uri(args)
-    out = Path(args.out or Path("runs") / args.experiment / "summary")
+    out = _study_out(args, "summary")
     summary = aggregate(uri, args.experiment, out, parent_run_id=args.parent_run, log_to_parent=not args.no_log)
     print(format_table(summary))
     print(f"summary: {out}")
@@ -204,7 +209,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lasegseg.sweep.compare import compare, format_table
 
     uri = _tracking_uri(args)
-    out = Path(args.out or Path("runs") / args.experiment / "summary")
+    out = _study_out(args, "summary")
     comparison, notes = compare(
         uri, args.experiment, out, parent_run_id=args.parent_run, metric=args.metric, against=args.against,
         seed=args.seed, resamples=args.resamples, tie=args.tie, log_to_parent=not args.no_log,
@@ -218,7 +223,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lasegseg.export.report import write_report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    out = Path(args.out or Path("runs") / args.experiment / "report.html")
+    out = _study_out(args, "report.html")
     if out.suffix.lower() not in (".html", ".htm"):
         raise LasegsegError(f"--out {out}: the report is one HTML file; give a name ending in .html")
     path = write_report(

@@ -371,6 +371,7 @@ def aggregate(
     out_dir: str | Path,
     parent_run_id: str | None = None,
     log_to_parent: bool = True,
+    trials: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Load, summarise and write a sweep's trials; optionally attach the results to the sweep's parent run.
 
@@ -380,10 +381,13 @@ def aggregate(
     tag ``lasegseg.best_cell``. Only the given parent's trials are aggregated when ``parent_run_id`` is given;
     otherwise all of the experiment's.
 
+    ``trials``: :func:`load_trials` of the same arguments, when the caller already has them.
+
     Returns:
         the summary (see :func:`summarize`).
     """
-    trials = load_trials(tracking_uri, experiment, parent_run_id)
+    if trials is None:
+        trials = load_trials(tracking_uri, experiment, parent_run_id)
     summary = summarize(trials)
     paths = write_summary(summary, trials, out_dir)
     if log_to_parent:

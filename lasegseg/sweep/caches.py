@@ -32,7 +32,7 @@ def preprocessing_key(flat: dict[str, Any]) -> str:
     return json.dumps(Preprocessing.from_flat(flat).as_dict(), sort_keys=True)
 
 
-def open_slice_caches(trials: list[dict[str, Any]]) -> dict[str, Any]:
+def open_slice_caches(trials: list[dict[str, Any]], stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """One slice cache per distinct preprocessing of ``trials``, built on first use: ``{preprocessing key: cache}``.
 
     A sweep may mix image sizes (a grid over ``data.image_size``, or DINOv2 and DINOv3 cells at multiples of their
@@ -40,15 +40,21 @@ def open_slice_caches(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
     Args:
         trials: flat trial configs of one dataset.
+        stats: gets ``built`` True when this call built any of them.
     """
     from lasegseg.config import from_flat
     from lasegseg.data.cache import open_cache
 
     caches: dict[str, Any] = {}
+    built_any = False
     for flat in trials:
         key = preprocessing_key(flat)
         if key not in caches:
-            caches[key] = open_cache(from_flat(flat))
+            built: dict[str, Any] = {}
+            caches[key] = open_cache(from_flat(flat), built)
+            built_any |= bool(built.get("built"))
+    if stats is not None:
+        stats["built"] = built_any
     return caches
 
 
@@ -72,23 +78,18 @@ def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...
     """
     import torch
 
-    from lasegseg.config import from_flat
-    from lasegseg.data.cache import open_cache
     from lasegseg.sweep.worker import placement
     from lasegseg.train.features import build_slot_features, feature_slot
 
     where = placement()
     t0 = time.perf_counter()
-    caches: dict[str, Any] = {}
-    out = {**where, "paths": {}, "built": [], "slice_cache_built": False}
+    built: dict[str, Any] = {}
+    caches = open_slice_caches(flats, built)
+    out = {**where, "paths": {}, "built": [], "slice_cache_built": built["built"]}
     for flat in flats:
-        key = preprocessing_key(flat)
-        if key not in caches:
-            built: dict[str, Any] = {}
-            caches[key] = open_cache(from_flat(flat), built)
-            out["slice_cache_built"] |= bool(built.get("built"))
         slot, built = feature_slot(flat), {}
-        feats = build_slot_features(flat, readers[slot], caches[key], device=where["device"], stats=built)
+        cache = caches[preprocessing_key(flat)]
+        feats = build_slot_features(flat, readers[slot], cache, device=where["device"], stats=built)
         out["paths"][slot] = str(feats.path)
         if built.get("built"):
             out["built"].append(slot)

@@ -563,6 +563,7 @@ def compare(
     resamples: int = stats.DEFAULT_RESAMPLES,
     tie: float = stats.DEFAULT_TIE,
     log_to_parent: bool = True,
+    trials: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Compare every cell of a sweep with a reference cell, paired over patients; write and log the results.
 
@@ -579,6 +580,8 @@ def compare(
         tie: ``|difference| <= tie`` is a tie.
         log_to_parent: log both files under ``summary/`` of the parent run (the given one, else the most recent
             sweep run of the experiment).
+        trials: :func:`lasegseg.sweep.aggregate.load_trials` of this experiment and parent run, when the caller
+            already has them (the sweep's own aggregation).
 
     Returns:
         ``(comparison, notes)``: :func:`compare_cells` and :func:`comparison_notes`.
@@ -601,7 +604,8 @@ def compare(
             parent_run_id = latest_sweep_run(client, experiment_id(client, tracking_uri, experiment))
         if parent_run_id is None:
             raise LasegsegError(f"experiment '{experiment}' has no sweep parent run")
-    trials = load_trials(tracking_uri, experiment, parent_run_id)
+    if trials is None:
+        trials = load_trials(tracking_uri, experiment, parent_run_id)
     result = compare_trials(
         tracking_uri, experiment, trials, summarize(trials), parent_run_id, metric=metric, against=against,
         seed=seed, resamples=resamples, tie=tie,

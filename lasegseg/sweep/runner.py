@@ -309,17 +309,18 @@ def _open_parent_run(args, plan: SweepPlan, tracking_uri: str, state: dict[str, 
 def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
     """Aggregate over seeds, close the parent run and say where everything is; 0 when every trial finished."""
     from lasegseg.sweep import tracking
-    from lasegseg.sweep.aggregate import aggregate, format_table
+    from lasegseg.sweep.aggregate import aggregate, format_table, load_trials
 
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     try:
-        summary = aggregate(uri, plan.name, plan.sweep_dir, parent_run_id=parent)
+        trials = load_trials(uri, plan.name, parent)  # once, for the summary and the comparison
+        summary = aggregate(uri, plan.name, plan.sweep_dir, parent_run_id=parent, trials=trials)
         print(format_table(summary))
     except LasegsegError as exc:
         print(f"aggregation: {exc}", file=sys.stderr)
         summary = None
     if summary is not None:
-        _compare(uri, plan.name, plan.sweep_dir, parent)
+        _compare(uri, plan.name, plan.sweep_dir, parent, trials)
     tracking.client(uri).set_terminated(parent, "FINISHED" if summary is not None else "FAILED")
     _save_state(plan, {**state, "status": "finished"})
     _push_files(plan)
@@ -334,7 +335,7 @@ def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
     return 0 if summary is not None else 1
 
 
-def _compare(uri: str, experiment: str, out_dir: Path, parent: str) -> None:
+def _compare(uri: str, experiment: str, out_dir: Path, parent: str, trials=None) -> None:
     """Per-patient Dice of every cell against the best (on validation), into the sweep folder and parent run.
 
     An extra on top of the summary: any failure is one line on stderr and never fails the sweep or keeps the
@@ -344,7 +345,7 @@ def _compare(uri: str, experiment: str, out_dir: Path, parent: str) -> None:
     from lasegseg.sweep.compare import compare, format_table
 
     try:
-        comparison, notes = compare(uri, experiment, out_dir, parent_run_id=parent)
+        comparison, notes = compare(uri, experiment, out_dir, parent_run_id=parent, trials=trials)
         print(format_table(comparison, notes))
     except LasegsegError as exc:
         print(f"comparison: {exc}", file=sys.stderr)

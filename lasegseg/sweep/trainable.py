@@ -146,7 +146,6 @@ def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path)
 def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_dir: Path | None, first_report, alias):
     """Fit, validate and test the trial (resuming from ``resume_dir``) on this node's caches and the device Ray
     assigned; returns run_trial's results."""
-
     from lasegseg.train.trial import prepare_data, run_trial
 
     if resume_dir is not None:
