@@ -137,6 +137,7 @@ class Bench:
         self.tmp, self.quick, self.report = tmp, quick, report
         self.grids = grids(quick, epochs)
         self.sweeps: dict[tuple[str, int], SweepRun] = {}
+        self.naive_runs: dict[tuple[str, str], dict[str, Any]] = {}
         self.base_cache = tmp / "base-cache"
         os.environ["LASEGSEG_CACHE"] = str(self.base_cache)
         self._phantom: Path | None = None
@@ -199,7 +200,10 @@ class Bench:
         return run
 
     def naive(self, grid: str, variant: str = "naive") -> dict[str, Any]:
-        """Run bench/naive.py (``--variant``) on ``grid``; returns its JSON plus the process wall time."""
+        """Run (or reuse) bench/naive.py (``--variant``) on ``grid``; returns its JSON plus the process wall time."""
+        key = (grid, variant)
+        if key in self.naive_runs:
+            return self.naive_runs[key]
         g = self.grids[grid]
         out = self.tmp / f"{variant}-{grid}.json"
         cmd = [sys.executable, str(ROOT / "bench" / "naive.py"), "--data", str(self.phantom), *g.naive_args(),
@@ -215,4 +219,5 @@ class Bench:
         result = json.loads(out.read_text())
         result["wall_s"] = seconds
         print(f"    ({variant} {grid}: {g.size} trials: {seconds:.1f} s)", flush=True)
+        self.naive_runs[key] = result
         return result

@@ -1,7 +1,7 @@
 """lasegseg benchmarks: each prints a ratio measured in one run on this machine (min / median over repeats).
 
     python bench/run.py --quick                  # CPU, under 10 minutes on 2 cores
-    python bench/run.py --only naive,fixed       # some benchmarks: plain | step | data | sweep | memory | naive | fixed
+    python bench/run.py --only naive,fixed       # some: plain | step | data | sweep | memory | naive | fixed | floor
     python bench/run.py --quick --json out.json  # also write every row as JSON
 
 0. plain  — the loop a new user writes first (bench/naive.py --variant plain, no tracking, no validation) vs
@@ -20,12 +20,15 @@
             naive time), whole grid.
 6. fixed  — a trial's fixed cost (scheduling → first optimizer step) from the driver's trial_timings.csv: cold =
             first trial of a fresh worker, warm = median of the rest (goal ≤ 3 s).
+7. floor  — the frozen grid's sweep wall time at concurrency 1 vs its floor, timed in the bench process: one backbone
+            pass over every slice plus every decoder step and evaluation pass of the grid's trials (goal ≤ 1.15×);
+            the speed-up over naive printed beside the bound that the floor implies (naive / floor).
 
 Every process runs with OMP_NUM_THREADS=1 and one CPU per trial (the 4-trial memory run uses 0.5 so that four fit
 on two cores). Sweeps share their runs between benchmarks within one invocation; each sweep starts from an empty
 cache folder, so its time includes building the slice and feature caches (the tiny backbone is made once).
 
-``--backbone vit-s-shape`` runs the grids (sweep, memory, naive, fixed) on a randomly initialised DINOv2 with
+``--backbone vit-s-shape`` runs the grids (sweep, memory, naive, fixed, floor) on a randomly initialised DINOv2 with
 ViT-S/14's shape instead of the tiny one, loaded from a local folder through the same ``from_pretrained`` path: on
 a CPU it costs what a real backbone costs relative to the decoders (17× the tiny one at 56 px), which is what the
 frozen-feature cache is for. Expect the naive side to take several times longer.
@@ -50,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from bench import (  # noqa: E402
     bench_data,
     bench_fixed,
+    bench_floor,
     bench_memory,
     bench_naive_grid,
     bench_plain,
@@ -68,6 +72,7 @@ RUNNERS = {
     "memory": bench_memory.measure,
     "naive": bench_naive_grid.measure,
     "fixed": bench_fixed.measure,
+    "floor": bench_floor.measure,
 }
 BENCHMARKS = tuple(RUNNERS)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_fixed, common, harness, naive, run
+from bench import bench_fixed, bench_floor, common, harness, naive, run
 
 
 def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_path, capsys):
@@ -197,3 +197,30 @@ def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):
     rss, pss = common.peak_memory_of_tree(proc, interval=0.05)
     assert proc.returncode == 0
     assert rss >= 64 << 20 and 0 < pss <= rss
+
+
+def test_the_floor_counts_every_step_and_evaluation_batch_of_the_grids_trials(tmp_path, monkeypatch):
+    """2 epochs of linear × 2/4 patients: every epoch's steps, every epoch's validation batches and one test pass."""
+    from lasegseg.config import Config
+    from lasegseg.train.trial import prepare_data
+
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))  # Bench points it at its own folder
+    monkeypatch.setattr(bench_floor, "REPEATS", 1)
+    monkeypatch.setattr(bench_floor, "WARMUP", 0)
+    bench = harness.Bench(tmp_path, True, common.Report(), epochs=2)
+    grid = bench.grids["frozen"]
+    grid.decoders, grid.lrs = ["linear"], [1e-3]
+    floor = bench_floor.grid_floor(bench, tmp_path / "sweep-cache")
+    steps = evals = 0
+    for patients in grid.patients:
+        cfg = Config().replace(**{"data.path": str(bench.phantom), "data.patients": patients, "data.image_size": 56,
+                                  "data.cache_dir": str(tmp_path / "sweep-cache")})  # fmt: skip
+        data = prepare_data(cfg)
+        steps += 2 * -(-len(data.train_rows) // 16)
+        per_case = [-(-len(data.cache.rows_for([c])) // 16) for c in (*data.split.val, *data.split.test)]
+        evals += 2 * sum(per_case[: len(data.split.val)]) + sum(per_case[len(data.split.val) :])
+    assert (floor.steps, floor.evals, floor.slices) == (steps, evals, len(data.cache))
+    assert floor.total == pytest.approx(floor.backbone_s + floor.steps_s + floor.evals_s)
+    assert floor.backbone_s > 0 and floor.steps_s > 0 and floor.evals_s > 0
+    assert {k[:2] for k in floor.per_batch} == {("linear", "train"), ("linear", "eval")}
+    assert "backbone pass" in floor.describe()
