@@ -4,6 +4,7 @@
     python bench/gpu.py --quick --write-results  # shorter measurements; append the tables to bench/RESULTS.md
     python bench/gpu.py --compile --sizes S,B    # add torch.compile rows (last; compiling L/g takes minutes)
     python bench/gpu.py --device cpu --smoke     # the same code paths with tiny shapes, seconds (used by the tests)
+    python bench/gpu.py --sizes g --modes frozen --pack ''   # ViT-g frozen: backbone every step vs cached features
 
 Rows: each backbone size in two modes — ``frozen`` (backbone under no_grad, decoder forward + backward + AdamW) and
 ``e2e`` (everything trains; gradient checkpointing for large/giant) — with bf16 autocast on CUDA, SDPA attention and
@@ -11,10 +12,15 @@ a channels-last decoder, as lasegseg trains. Backbones are randomly initialised 
 (no download). FLOPs per image are counted analytically from the ViT shapes (matmuls 2·params per token, attention
 4·N²·D per layer, ×3 for forward + backward) and cross-checked with ``torch.utils.flop_counter.FlopCounterMode`` on
 one image; the decoder's FLOPs come from the counter. MFU = achieved model FLOP/s (recompute not counted) / the
-card's dense bf16 peak. The packed sweep runs K small frozen trainings as K processes on one GPU at once (what
-``resources.frozen_gpus_per_trial`` does in a sweep) and compares their summed throughput to one running alone.
-Every measurement is time-boxed; rows that would start after ``--budget`` seconds (default 450) are reported as
-skipped, and a row that runs out of memory is retried once at half the batch, then reported as OOM.
+card's dense bf16 peak. Cached-feature rows are the frozen path a sweep runs: each size's decoder levels are computed
+once for a few batches of slices and stored as a sweep stores them (fp16 memory maps, lasegseg's writer), then the
+same decoder steps read their batches three ways — ``host`` (gather + pinned copy on the training thread, per step),
+``resident`` (every row held on the device; a batch is an index_select there) and ``prefetch`` (gather + copy on a
+background thread) — and are compared with the backbone-every-step frozen row. The packed sweep runs K small frozen
+trainings as K processes on one GPU at once (what ``resources.frozen_gpus_per_trial`` does in a sweep) and compares
+their summed throughput to one running alone. Every measurement is time-boxed; rows that would start after
+``--budget`` seconds (default 450) are reported as skipped, and a backbone row that runs out of memory is retried once
+at half the batch, then reported as OOM (a cached-feature row is reported as OOM at once).
 """
 
 from __future__ import annotations
@@ -80,11 +86,13 @@ SMOKE_SHAPES = {
 }
 
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, by a case-insensitive substring of the device name; first
-# match wins, so the PCIe H100 comes before the SXM one ("NVIDIA H100 80GB HBM3"). GH200 matches H200: same peak.
+# match wins, so a variant comes before the plain name it contains: the PCIe H100 before the SXM one ("NVIDIA H100
+# 80GB HBM3"), the H200 NVL (PCIe, lower clocks) before the SXM H200. GH200 matches H200: same peak as the SXM card.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float | None], ...] = (
     ("H100 NVL", None),  # its clocks differ from both the PCIe and the SXM card: pass --peak-tflops
     ("H100 PCIe", 756.0),
     ("H100", 989.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("A100", 312.0),
     ("L40S", 362.0),
@@ -324,6 +332,123 @@ def _row_numbers(shape, mode, image_size, batch, per_step, vit_counted, step_cou
     }
 
 
+# ------------------------------------------------------------------------------------------ cached-feature frozen
+
+FEEDS = ("host", "resident", "prefetch")
+
+
+class _Slices:
+    """``n`` random fp16 slices in [0, 1] standing in for a slice cache (what the feature writer reads)."""
+
+    def __init__(self, n: int, image_size: int) -> None:
+        import numpy as np
+
+        self.images = np.random.default_rng(1).random((n, image_size, image_size), np.float32).astype(np.float16)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def cached_features(seg, n: int, batch: int, image_size: int, device, folder: Path):
+    """The decoder's levels of ``n`` random slices, computed once and stored as a sweep stores them: lasegseg's
+    feature writer (bf16 autocast on CUDA) fills fp16 ``(N, h, w, C)`` memory maps in ``folder``, opened with its
+    reader."""
+    from lasegseg.train.features import FeatureCache, _write_levels
+
+    _write_levels(seg.backbone, _Slices(n, image_size), folder, seg.levels, device=device, amp="auto",
+                  batch_size=batch)  # fmt: skip
+    return FeatureCache(folder, {"levels": list(seg.levels), "rows": n, "key": folder.name})
+
+
+def row_stream(n: int, batch: int, seed: int = 0):
+    """Endless sorted batches of rows ``0..n-1``, epoch after epoch of shuffled order, as a trial reads them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch + 1, batch):
+            yield np.sort(order[start : start + batch])
+
+
+def feed_reader(feats, feed: str, device):
+    """The reader of one feed: ``host`` (per-step gather + pinned copy on the training thread, lasegseg's reader
+    before training features were held or prefetched), ``resident`` (every row held on the device) or ``prefetch``
+    (gather and copy on a background thread)."""
+    import numpy as np
+
+    from lasegseg.train.features import PrefetchFeatures, ResidentFeatures
+
+    if feed == "resident":
+        return ResidentFeatures(feats, np.arange(len(feats)), device)
+    if feed == "prefetch":
+        return PrefetchFeatures(feats)
+    return feats
+
+
+def measure_feed(seg, feats, feed: str, shape: VitShape, args, device, frozen_img_s: float | None) -> dict:
+    """Decoder training steps (as the frozen row's, without the backbone) on batches read through ``feed``."""
+    import torch
+
+    batch, n = shape.batch_frozen, len(feats)
+    row = {"model": shape.name, "feed": feed, "batch": batch, "slices": n}
+    stream = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        reader = feed_reader(feats, feed, device)
+        held_s = time.perf_counter() - t0
+        stream = reader.batches(row_stream(n, batch), device)
+        step = make_step(seg, lambda x: seg.decode(next(stream), x), batch, args.image_size, device)
+        per_step, steps, _ = time_steps(step, device, warmup=args.warmup, seconds=args.seconds)
+        img_s = batch / per_step
+        row.update(img_s=img_s, step_ms=per_step * 1e3, steps=steps, status="ok")
+        row["copy_mb"] = 0.0 if feed == "resident" else batch * feats.row_bytes() / 1e6
+        row["vs_frozen"] = img_s / frozen_img_s if frozen_img_s else None
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if feed == "resident":
+            row["status"] = f"ok (held in {held_s:.1f} s)"
+    except Exception as exc:  # noqa: BLE001 - one failing row must not end the benchmark
+        row["status"] = "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).strip()[:80]}"
+    finally:
+        if stream is not None:
+            stream.close()  # ends a prefetch thread
+        stream = reader = step = None
+        _free(device)
+    return row
+
+
+def measure_cached(shape: VitShape, feeds: list[str], args, device, frozen_img_s, over_budget) -> list[dict]:
+    """The cached-feature frozen rows of one shape: features of ``--cached-slices`` slices computed once, then one
+    row per feed."""
+    import tempfile
+
+    batch = shape.batch_frozen
+    n = args.cached_slices or 4 * batch
+    rows, seg = [], None
+    with tempfile.TemporaryDirectory(prefix="lasegseg-gpu-features-") as tmp:
+        try:
+            seg = build_segmenter(shape, mode="frozen", decoder=args.decoder, image_size=args.image_size, device=device)
+            feats = cached_features(seg, n, batch, args.image_size, device, Path(tmp))
+            for feed in feeds:
+                if over_budget():
+                    rows.append({"model": shape.name, "feed": feed, "batch": batch, "status": "skipped (time budget)"})
+                    continue
+                t0 = time.monotonic()
+                rows.append(measure_feed(seg, feats, feed, shape, args, device, frozen_img_s))
+                print(f"  {shape.name} cached/{feed}: {rows[-1]['status']} ({time.monotonic() - t0:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - computing the features failed: every feed of the shape says why
+            status = "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).strip()[:80]}"
+            done = {r["feed"] for r in rows}
+            rows += [{"model": shape.name, "feed": f, "batch": batch, "status": status} for f in feeds if f not in done]
+        finally:
+            seg = feats = None
+            _free(device)
+    return rows
+
+
 # -------------------------------------------------------------------------------------------------- packed sweep
 
 
@@ -421,6 +546,22 @@ def rows_table(rows: list[dict], peak: float | None) -> str:
     return "\n".join(lines)
 
 
+def cached_table(rows: list[dict]) -> str:
+    head = (
+        "| model | feed | batch | img/s | step ms | fp16 MB copied/step | vs backbone every step (frozen row) "
+        "| peak GiB | status |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        ratio = f"{r['vs_frozen']:.2f}×" if r.get("vs_frozen") else "—"
+        lines.append(
+            f"| {r['model']} | {r['feed']} | {r['batch']} | {_fmt(r.get('img_s'), '.1f')} | "
+            f"{_fmt(r.get('step_ms'), '.2f')} | {_fmt(r.get('copy_mb'), '.3g')} | {ratio} | "
+            f"{_fmt(r.get('peak_gib'), '.2f')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
 def packing_table(rows: list[dict]) -> str:
     alone = next((r["img_s"] for r in rows if r["k"] == 1 and r["img_s"]), None)
     lines = ["| trials on one device | batch | total img/s | vs one at a time | status |", "|---|---|---|---|---|"]
@@ -468,6 +609,19 @@ def _timed_row(shape: VitShape, mode: str, args, device, peak, compiled: bool, s
     return row
 
 
+def _cached_rows(sizes: list[str], feeds: list[str], args, device, rows: list[dict], over_budget) -> list[dict]:
+    """The cached-feature frozen rows of every size, each feed compared with the size's frozen row."""
+    out = []
+    for size in sizes if feeds else []:
+        shape = shapes_for(args)[size]
+        frozen = [r["img_s"] for r in rows if r["model"] == shape.name and r["mode"] == "frozen" and r.get("img_s")]
+        if over_budget():
+            out += [{"model": shape.name, "feed": f, "batch": 0, "status": "skipped (time budget)"} for f in feeds]
+            continue
+        out += measure_cached(shape, feeds, args, device, frozen[0] if frozen else None, over_budget)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/gpu.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (only with --smoke)")
@@ -478,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="frozen,e2e", help="comma list of frozen, e2e")
     p.add_argument("--decoder", default="multiscale", help="lasegseg decoder (default multiscale)")
     p.add_argument("--image-size", type=int, default=None, help="default 448 (smoke: 56)")
+    p.add_argument(
+        "--cached",
+        default=",".join(FEEDS),
+        help="feeds of the cached-feature frozen rows: comma list of host, resident, prefetch ('' skips)",
+    )
+    p.add_argument("--cached-slices", type=int, default=None, help="slices the cached rows read (default 4 batches)")
     p.add_argument("--pack", default=None, help="trials per device for the packed sweep (default 1,4,8; '' skips)")
     p.add_argument("--pack-batch", type=int, default=None, help="batch of each packed trial (default 8)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of a card not in the table")
@@ -512,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = _parse_list(args.sizes, list(SHAPES), "--sizes")
     modes = _parse_list(args.modes, ["frozen", "e2e"], "--modes")
     packs = [int(k) for k in _parse_list(args.pack, [str(i) for i in range(1, 33)], "--pack")] if args.pack else []
+    feeds = _parse_list(args.cached, list(FEEDS), "--cached") if args.cached else []
 
     if args.device == "cpu" and not args.smoke:
         print("bench/gpu.py: error: full sizes need a GPU; on the CPU run --smoke", file=sys.stderr)
@@ -544,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [_timed_row(shapes_for(args)[size], mode, args, device, peak, False, over_budget()) for size in sizes
             for mode in modes]  # fmt: skip
+    cached = _cached_rows(sizes, feeds, args, device, rows, over_budget)
     packing = []
     for k in packs:
         if over_budget():
@@ -558,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
                  for mode in modes]  # fmt: skip
 
     tables = [f"{args.image_size} px, decoder {args.decoder}, peak {peak_text}\n\n" + rows_table(rows, peak)]
+    if cached:
+        tables.append(
+            "Frozen on cached features: the decoder's levels computed once and stored as a sweep stores them (fp16 "
+            "memory maps), then decoder steps with each feed of the batches\n\n" + cached_table(cached)
+        )
     if packing:
         tables.append(
             f"Packed frozen sweep: K × {shapes_for(args)['S'].name} frozen trainings as separate processes on one "
@@ -566,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n\n".join(tables))
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "peak_tflops": peak, "rows": rows, "packing": packing}, indent=2))
+        args.json.write_text(
+            json.dumps({"env": env, "peak_tflops": peak, "rows": rows, "cached": cached, "packing": packing}, indent=2)
+        )
     if args.write_results:
         write_results(args.results, env, "python bench/gpu.py " + " ".join(argv or sys.argv[1:]), tables)
         print(f"appended to {args.results}")

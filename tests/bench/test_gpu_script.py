@@ -35,10 +35,16 @@ def test_smoke_run_reports_every_row_and_flops_agree(tmp_path):
     results, numbers = tmp_path / "RESULTS.md", tmp_path / "rows.json"
     proc = _run("--device", "cpu", "--smoke", "--write-results", "--results", str(results), "--json", str(numbers))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| ViT-")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ViT-")]
+    table, cached = lines[:8], lines[8:]
     assert [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table] == [
         (name, mode) for name in ("ViT-S/14", "ViT-B/14", "ViT-L/14", "ViT-g/14") for mode in ("frozen", "e2e")
     ]
+    assert [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in cached] == [
+        (name, feed) for name in ("ViT-S/14", "ViT-B/14", "ViT-L/14", "ViT-g/14")
+        for feed in ("host", "resident", "prefetch")
+    ]  # fmt: skip
+    assert all("| ok" in line for line in cached), "\n".join(cached)
     assert all("| ok" in line for line in table), "\n".join(table)
     assert "unknown peak" in table[0]  # no MFU without a known card or --peak-tflops
 
@@ -54,9 +60,13 @@ def test_smoke_run_reports_every_row_and_flops_agree(tmp_path):
     )
     assert "grad ckpt" in by_mode[("ViT-g/14", "e2e")]["status"]
     assert [(p["k"], p["status"]) for p in data["packing"]] == [(1, "ok"), (2, "ok")]
+    for row in data["cached"]:  # the same decoder steps on stored features, compared with the frozen row
+        frozen = by_mode[(row["model"], "frozen")]
+        assert row["img_s"] > 0 and row["vs_frozen"] == pytest.approx(row["img_s"] / frozen["img_s"])
+        assert row["slices"] == 4 * row["batch"] and (row["copy_mb"] == 0) == (row["feed"] == "resident")
 
     text = results.read_text()
-    assert text.startswith("# GPU benchmark results") and "## CPU" in text and text.count("| ViT-") == 8
+    assert text.startswith("# GPU benchmark results") and "## CPU" in text and text.count("| ViT-") == 8 + 12
     assert "| 2 | 2 |" in text  # the packed sweep's second row: 2 trials at batch 2
 
 
@@ -76,6 +86,8 @@ def test_analytic_flops_of_the_official_sizes():
         ("NVIDIA H100 PCIe", 756.0),
         ("NVIDIA H100 NVL", None),
         ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA GH200 480GB", 989.0),
         ("NVIDIA A100-SXM4-80GB", 312.0),
         ("NVIDIA L40S", 362.0),
         ("NVIDIA A10G", 125.0),
