@@ -361,6 +361,55 @@ class Backbone(nn.Module):
             disable()
 
 
+class BackboneStub(nn.Module):
+    """A frozen backbone's identity without its weights: what a decoder, an optimizer and a checkpoint need from a
+    :class:`Backbone` whose features were computed beforehand (a sweep's feature cache).
+
+    A frozen trial that trains and evaluates on cached features never runs its backbone, so it need not load it:
+    no transformers import in its worker, no weights in its memory (4.5 GB on the device for ViT-g). Checkpoints
+    record the same fingerprint as with the real backbone, so ``lasegseg predict`` later loads the weights and
+    checks them. Calling the stub is an error.
+
+    Args:
+        source: where the weights come from (hub id or folder), as :attr:`Backbone.source`.
+        family: the backbone family name.
+        embed_dim: channels of every feature map.
+        patch_size: pixels per patch.
+        layer_indices: the tapped blocks.
+        source_fingerprint: :func:`fingerprint` of the weights the features were computed with.
+    """
+
+    def __init__(
+        self, *, source: str, family: str, embed_dim: int, patch_size: int, layer_indices: Sequence[int],
+        source_fingerprint: str,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.source, self.family = source, family
+        self.embed_dim, self.patch_size = int(embed_dim), int(patch_size)
+        self.layer_indices = [int(i) for i in layer_indices]
+        self.num_features_levels = len(self.layer_indices)
+        self.source_fingerprint = source_fingerprint
+
+    check_levels = Backbone.check_levels
+
+    def forward(self, x: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+        raise ModelError(
+            f"backbone '{self.source}' was not loaded: this frozen model decodes cached features only "
+            "(build it with build_segmenter to run the backbone)"
+        )
+
+
+def backbone_source(name: str, *, registers: bool = False) -> str:
+    """The source :func:`build_backbone` loads ``name`` from (hub id or folder; :attr:`Backbone.source`), without
+    loading it.
+
+    Args:
+        name: as for :func:`build_backbone`.
+        registers: as for :func:`build_backbone`.
+    """
+    return _resolve(name, registers=registers)[0]
+
+
 def build_backbone(name: str, *, registers: bool = False, gradient_checkpointing: bool = False) -> Backbone:
     """Load a backbone of a registered family.
 

@@ -23,6 +23,7 @@ from lasegseg.errors import ConfigError, ModelError
 from lasegseg.models.backbones import (
     NONE,
     Backbone,
+    BackboneStub,
     build_backbone,
     cache_root,
     check_backbone_name,
@@ -137,12 +138,16 @@ def check_model_config(model_cfg: ModelConfig) -> None:
         check_backbone_name(model_cfg.backbone, registers=model_cfg.registers)
 
 
-def build_segmenter(model_cfg: ModelConfig, *, gradient_checkpointing: bool | None = None) -> Segmenter:
+def build_segmenter(
+    model_cfg: ModelConfig, *, gradient_checkpointing: bool | None = None, backbone: BackboneStub | None = None
+) -> Segmenter:
     """Build backbone, decoder and mode from the ``model.*`` config.
 
     Args:
         model_cfg: the model section of a trial config.
         gradient_checkpointing: None = on for backbones of 24+ blocks that receive gradients (large, giant).
+        backbone: a weightless stand-in for the configured backbone, for a frozen model that only ever decodes
+            cached features (see :class:`~lasegseg.models.backbones.BackboneStub`); None loads the backbone.
     """
     check_model_config(model_cfg)
     if model_cfg.backbone == NONE:
@@ -156,7 +161,10 @@ def build_segmenter(model_cfg: ModelConfig, *, gradient_checkpointing: bool | No
         )
         return Segmenter(None, decoder.to(memory_format=torch.channels_last), mode=model_cfg.mode)
 
-    backbone = load_backbone(model_cfg.backbone, registers=model_cfg.registers)
+    if backbone is not None and not frozen_backbone({"model.mode": model_cfg.mode}):
+        raise ModelError(f"a backbone stub serves frozen models only, not mode '{model_cfg.mode}'")
+    if backbone is None:
+        backbone = load_backbone(model_cfg.backbone, registers=model_cfg.registers)
     decoder = create_decoder(
         model_cfg.decoder,
         embed_dim=backbone.embed_dim,
@@ -196,6 +204,12 @@ def load_backbone(name: str, *, registers: bool = False) -> Backbone:
         _BACKBONE_TEMPLATE.clear()
         _BACKBONE_TEMPLATE[key] = template
     return copy.deepcopy(template)
+
+
+def forget_backbones() -> None:
+    """Drop the backbone this process keeps for :func:`load_backbone` (a sweep driver's, once its features are
+    built), so its memory goes back."""
+    _BACKBONE_TEMPLATE.clear()
 
 
 def _folder_stamp(name: str) -> tuple:

@@ -7,7 +7,8 @@ the driver (a cluster's head has no GPU). The task opens or builds the node's sl
 then builds each frozen backbone's features under the cache's file lock, storing only the levels that backbone's
 frozen trials read (the union over their decoders): a node builds each at most once, and a trial that lands on a
 node added later builds its own levels the same way. On a GPU the task's worker exits afterwards, so the backbone's
-memory goes back to the trials.
+memory goes back to the trials. On the sweep's own local cluster (one machine) the driver builds them in-process
+instead, on the device a frozen trial gets. Frozen trials then decode these features without loading their backbone.
 
 Building on every node beats fetching from shared storage here: a ViT-L/g feature cache of a full dataset is tens
 of GB, which takes longer to download than the GPU takes to compute it (minutes), and the slice cache is rebuilt
@@ -65,6 +66,15 @@ def frozen_feature_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [flat for flat in distinct_frozen_backbones(trials) if uses_feature_cache(flat)]
 
 
+def loads_backbone(flat: dict[str, Any]) -> bool:
+    """Whether a trial with this flat config loads its backbone in its worker: it has one and does not train on
+    cached features (such a trial decodes the features built here through a weightless stand-in, see
+    :class:`~lasegseg.models.backbones.BackboneStub`)."""
+    from lasegseg.train.features import uses_feature_cache
+
+    return flat.get("model.backbone", "tiny") != "none" and not uses_feature_cache(flat)
+
+
 def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]]) -> dict[str, Any]:
     """Inside a Ray task: this node's slice cache and the feature caches of ``flats`` (built once, under a lock).
 
@@ -76,12 +86,17 @@ def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...
     Returns:
         The node, the device used, ``{feature slot: folder}`` and which caches this task built.
     """
+    from lasegseg.sweep.worker import placement
+
+    return _build(flats, readers, placement())
+
+
+def _build(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]], where: dict[str, str]) -> dict[str, Any]:
+    """:func:`build_on_node`'s work on the device ``where`` names."""
     import torch
 
-    from lasegseg.sweep.worker import placement
     from lasegseg.train.features import build_slot_features, feature_slot
 
-    where = placement()
     t0 = time.perf_counter()
     built: dict[str, Any] = {}
     caches = open_slice_caches(flats, built)
@@ -102,10 +117,10 @@ def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...
 def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True) -> dict[str, dict[str, str]]:
     """Run :func:`build_on_node` on every alive node that fits a frozen trial; ``{node id: {slot: folder}}``.
 
-    On the sweep's own local cluster (``joined`` False) nothing runs up front: that cluster is this one machine,
-    whose first frozen trial builds the features itself, on its own device share and under the same lock, while a
-    task would take one of the workers the cluster started warm, and Ray never hands a worker that ran a task to a
-    trial actor afterwards (a trial would then wait for a cold process).
+    On the sweep's own local cluster (``joined`` False) this driver builds them itself, on the device a frozen trial
+    gets, while the workers the cluster started warm up: a task would take one of those workers, and Ray never hands
+    a worker that ran a task to a trial actor afterwards (a trial would then wait for a cold process). Either way
+    every frozen trial finds its features built and decodes them without loading its backbone.
 
     Args:
         trials: the sweep's flat trial configs.
@@ -119,10 +134,12 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
     from lasegseg.train.features import slot_readers
 
     flats = frozen_feature_trials(trials)
-    if not flats or not joined:
+    if not flats:
         return {}
     readers = slot_readers(trials)
     request = res.for_trial(flats[0])
+    if not joined:
+        return _build_in_driver(flats, readers, request)
     nodes = [n for n in alive_nodes() if n.cpus >= request["cpu"] and n.gpus >= request["gpu"]]
     # On a GPU the worker exits after the task (max_calls=1), so the backbone's memory goes back to the trials.
     task = ray.remote(max_calls=1 if request["gpu"] else 0)(build_on_node)
@@ -142,3 +159,22 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
         )  # fmt: skip
         out[result["node_id"]] = result["paths"]
     return out
+
+
+def _build_in_driver(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]], request: dict[str, float]):
+    """:func:`build_on_node` in this process, for the sweep's own local cluster (this machine is its one node); the
+    backbone is dropped afterwards (its weights and device memory go back before the trials start)."""
+    import ray
+    import torch
+
+    from lasegseg.models import segmenter
+
+    device = "cuda" if request["gpu"] and torch.cuda.is_available() else "cpu"
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": "127.0.0.1", "device": device}
+    try:
+        result = _build(flats, readers, where)
+    finally:
+        segmenter.forget_backbones()
+    built = ", ".join(result["built"]) or "none (reused)"
+    log.info("caches here: features built: %s (%.1f s)", built, result["seconds"])
+    return {where["node_id"]: result["paths"]}

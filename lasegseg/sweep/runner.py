@@ -213,7 +213,11 @@ def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:
 
 
 def _warm_tracking(tracking_uri: str):
-    """MLflow's store imports (~1 s) and a new local store's copy, on a thread while Ray starts (mostly waiting)."""
+    """MLflow's store imports (~1 s) and a new local store's copy, on a thread while Ray starts (mostly waiting).
+
+    Only these: transformers' backbone modules (~2.4 s, which the driver needs to build its local cluster's frozen
+    features) on this thread as well made Ray's start and its workers' warm-up, which share the same cores, slower
+    by more than they saved (first optimizer step 11 s → 16-18 s on 2 cores)."""
     import threading
 
     def work() -> None:
@@ -272,15 +276,18 @@ def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
     """Ray first: the workers it starts import torch & co. while this process builds features and the store."""
     from lasegseg.paths import CACHE_ENV
     from lasegseg.sweep import tracking
+    from lasegseg.sweep.caches import loads_backbone
     from lasegseg.sweep.cluster import init_ray, local_cpus
-    from lasegseg.sweep.worker import PREWARM_ENV
+    from lasegseg.sweep.worker import PREWARM_ENV, WARM_BACKBONE_CODE_ENV
 
     env = tracking.tracking_env(tracking_uri)
     if not os.environ.get("RAY_ADDRESS"):  # the private local cluster shares this machine's cache folder
         env[CACHE_ENV] = os.environ.get(CACHE_ENV, "")
-    first = next((t for t in plan.trials if t.get("model.backbone", "none") != "none"), None)
+    first = next((t for t in plan.trials if loads_backbone(t)), None)
     if first is not None:
         env[PREWARM_ENV] = f"{first['model.backbone']}|{first.get('model.registers', False)}"
+    else:  # every trial decodes cached features or has no backbone: workers need no transformers
+        env[WARM_BACKBONE_CODE_ENV] = "0"
     init_ray({k: v for k, v in env.items() if v}, local_cpus(plan.spec.resources))
 
 
@@ -402,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
     tracking.check_reachable(tracking_uri)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(plan, args.resume)
+    local = not os.environ.get("RAY_ADDRESS")
     warming = _warm_tracking(tracking_uri)
     _start_ray(plan, tracking_uri)
     _check_cluster(plan, tracking_uri)
@@ -411,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     cache = next(iter(caches.values()))  # every cache holds the same cases
     _check_pool(plan.trials, cache)
     # Frozen backbones: one pass over every slice per node, by a task with the trials' accelerator share.
-    feature_paths = build_node_caches(plan.trials, plan.spec.resources, joined=bool(os.environ.get("RAY_ADDRESS")))
+    feature_paths = build_node_caches(plan.trials, plan.spec.resources, joined=not local)
     # A resumed sweep keeps the choice of its first run: one sweep never mixes real ids and aliases.
     pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
     salt = _pseudonym_salt(plan.sweep_dir, cache.cases) if pseudonymize else None

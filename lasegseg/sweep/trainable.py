@@ -117,7 +117,8 @@ def _epoch_reporter(tracker, run_id: str, first_report: dict[str, Any], timings:
         if not timings.get("reported"):
             # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
             report |= {**first_report, "first_step_at": timings.get("first_step_at", 0.0),
-                       "features_built": bool(timings.get("features_built"))}  # fmt: skip
+                       "features_built": bool(timings.get("features_built")),
+                       "backbone_loaded": bool(timings.get("backbone_loaded", True))}  # fmt: skip
             timings["reported"] = True
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
 

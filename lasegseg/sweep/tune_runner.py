@@ -18,7 +18,7 @@ SCREENING_FILE = "screening.json"
 TIMING_FIELDS = (
     "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
     "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-    "features_built", "tracking_start_s", "end_cost_s",
+    "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s",
 )  # fmt: skip
 """``fixed_cost_s``: Tune scheduling the trial → its first optimizer step. ``tracking_start_s``: opening its MLflow
 run (part of the fixed cost). ``end_cost_s``: its test patients scored → Tune recording it complete (model, files,
@@ -124,6 +124,7 @@ def _timings_callback(sweep_dir: Path):
                 "device": result.get("device", ""),
                 "slice_cache_built": str(bool(result.get("slice_cache_built", False))).lower(),
                 "features_built": str(bool(result.get("features_built", False))).lower(),
+                "backbone_loaded": str(bool(result.get("backbone_loaded", True))).lower(),
                 "tracking_start_s": f"{float(result.get('tracking_start_s', 0.0)):.3f}",
             })  # fmt: skip
             atomic_write(path, _csv_text(self.rows))

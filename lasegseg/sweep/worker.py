@@ -10,23 +10,29 @@ import os
 from typing import Any
 
 PREWARM_ENV = "LASEGSEG_PREWARM_BACKBONE"
+# "0" when no trial of the sweep loads a backbone in its worker (every one is frozen on cached features, or has no
+# backbone): the workers then skip transformers (≈ 2.4 s of imports and ≈ 160 MiB per process).
+WARM_BACKBONE_CODE_ENV = "LASEGSEG_WARM_BACKBONE_CODE"
 PRELOAD_MODULE = "lasegseg.sweep.preload"
 PREWARM_HOOK = "lasegseg.sweep.worker.prewarm_worker"
 # What a trial imports, by name: this module is imported by the trainable, so it names the trainable rather than
 # importing it (no import cycle).
-WARM_MODULES = (
-    "torch", "transformers.models.dinov2.modeling_dinov2",
+# torch._dynamo: torch's optimizers import it when the first one is built (≈ 1 s), as does the deterministic flag.
+WARM_MODULES = ("torch", "torch._dynamo", "mlflow.tracking", "lasegseg.train.trial", "lasegseg.sweep.trainable")
+# What a trial that loads its backbone imports besides.
+BACKBONE_MODULES = (
+    "transformers.models.dinov2.modeling_dinov2",
     "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
-    "transformers.models.dinov3_vit.modeling_dinov3_vit", "mlflow.tracking",
-    "lasegseg.train.trial", "lasegseg.sweep.trainable",
-)  # fmt: skip
+    "transformers.models.dinov3_vit.modeling_dinov3_vit",
+)
 _PREWARMED = False
 
 
 def prewarm_worker(*, full: bool = True) -> None:
     """Pay a fresh Ray worker's one-time costs when the process starts, before Tune hands it a trial.
 
-    torch, transformers' DINOv2 and DINOv3, the trial modules and the MLflow client are imported. With ``full`` the
+    torch, the trial modules, the MLflow client and (unless ``$LASEGSEG_WARM_BACKBONE_CODE`` is ``0``)
+    transformers' DINOv2 and DINOv3 are imported. With ``full`` the
     worker also opens the tracking store and loads the sweep's first backbone (``$LASEGSEG_PREWARM_BACKBONE``). Two
     callers: the ``worker_process_setup_hook`` of a sweep on an existing cluster (one worker per trial actor,
     ``full``), and :mod:`lasegseg.sweep.preload` on the sweep's own local cluster, where Ray starts one worker per
@@ -42,7 +48,10 @@ def prewarm_worker(*, full: bool = True) -> None:
 
     global _PREWARMED
     try:
-        for module in WARM_MODULES:
+        backbone_code = os.environ.get(WARM_BACKBONE_CODE_ENV, "1") != "0"
+        # A sqlite tracking store is opened through SQLAlchemy, whose MLflow store module alone takes ≈ 2 s.
+        store = ("mlflow.store.tracking.sqlalchemy_store",) if _sqlite_tracking() else ()
+        for module in WARM_MODULES + store + (BACKBONE_MODULES if backbone_code else ()):
             importlib.import_module(module)
         if full:
             from lasegseg.sweep.tracking import client
@@ -59,6 +68,10 @@ def prewarm_worker(*, full: bool = True) -> None:
         _PREWARMED = True
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop a worker from starting
         logging.getLogger(__name__).warning("worker warm-up skipped: %s", exc)
+
+
+def _sqlite_tracking() -> bool:
+    return os.environ.get("MLFLOW_TRACKING_URI", "").startswith("sqlite:")
 
 
 def worker_info() -> dict[str, Any]:

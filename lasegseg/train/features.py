@@ -16,7 +16,9 @@ backbone, so a linear-only sweep stores one level of four. Layout of ``<slice ca
 preprocessing), the image size, the compute precision and the storage dtype. A reader asks for its levels and is
 served by the cache of exactly those or, failing that, by the smallest one that holds them all. A cache is built in a
 temporary folder and renamed into place under an exclusive file lock, so concurrent trials never build it twice; a
-damaged cache (size or hash mismatch) is discarded and rebuilt, never used. Pure compute: no ray, no mlflow.
+damaged cache (size or hash mismatch) is discarded and rebuilt, never used. A trial trains through
+:meth:`FeatureCache.for_training`: its training rows held on its device when they fit (a batch is then an
+``index_select`` there), else gathered and copied ahead of it on a thread. Pure compute: no ray, no mlflow.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -48,6 +52,17 @@ FEATURES_VERSION = 2
 FEATURES_DIR = "features"
 MANIFEST_FILE = "manifest.json"
 STORAGE_DTYPE = "float16"
+# A trial holds its training rows' features on its GPU when they take at most this share of the device memory free
+# when it starts: the rest stays for the decoder's activations and optimizer state and for the other trials packed
+# on the card (``resources.frozen_gpus_per_trial``), each of which sees less free memory and so takes less.
+RESIDENT_DEVICE_FRACTION = 0.25
+# On the CPU a trial reads the memory map: its pages sit in the page cache once for every trial of the node, while a
+# resident copy would add those rows to each trial's own memory. Measured with the map cached, a batch costs the same
+# either way (≈ 10 ms for 16 ViT-S-sized rows of four levels: widening to fp32 dominates), so the CPU budget is 0.
+RESIDENT_HOST_BYTES = 0
+# Batches a prefetching reader sends ahead of the training thread (each a batch's fp16 maps on the device).
+PREFETCH_DEPTH = 2
+_LOAD_CHUNK_BYTES = 64 * 2**20  # rows copied to the device per pinned transfer while a resident reader loads
 
 
 def features_root(cache: Any) -> Path:
@@ -222,14 +237,215 @@ class FeatureCache:
             rows: sorted slice-cache row indices (sorted rows read sequential pages).
             device: where the decoder runs.
         """
-        out = []
-        for i in self.levels:
-            host = torch.from_numpy(np.ascontiguousarray(self.maps[i][rows]))
-            out.append(to_device(host, device).float().permute(0, 3, 1, 2))
-        return out
+        return [widen(half) for half in self.send(rows, device)]
+
+    def send(self, rows: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+        """The fp16 ``(B, h, w, C)`` maps of ``rows`` on ``device`` as stored, one per level (:meth:`batch` before
+        :func:`widen`)."""
+        return [to_device(torch.from_numpy(np.ascontiguousarray(self.maps[i][rows])), device) for i in self.levels]
+
+    def batches(self, batches: Iterable[np.ndarray], device: torch.device) -> Iterator[list[torch.Tensor]]:
+        """:meth:`batch` of every row batch of ``batches``, in order (an epoch's reads; see :meth:`for_training`).
+
+        Args:
+            batches: sorted slice-cache row indices, one array per batch.
+            device: where the decoder runs.
+        """
+        for rows in batches:
+            yield self.batch(rows, device)
+
+    def row_bytes(self) -> int:
+        """Bytes of one slice row's maps over :attr:`levels` as stored (fp16)."""
+        return sum(int(np.prod(self.maps[i].shape[1:])) * self.maps[i].itemsize for i in self.levels)
+
+    def for_training(
+        self, rows: np.ndarray, device: torch.device | str, *, budget_bytes: int | None = None
+    ) -> FeatureCache:
+        """This reader as a trial trains from it: ``rows`` held on ``device`` when they fit, else prefetched.
+
+        Held rows (:class:`ResidentFeatures`) make a batch an ``index_select`` on the device. Rows that do not fit
+        on a GPU are gathered, pinned and copied by a background thread (:class:`PrefetchFeatures`); on the CPU they
+        are read from the memory map as by :meth:`batch`. Every path returns :meth:`batch`'s values exactly, and the
+        reader still serves any other row (validation, test) from the map.
+
+        Args:
+            rows: the slice rows the trial trains on.
+            device: where the decoder runs.
+            budget_bytes: the most bytes to hold; default :func:`resident_budget` of ``device``.
+        """
+        device = _concrete(torch.device(device))
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        need = len(rows) * self.row_bytes()
+        budget = resident_budget(device) if budget_bytes is None else budget_bytes
+        if need <= budget:
+            try:
+                held = ResidentFeatures(self, rows, device)
+            except torch.OutOfMemoryError:
+                logger.warning("training features (%.2f GiB) did not fit on %s after all", need / 2**30, device)
+            else:
+                logger.info("training features held on %s: %d rows, %.2f GiB", device, len(rows), need / 2**30)
+                return held
+        if device.type == "cuda":
+            logger.info("training features prefetched to %s: %.2f GiB (budget %.2f GiB)", device, need / 2**30,
+                        budget / 2**30)  # fmt: skip
+            return PrefetchFeatures(self)
+        return self
 
     def __reduce__(self):
         return (_reopen, (str(self.path), self.levels))
+
+
+def resident_budget(device: torch.device) -> int:
+    """Bytes of training features a trial may hold on ``device``: :data:`RESIDENT_DEVICE_FRACTION` of the GPU's free
+    memory now, or :data:`RESIDENT_HOST_BYTES` on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * RESIDENT_DEVICE_FRACTION)
+    if device.type == "cpu":
+        return RESIDENT_HOST_BYTES
+    return 0
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current GPU (a background thread's current GPU may differ)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class ResidentFeatures(FeatureCache):
+    """A reader that holds some rows' maps on a device as one fp16 ``(n, h, w, C)`` tensor per level.
+
+    A batch of held rows is an ``index_select`` on the device, widened and permuted there as :meth:`batch` does, so
+    its values are those of the memory-mapped path exactly; a batch with any other row (or for another device) is
+    read from the map. Pickling gives the plain memory-mapped reader.
+
+    Args:
+        base: the reader whose levels are held.
+        rows: the slice rows to hold.
+        device: where to hold them.
+
+    Attributes:
+        rows: the held rows, sorted.
+        store: one fp16 tensor per level of :attr:`levels`; row ``k`` is slice row ``rows[k]``.
+    """
+
+    def __init__(self, base: FeatureCache, rows: np.ndarray, device: torch.device | str) -> None:
+        super().__init__(base.path, base.manifest, base.levels)
+        self.device = _concrete(torch.device(device))
+        self.rows = np.unique(np.asarray(rows, dtype=np.int64))
+        self.store = [self._load(self.maps[i]) for i in self.levels]
+
+    def _load(self, level: np.ndarray) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.ascontiguousarray(level[self.rows]))
+        out = torch.empty((len(self.rows), *level.shape[1:]), dtype=torch.float16, device=self.device)
+        step = max(1, _LOAD_CHUNK_BYTES // max(1, level[:1].nbytes))
+        for start in range(0, len(self.rows), step):
+            host = torch.from_numpy(np.ascontiguousarray(level[self.rows[start : start + step]]))
+            out[start : start + len(host)].copy_(host.pin_memory(), non_blocking=True)
+        return out
+
+    def positions(self, rows: np.ndarray) -> np.ndarray | None:
+        """Where ``rows`` are in :attr:`store`, or None when any of them is not held."""
+        rows = np.asarray(rows, dtype=np.int64)
+        pos = np.searchsorted(self.rows, rows)
+        if not len(rows) or (pos >= len(self.rows)).any() or (self.rows[pos] != rows).any():
+            return None
+        return pos
+
+    def batch(self, rows: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+        """As :meth:`FeatureCache.batch`; held rows come from the device copy."""
+        pos = self.positions(rows)
+        if pos is None or _concrete(torch.device(device)) != self.device:
+            return super().batch(rows, device)
+        index = to_device(torch.from_numpy(pos), self.device)
+        return [widen(held.index_select(0, index)) for held in self.store]
+
+
+class PrefetchFeatures(FeatureCache):
+    """A reader whose :meth:`batches` are sent to the device by a background thread, up to :data:`PREFETCH_DEPTH`
+    ahead of the training thread.
+
+    The thread does :meth:`send` (gather from the map, pin, copy without blocking) on a CUDA stream of its own, so the
+    copies overlap the training kernels; the training thread's stream waits for a batch's copy, then widens it as
+    :meth:`batch` does (queued batches stay fp16: half the device memory). Batches come in order; an error in the
+    thread is raised by the iterator; the thread ends after the last batch, or when the iterator is closed or dropped.
+
+    Args:
+        base: the reader to prefetch from (its levels).
+    """
+
+    def __init__(self, base: FeatureCache) -> None:
+        super().__init__(base.path, base.manifest, base.levels)
+
+    def batches(self, batches: Iterable[np.ndarray], device: torch.device) -> Iterator[list[torch.Tensor]]:
+        """:meth:`batch` of every row batch of ``batches``, in order, prepared ahead on a thread.
+
+        Args:
+            batches: sorted slice-cache row indices, one array per batch (read by the thread, lazily).
+            device: where the decoder runs.
+        """
+        device = _concrete(torch.device(device))
+        ahead: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._produce, args=(iter(batches), device, ahead, stop), name="feature-prefetch", daemon=True
+        )
+        worker.start()
+        try:
+            while True:
+                kind, item = ahead.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                halves, ready = item
+                if ready is not None:
+                    stream = torch.cuda.current_stream(device)
+                    stream.wait_event(ready)
+                    for half in halves:  # allocated on the copy stream, read on this one
+                        half.record_stream(stream)
+                yield [widen(half) for half in halves]
+        finally:
+            stop.set()
+            worker.join()
+
+    def _produce(self, batches: Iterator[np.ndarray], device: torch.device, ahead: queue.Queue, stop) -> None:
+        """The thread: each batch's fp16 maps and the event its copy records, then ``end``; or the error that
+        stopped it."""
+        try:
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            for rows in batches:
+                if stop.is_set():
+                    return
+                ready = None
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    halves = self.send(rows, device)
+                    if stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                if not _offer(ahead, ("batch", (halves, ready)), stop):
+                    return
+            _offer(ahead, ("end", None), stop)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, which raises it
+            _offer(ahead, ("error", err), stop)
+
+
+def _offer(ahead: queue.Queue, item: tuple, stop: threading.Event) -> bool:
+    """Put ``item`` once there is room; False (not put) when ``stop`` is set first."""
+    while not stop.is_set():
+        try:
+            ahead.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def widen(half: torch.Tensor) -> torch.Tensor:
+    """A stored fp16 ``(B, h, w, C)`` map as the decoder reads it: float32, a channels-last ``(B, C, h, w)`` view."""
+    return half.float().permute(0, 3, 1, 2)
 
 
 def _reopen(path: str, levels: tuple[int, ...]) -> FeatureCache:
@@ -369,6 +585,10 @@ def build_features(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "builder": builder_stamp(),
             "backbone_source": str(getattr(backbone, "source", "")),
+            # What a frozen trial needs to decode these without loading the backbone (models.backbones.BackboneStub).
+            "family": str(getattr(backbone, "family", "")),
+            "embed_dim": int(backbone.embed_dim),
+            "patch_size": int(backbone.patch_size),
             "levels": list(levels),
             "blocks": [backbone.layer_indices[i] for i in levels],
             "rows": len(cache),

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lasegseg.config import Config, EvalConfig, run_name
+from lasegseg.config import Config, EvalConfig, frozen_backbone, run_name
 from lasegseg.data.cache import open_cache
 from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
@@ -163,7 +163,8 @@ def train_one_epoch(
 
     Args:
         scheduler: stepped after every optimizer step (the learning-rate schedule is per step).
-        features: train the decoder on these cached backbone features (frozen mode, no augmentation).
+        features: train the decoder on these cached backbone features (frozen mode, no augmentation), read through
+            their :meth:`~lasegseg.train.features.FeatureCache.batches` (held or prefetched; see ``for_training``).
         forward: the callable that maps the batch to logits (e.g. a compiled model or decoder); default ``model``,
             or ``model.decode`` with ``features``.
         augment: ``train.augment`` applied to each batch (never with ``features``).
@@ -176,14 +177,15 @@ def train_one_epoch(
         forward = model.decode if features is not None else model
     total = torch.zeros((), device=device)
     steps, lr = 0, optimizer.param_groups[-1]["lr"]
-    for start in range(0, len(order), batch_size):
-        idx = np.sort(order[start : start + batch_size])
+    batches = [np.sort(order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
+    feature_batches = features.batches(batches, device) if features is not None else [None] * len(batches)
+    for idx, feats in zip(batches, feature_batches, strict=True):
         x = to_device(torch.from_numpy(np.asarray(images[idx]))[:, None], device).float()
         y = to_device(torch.from_numpy(np.asarray(labels[idx]))[:, None], device).long()
         if augment != "none":
             x, y = augment_batch(x, y, augment, generator)
         with autocast_context(device, amp):
-            logits = forward(features.batch(idx, device), x) if features is not None else forward(x)
+            logits = forward(feats, x) if features is not None else forward(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,7 +204,8 @@ def _trial_features(
     cfg: Config, model, data: TrialData, device: torch.device, stats: dict[str, Any] | None = None
 ) -> FeatureCache | None:
     """The cached features this trial trains on, read as the levels its decoder reads (``model.levels``), or None
-    when it runs the backbone (see ``train.feature_cache``).
+    when it runs the backbone (see ``train.feature_cache``). Its training rows are held on ``device`` when they fit,
+    else prefetched there on a thread (:meth:`~lasegseg.train.features.FeatureCache.for_training`).
 
     Args:
         stats: gets ``built`` True when this trial had to compute them.
@@ -219,7 +222,7 @@ def _trial_features(
         and given.manifest.get("precision") == compute_precision(device, cfg.train.amp)
         and given.holds(model.levels)
     ):
-        return given.reader(model.levels)
+        return given.reader(model.levels).for_training(data.train_rows, device)
     levels = model.levels
     if data.feature_readers:
         levels = tuple(sorted({*levels, *levels_read(data.feature_readers, model.backbone.num_features_levels)}))
@@ -227,19 +230,56 @@ def _trial_features(
         model.backbone, data.cache, levels=levels, device=device, amp=cfg.train.amp,
         batch_size=max(32, cfg.train.batch_size), stats=stats,
     )  # fmt: skip
-    return features.reader(model.levels)
+    return features.reader(model.levels).for_training(data.train_rows, device)
+
+
+def _backbone_stub(cfg: Config, data: TrialData, device: torch.device):
+    """A weightless stand-in for a frozen trial's backbone when the features it was given serve every pass the
+    trial makes (training, validation, test, overlays), else None (the backbone is loaded).
+
+    The features must come from this backbone's source over this slice cache, at this device's precision, with
+    the levels the decoder reads, and record the backbone's shape (caches built before that was recorded load it).
+    """
+    from lasegseg.models.backbones import BackboneStub, backbone_source
+    from lasegseg.models.decoders import decoder_levels
+
+    given, flat = data.features, cfg.to_flat()
+    if given is None or not frozen_backbone(flat) or not cfg.train.feature_cache or cfg.train.augment != "none":
+        return None
+    m = given.manifest
+    if any(k not in m for k in ("family", "embed_dim", "patch_size", "backbone_source", "layer_indices")):
+        return None
+    if (
+        m["backbone_source"] != backbone_source(cfg.model.backbone, registers=cfg.model.registers)
+        or m.get("slice_cache") != data.cache.key
+        or m.get("precision") != compute_precision(device, cfg.train.amp)
+    ):
+        return None
+    stub = BackboneStub(
+        source=m["backbone_source"], family=m["family"], embed_dim=m["embed_dim"], patch_size=m["patch_size"],
+        layer_indices=m["layer_indices"], source_fingerprint=m["backbone_fingerprint"],
+    )  # fmt: skip
+    return stub if given.holds(decoder_levels(cfg.model.decoder, stub.num_features_levels)) else None
 
 
 def _compiled_forward(cfg: Config, model, features: FeatureCache | None) -> Callable | None:
     """``torch.compile`` of what the training step calls (the decoder on cached features, else the whole model).
 
-    The module itself stays uncompiled, so checkpoints keep their parameter names.
+    The module itself stays uncompiled, so checkpoints keep their parameter names. The batch dimension of every
+    tensor argument is marked dynamic before each call, so an epoch's last, smaller batch runs the graph compiled for
+    the full ones instead of compiling another (a batch of one still gets its own: dynamic sizes start at 2).
     """
     if not cfg.train.compile:
         return None
-    if features is not None:
-        return torch.compile(model.decode)
-    return torch.compile(model)
+    compiled = torch.compile(model.decode if features is not None else model)
+
+    def forward(*args):
+        for arg in args:
+            for tensor in arg if isinstance(arg, (list, tuple)) else (arg,):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(*args)
+
+    return forward
 
 
 def _optimizer(cfg: Config, model, steps_per_epoch: int):
@@ -336,7 +376,9 @@ def _set_up(cfg: Config, data: TrialData, device: torch.device, timings: dict[st
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    model = build_segmenter(cfg.model).to(device)
+    stub = _backbone_stub(cfg, data, device)
+    model = build_segmenter(cfg.model, backbone=stub).to(device)
+    timings["backbone_loaded"] = stub is None and model.backbone is not None
     built: dict[str, Any] = {}
     features = _trial_features(cfg, model, data, device, built)
     timings["feature_cache"] = features is not None
@@ -474,7 +516,10 @@ def run_trial(
     results = _test(fit, state)
     timings["scored_at"] = time.time()  # what follows is bookkeeping: files, overlays, tracking
     if out_dir is not None:
-        write_outputs(Path(out_dir), fit.model, cfg, results, cache=fit.data.cache, device=device, alias=alias)
+        write_outputs(
+            Path(out_dir), fit.model, cfg, results, cache=fit.data.cache, device=device, alias=alias,
+            features=fit.features,
+        )  # fmt: skip
     return pseudonymize_results(results, alias)
 
 
@@ -497,44 +542,55 @@ def pseudonymize_results(results: dict[str, Any], alias: Callable[[str], str] | 
 
 def write_overlays(
     model, cache, rows: list[dict[str, Any]], path: Path, *, device, amp: str, k: int = 3,
-    alias: Callable[[str], str] | None = None,
+    alias: Callable[[str], str] | None = None, features: FeatureCache | None = None,
 ) -> Path:  # fmt: skip
     """Prediction and ground-truth contours on ``k`` slices of the test patients (as the paper's Figure 3).
 
     Titles name each case by ``alias(case id)`` when given (pseudonymised runs).
+
+    Args:
+        features: decode the panels from these cached backbone features (frozen mode) instead of running the
+            backbone.
     """
     from lasegseg.train.overlay import overlay_figure, pick_slices
 
     model.eval()
-    images, truths, preds, titles = [], [], [], []
+    picked, images, truths, preds, titles = [], [], [], [], []
     for row in rows[:2]:
         cid = row["case_id"]
         case_rows = cache.rows_for([cid])
         case_rows = case_rows[np.argsort(cache.slice_index[case_rows], kind="stable")]
         labels = np.moveaxis(np.asarray(cache.labels[case_rows]), 0, -1).astype(bool)
         for z in pick_slices(labels, k=k):
+            picked.append(int(case_rows[z]))
             images.append(np.asarray(cache.images[case_rows[z]], dtype=np.float32))
             truths.append(labels[..., z])
             titles.append(f"{alias(cid) if alias else cid} z={z} (3D Dice {row['dice']:.3f})")
     if images:  # one batch for every panel
-        probs = predict_slices(model, np.stack(images), batch_size=len(images), device=device, amp=amp)
+        if features is not None:
+            probs = predict_cached_slices(
+                model, features, cache, np.asarray(picked), batch_size=len(picked), device=device, amp=amp
+            )
+        else:
+            probs = predict_slices(model, np.stack(images), batch_size=len(images), device=device, amp=amp)
         preds = list(probs >= 0.5)
     return overlay_figure(path, images, truths, preds, titles)
 
 
 def write_outputs(
     out_dir: Path, model, cfg: Config, results: dict[str, Any], cache=None, device="cpu",
-    alias: Callable[[str], str] | None = None,
+    alias: Callable[[str], str] | None = None, features: FeatureCache | None = None,
 ) -> None:  # fmt: skip
     """``model/`` (safetensors + config.json), ``metrics.json``, ``per_patient.csv`` and ``overlays.png``.
 
-    With ``alias``, every case id in these files (and the overlay titles) is its pseudonym.
+    With ``alias``, every case id in these files (and the overlay titles) is its pseudonym; ``features`` are the
+    trial's cached backbone features (frozen mode), which the overlays decode from.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cache is not None and results["per_patient"]:
         write_overlays(
             model, cache, results["per_patient"], out_dir / "overlays.png", device=device, amp=cfg.train.amp,
-            alias=alias,
+            alias=alias, features=features,
         )  # fmt: skip
     results = pseudonymize_results(results, alias)
     ckpt.save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})

@@ -31,7 +31,7 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     worker = {"worker_pid": 4242, "worker_started_at": scheduled - 9.0, "worker_prewarmed": True,
               "node_ip": "10.0.0.2", "node_id": "n2", "device": "cpu", "slice_cache_built": True}  # fmt: skip
     cb.on_trial_result(0, [a], a, {"trial_started_at": scheduled + 0.5, "first_step_at": scheduled + 1.25,
-                                    "tracking_start_s": 0.04, **worker})  # fmt: skip
+                                    "tracking_start_s": 0.04, "backbone_loaded": False, **worker})  # fmt: skip
     cb.on_trial_result(0, [a], a, {"train_loss": 0.3})  # later reports carry no timings
     cb.on_trial_restore(iteration=1, trials=[a], trial=a)  # a retry is a new attempt with its own fixed cost
     cb.on_trial_result(1, [a], a, {"trial_started_at": time.time(), "first_step_at": time.time() + 2.0})
@@ -44,7 +44,7 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     assert tuple(reader.fieldnames) == (
         "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
         "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-        "features_built", "tracking_start_s", "end_cost_s",
+        "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s",
     )  # fmt: skip
     assert [r["trial_id"] for r in rows] == ["t_00000", "t_00000"]
     assert rows[0]["run_name"] == "multiscale·frozen·p2·lr0.0003·s0"
@@ -61,6 +61,8 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     # Where each attempt ran and which caches it had to build there.
     assert [rows[0][k] for k in ("node_ip", "node_id", "device", "slice_cache_built", "features_built")] == [
         "10.0.0.2", "n2", "cpu", "true", "false"]  # fmt: skip
+    # A frozen trial on its node's features decoded them without loading its backbone; one that did not say did.
+    assert (rows[0]["backbone_loaded"], rows[1]["backbone_loaded"]) == ("false", "true")
     # A resumed sweep appends to the file instead of replacing it.
     again = tune_runner._timings_callback(tmp_path)
     b = _trial("t_00001")
@@ -92,8 +94,10 @@ def test_worker_info_describes_this_process(monkeypatch):
     assert worker.worker_info()["worker_prewarmed"] is True
 
 
-def test_preload_module_warms_a_fresh_process_without_touching_store_or_weights(tmp_path):
-    """What a worker of the local cluster runs as it starts: imports only (no sqlite store, no backbone)."""
+@pytest.mark.parametrize("backbone_code", ["1", "0"])
+def test_preload_module_warms_a_fresh_process_without_touching_store_or_weights(tmp_path, backbone_code):
+    """What a worker of the local cluster runs as it starts: imports only (no sqlite store, no backbone), and no
+    transformers when every trial of the sweep decodes cached features."""
     db = tmp_path / "mlflow.db"
     code = (
         "import sys; import lasegseg.sweep.preload; from lasegseg.sweep import worker as t; "
@@ -101,10 +105,12 @@ def test_preload_module_warms_a_fresh_process_without_touching_store_or_weights(
         "print(sorted(m for m in ('torch', 'transformers', 'mlflow.tracking', 'lasegseg.train.trial') "
         "if m in sys.modules), t.worker_info()['worker_prewarmed'], len(s._BACKBONE_TEMPLATE))"
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", worker.PREWARM_ENV: "tiny|False"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", worker.PREWARM_ENV: "tiny|False",
+           worker.WARM_BACKBONE_CODE_ENV: backbone_code}  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[0] == "['lasegseg.train.trial', 'mlflow.tracking', 'torch', 'transformers'] True 0"
+    imported = ["lasegseg.train.trial", "mlflow.tracking", "torch"] + (["transformers"] if backbone_code == "1" else [])
+    assert proc.stdout.split("\n")[0] == f"{imported} True 0"
     assert not db.exists()  # the driver creates the store; a worker racing it would run the migrations twice
 
 
@@ -155,6 +161,24 @@ def test_local_cluster_inherits_the_sweep_env_and_preloads_workers(fake_ray):
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert dict(os.environ) == before  # this process's environment is as it was
     assert "PL_DISABLE_FORK" not in class_cache.DEFAULT_ENV_VARS  # Tune's actors get an empty runtime env
+
+
+def test_workers_warm_the_backbone_only_when_a_trial_loads_one(fake_ray, tmp_path):
+    """A sweep whose backbone trials all decode cached features spares its workers transformers; one trial that
+    runs its backbone (fine-tuned here) makes every worker import it, and the setup hook load that backbone."""
+    from types import SimpleNamespace
+
+    from lasegseg.sweep import runner
+
+    frozen = {"model.backbone": "tiny", "model.mode": "frozen", "model.decoder": "linear"}
+    baseline = {"model.backbone": "none", "model.decoder": "unet"}
+    tuned = {"model.backbone": "tiny", "model.mode": "finetune", "model.decoder": "conv", "model.registers": True}
+    res = SimpleNamespace(max_concurrent=1, cpus_per_trial=1.0)
+    for trials, warm, prewarm in (([baseline, frozen], "0", None), ([frozen, baseline, tuned], None, "tiny|True")):
+        fake_ray.calls.clear()
+        runner._start_ray(SimpleNamespace(trials=trials, spec=SimpleNamespace(resources=res)), "sqlite:////s/m.db")
+        ((_, env),) = fake_ray.calls
+        assert env.get(worker.WARM_BACKBONE_CODE_ENV) == warm and env.get(worker.PREWARM_ENV) == prewarm
 
 
 def test_existing_cluster_gets_the_env_in_the_job_runtime_env(fake_ray, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pickle
@@ -270,3 +271,118 @@ def test_frozen_linear_trial_is_unchanged_by_storing_only_the_last_level(phantom
     assert one["feature_cache"] and every["feature_cache"]
     assert [h["train_loss"] for h in one["history"]] == [h["train_loss"] for h in every["history"]]
     assert (one["val_dice"], one["test_dice_mean"]) == (every["val_dice"], every["test_dice_mean"])
+
+
+def _row_batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    order = np.random.default_rng(0).permutation(rows)
+    return [np.sort(order[start : start + size]) for start in range(0, len(order), size)]
+
+
+def _assert_same(got: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+def test_held_training_rows_give_the_memory_mapped_batches_exactly(built):
+    cache, _, feats = built
+    reader = feats.reader((3, 0))
+    train = np.arange(3, len(cache), 2)
+    held = F.ResidentFeatures(reader, train, "cpu")
+    assert held.levels == (3, 0) and np.array_equal(held.rows, train)
+    assert [tuple(t.shape) for t in held.store] == [(len(train), *feats.maps[i].shape[1:]) for i in (3, 0)]
+    cpu = torch.device("cpu")
+    for rows in _row_batches(train, 5):
+        _assert_same(held.batch(rows, cpu), reader.batch(rows, cpu))
+    # Rows it does not hold (validation, test) are read from the map.
+    other = np.array([0, 2, 3])
+    assert held.positions(other) is None and held.positions(np.array([], np.int64)) is None
+    _assert_same(held.batch(other, cpu), reader.batch(other, cpu))
+    assert type(pickle.loads(pickle.dumps(held))) is F.FeatureCache  # a Ray worker gets the plain reader
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "feature-prefetch"]
+
+
+def test_prefetched_batches_come_in_order_with_the_memory_mapped_values(built):
+    cache, _, feats = built
+    cpu = torch.device("cpu")
+    reader = feats.reader(ALL)  # the files now in the folder (an earlier test rebuilt them)
+    batches = _row_batches(np.arange(len(cache)), 7)
+    got = list(F.PrefetchFeatures(reader).batches(batches, cpu))
+    assert len(got) == len(batches)
+    for rows, maps in zip(batches, got, strict=True):
+        _assert_same(maps, reader.batch(rows, cpu))
+    assert not _prefetch_threads()
+
+
+def test_a_prefetch_error_reaches_the_training_thread_and_the_thread_ends(built):
+    cache, _, feats = built
+    prefetch = F.PrefetchFeatures(feats.reader(LAST))
+    cpu = torch.device("cpu")
+
+    def rows():
+        yield np.array([0, 1])
+        yield np.array([len(cache) + 5])  # past the last row: the map's IndexError
+
+    stream = prefetch.batches(rows(), cpu)
+    _assert_same(next(stream), prefetch.batch(np.array([0, 1]), cpu))
+    with pytest.raises(IndexError):
+        next(stream)
+    assert not _prefetch_threads()
+    # An epoch left early (an error in the step) closes its iterator: the thread stops though batches remain.
+    endless = prefetch.batches(itertools.repeat(np.array([2, 3])), cpu)
+    next(endless)
+    endless.close()
+    assert not _prefetch_threads()
+
+
+def test_training_features_are_held_within_the_budget_else_read_from_the_map(built, monkeypatch):
+    cache, _, feats = built
+    reader = feats.reader(LAST)
+    train = np.array([9, 4, 4, 1])
+    need = 3 * reader.row_bytes()
+    assert reader.row_bytes() == int(np.prod(feats.maps[3].shape[1:])) * 2
+    held = reader.for_training(train, "cpu", budget_bytes=need)
+    assert isinstance(held, F.ResidentFeatures) and held.rows.tolist() == [1, 4, 9]
+    assert reader.for_training(train, "cpu", budget_bytes=need - 1) is reader  # the CPU reads the map
+    assert F.resident_budget(torch.device("cpu")) == F.RESIDENT_HOST_BYTES == 0
+    assert reader.for_training(train, "cpu") is reader  # by default a CPU trial reads the shared map
+    # On a GPU, rows over the budget are prefetched instead.
+    monkeypatch.setattr(F, "_concrete", lambda device: device)
+    prefetch = reader.for_training(train, "cuda", budget_bytes=need - 1)
+    assert type(prefetch) is F.PrefetchFeatures and prefetch.levels == LAST and prefetch.path == reader.path
+
+
+def test_a_trial_trains_from_its_held_rows_and_evaluates_from_the_map(phantom_dir, monkeypatch):
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
+    data = prepare_data(cfg)
+    monkeypatch.setattr(F, "RESIDENT_HOST_BYTES", 2**30)  # held on the CPU too (off by default there)
+    sent: list[np.ndarray] = []
+    real = F.FeatureCache.send
+    monkeypatch.setattr(
+        F.FeatureCache, "send", lambda self, rows, device: sent.append(rows) or real(self, rows, device)
+    )
+    assert run_trial(cfg, data=data)["feature_cache"]
+    read = np.concatenate(sent)
+    assert len(read) and not np.isin(read, data.train_rows).any()
+
+
+def test_held_prefetched_and_mapped_training_features_train_alike(phantom_dir):
+    cfg = _cfg(phantom_dir, **{"train.epochs": 2, "model.decoder": "conv", "model.decoder_width": 8})
+    data = prepare_data(cfg)
+    losses, hold = {}, F.FeatureCache.for_training
+    for name, pick in {
+        "held": lambda self, rows, device: hold(self, rows, device, budget_bytes=2**30),
+        "prefetched": lambda self, rows, device: F.PrefetchFeatures(self),
+        "mapped": lambda self, rows, device: self,
+    }.items():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(F.FeatureCache, "for_training", pick)
+            results = run_trial(cfg, data=data)
+        assert results["feature_cache"]
+        losses[name] = [h["train_loss"] for h in results["history"]] + [results["val_dice"]]
+    assert losses["held"] == losses["prefetched"] == losses["mapped"]
+    assert not _prefetch_threads()
