@@ -16,8 +16,8 @@
             data is shared, not copied per trial).
 5. naive  — bench/naive.py (a researcher's per-trial script: reads the volumes again per trial, runs the backbone on
             every batch, fp32) vs sweeps/fewshot.py on the same grid, data, model and epochs; process start and
-            imports included on both sides. Frozen grid (goal ≥ 5× faster), fine-tuned trials (goal ≤ 1.10× the
-            naive time), whole grid.
+            imports included on both sides. Frozen grid (goal ≥ 5× faster), fine-tuned trials (per-trial sum
+            ≤ 1.05× the naive time, checkpointing ≤ 5 % of their training time), whole grid.
 6. fixed  — a trial's fixed cost (scheduling → first optimizer step) from the driver's trial_timings.csv: cold =
             first trial of a fresh worker, warm = median of the rest (goal ≤ 3 s).
 7. floor  — the frozen grid's sweep wall time at concurrency 1 vs its floor, timed in the bench process: one backbone

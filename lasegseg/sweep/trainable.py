@@ -168,7 +168,9 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
         durable_checkpoints=False,  # scratch: Tune copies it to its storage
     )  # fmt: skip
     tracker.finish(results, artifact_dir=out)
-    return {**results, "scored_at": timings.get("scored_at", 0.0)}
+    fit_s = sum(h.get("epoch_seconds", 0.0) for h in results.get("history", []))
+    return {**results, "scored_at": timings.get("scored_at", 0.0), "checkpoint_s": timings.get("checkpoint_s", 0.0),
+            "fit_s": fit_s}  # fmt: skip
 
 
 def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ SCREENING_FILE = "screening.json"
 TIMING_FIELDS = (
     "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
     "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-    "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s",
+    "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s", "fit_s", "checkpoint_s",
 )  # fmt: skip
 """``fixed_cost_s``: Tune scheduling the trial → its first optimizer step. ``tracking_start_s``: opening its MLflow
 run (part of the fixed cost). ``end_cost_s``: its test patients scored → Tune recording it complete (model, files,
@@ -130,11 +130,15 @@ def _timings_callback(sweep_dir: Path):
             atomic_write(path, _csv_text(self.rows))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            scored = float((trial.last_result or {}).get("scored_at") or 0.0)
+            last = trial.last_result or {}
+            scored = float(last.get("scored_at") or 0.0)
             row = next((r for r in reversed(self.rows) if r["trial_id"] == trial.trial_id), None)
             if row is None or not scored:
                 return
             row["end_cost_s"] = f"{time.time() - scored:.3f}"
+            # This attempt's epochs (training + validation) and the part of it its training-state saves took.
+            row["fit_s"] = f"{float(last.get('fit_s') or 0.0):.3f}"
+            row["checkpoint_s"] = f"{float(last.get('checkpoint_s') or 0.0):.3f}"
             atomic_write(path, _csv_text(self.rows))
 
     return Timings()

@@ -431,6 +431,7 @@ class CheckpointPolicy:
     last_at: float = field(default_factory=time.perf_counter)
     cost_s: float = 0.0
     saves: int = 0
+    spent_s: float = 0.0
 
     @classmethod
     def of(cls, cfg: Config) -> CheckpointPolicy:
@@ -448,6 +449,7 @@ class CheckpointPolicy:
     def record(self, started: float, ended: float) -> None:
         """A save (and its hand-over) ran from ``started`` to ``ended`` (``time.perf_counter``)."""
         self.cost_s, self.last_at, self.saves = ended - started, ended, self.saves + 1
+        self.spent_s += self.cost_s
 
 
 def run_trial(
@@ -477,7 +479,8 @@ def run_trial(
         checkpoint_dir: write the resumable training state here when the :class:`CheckpointPolicy` says so.
         resume_from: a training-state folder to continue from.
         timings: filled with ``first_step_at`` (``time.time()`` right before this attempt's first optimizer step),
-            ``scored_at`` (once the test patients are scored) and ``feature_cache`` (bool), for a sweep's fixed-cost
+            ``scored_at`` (once the test patients are scored), ``feature_cache`` (bool), ``checkpoints`` (saves this
+            attempt) and ``checkpoint_s`` (their time, hand-over included), for a sweep's fixed-cost
             and bookkeeping accounting.
         alias: maps case ids to the names written to ``out_dir`` and returned (``--pseudonymize``).
         durable_checkpoints: fsync each training-state commit; off where the folder is a scratch copy that another
@@ -510,7 +513,7 @@ def run_trial(
             on_epoch(epoch, metrics, saved)
         if saved is not None:
             policy.record(t_save, time.perf_counter())  # the save and its hand-over (Tune's copy) together
-    timings["checkpoints"] = policy.saves
+    timings["checkpoints"], timings["checkpoint_s"] = policy.saves, policy.spent_s
     if bar is not None:
         bar.close()
     results = _test(fit, state)

@@ -36,7 +36,7 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     cb.on_trial_restore(iteration=1, trials=[a], trial=a)  # a retry is a new attempt with its own fixed cost
     cb.on_trial_result(1, [a], a, {"trial_started_at": time.time(), "first_step_at": time.time() + 2.0})
     # Its test patients were scored 0.3 s before Tune recorded it complete: the end of its bookkeeping.
-    a.last_result = {"scored_at": time.time() - 0.3}
+    a.last_result = {"scored_at": time.time() - 0.3, "fit_s": 12.5, "checkpoint_s": 0.25}
     cb.on_trial_complete(iteration=2, trials=[a], trial=a)
     with open(tmp_path / tune_runner.TIMINGS_FILE, newline="") as fh:
         reader = csv.DictReader(fh)
@@ -44,7 +44,7 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     assert tuple(reader.fieldnames) == (
         "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
         "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-        "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s",
+        "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s", "fit_s", "checkpoint_s",
     )  # fmt: skip
     assert [r["trial_id"] for r in rows] == ["t_00000", "t_00000"]
     assert rows[0]["run_name"] == "multiscale·frozen·p2·lr0.0003·s0"
@@ -58,6 +58,7 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     assert (rows[1]["worker_pid"], rows[1]["worker_prewarmed"]) == ("", "false")  # a worker that did not say
     assert rows[0]["tracking_start_s"] == "0.040" and rows[0]["end_cost_s"] == ""
     assert float(rows[1]["end_cost_s"]) == pytest.approx(0.3, abs=0.05)  # the completed attempt gets the end cost
+    assert (rows[1]["fit_s"], rows[1]["checkpoint_s"]) == ("12.500", "0.250")  # and its epochs' and saves' time
     # Where each attempt ran and which caches it had to build there.
     assert [rows[0][k] for k in ("node_ip", "node_id", "device", "slice_cache_built", "features_built")] == [
         "10.0.0.2", "n2", "cpu", "true", "false"]  # fmt: skip
