@@ -17,9 +17,14 @@ from the dataset every node already reads.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
+
+from lasegseg.fsio import atomic_write
 
 log = logging.getLogger("lasegseg.sweep")
 
@@ -117,10 +122,13 @@ def _build(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]], whe
 def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True) -> dict[str, dict[str, str]]:
     """Run :func:`build_on_node` on every alive node that fits a frozen trial; ``{node id: {slot: folder}}``.
 
-    On the sweep's own local cluster (``joined`` False) this driver builds them itself, on the device a frozen trial
-    gets, while the workers the cluster started warm up: a task would take one of those workers, and Ray never hands
-    a worker that ran a task to a trial actor afterwards (a trial would then wait for a cold process). Either way
-    every frozen trial finds its features built and decodes them without loading its backbone.
+    On the sweep's own local cluster (``joined`` False) no task runs: it would take one of the workers the cluster
+    started warm, and Ray never hands a worker that ran a task to a trial actor afterwards (a trial would then wait
+    for a cold process). When no trial of the sweep loads its backbone in its worker, this driver builds the
+    features itself, on the device a frozen trial gets, while those workers warm up without transformers; else the
+    first frozen trial builds them (its worker imports transformers anyway, the driver would only do it again on
+    the way to the first trial) and publishes them in the sweep's feature index (:func:`publish_features`).
+    Frozen trials that find their features either way decode them without loading their backbone.
 
     Args:
         trials: the sweep's flat trial configs.
@@ -139,7 +147,7 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
     readers = slot_readers(trials)
     request = res.for_trial(flats[0])
     if not joined:
-        return _build_in_driver(flats, readers, request)
+        return {} if any(loads_backbone(t) for t in trials) else _build_in_driver(flats, readers, request)
     nodes = [n for n in alive_nodes() if n.cpus >= request["cpu"] and n.gpus >= request["gpu"]]
     # On a GPU the worker exits after the task (max_calls=1), so the backbone's memory goes back to the trials.
     task = ray.remote(max_calls=1 if request["gpu"] else 0)(build_on_node)
@@ -170,7 +178,8 @@ def _build_in_driver(flats: list[dict[str, Any]], readers: dict[str, tuple[str, 
     from lasegseg.models import segmenter
 
     device = "cuda" if request["gpu"] and torch.cuda.is_available() else "cpu"
-    where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": "127.0.0.1", "device": device}
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    where = {"node_id": node_id, "node_ip": "127.0.0.1", "device": device}
     try:
         result = _build(flats, readers, where)
     finally:
@@ -178,3 +187,33 @@ def _build_in_driver(flats: list[dict[str, Any]], readers: dict[str, tuple[str, 
     built = ", ".join(result["built"]) or "none (reused)"
     log.info("caches here: features built: %s (%.1f s)", built, result["seconds"])
     return {where["node_id"]: result["paths"]}
+
+
+def _index_file(index: str | Path, flat: dict[str, Any]) -> Path:
+    from lasegseg.train.features import feature_slot
+
+    return Path(index) / f"{hashlib.sha256(feature_slot(flat).encode()).hexdigest()[:16]}.json"
+
+
+def publish_features(index: str | Path, flat: dict[str, Any], folder: str | Path) -> None:
+    """Record in a local sweep's feature index (a folder of its own) that ``flat``'s feature slot is ``folder``,
+    so the sweep's later frozen trials of that slot open it without loading their backbone to find it.
+
+    Args:
+        index: the sweep's feature index folder (``ctx["feature_index"]``).
+        flat: the flat config of the trial that built or opened the features.
+        folder: the feature cache folder.
+    """
+    path = _index_file(index, flat)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"path": str(folder)}))
+
+
+def published_features(index: str | Path | None, flat: dict[str, Any]) -> str | None:
+    """The folder :func:`publish_features` recorded for ``flat``'s slot, None when there is none."""
+    if not index:
+        return None
+    try:
+        return str(json.loads(_index_file(index, flat).read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -22,6 +22,8 @@ from lasegseg.paths import DEFAULT_STORAGE, STORAGE_ENV, cache_root, stable_stor
 log = logging.getLogger("lasegseg.sweep")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "sweeps" / "configs" / "demo.yaml"
 STATE_FILE = "sweep_state.json"
+# A local sweep's record of which feature cache serves each frozen backbone (caches.publish_features).
+FEATURE_INDEX = ".feature_index"
 _RESOURCE_FLAGS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures")
 
 
@@ -430,6 +432,7 @@ def run(args: argparse.Namespace) -> int:
            "cache_paths": {k: str(c.path) for k, c in caches.items()},
            "threads": max(1, int(plan.spec.resources.cpus_per_trial)), "feature_paths": feature_paths,
            "feature_readers": slot_readers(plan.trials),
+           "feature_index": str(plan.sweep_dir / FEATURE_INDEX) if local else "",
            "storage": plan.root}  # fmt: skip
     if salt is not None:
         ctx |= {"pseudonym_salt": salt.decode("utf-8"), "case_ids": list(cache.cases)}

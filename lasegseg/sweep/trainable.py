@@ -43,11 +43,14 @@ def _open_shared_cache(ctx: dict[str, Any], cfg, stats: dict[str, Any]):
 
 
 def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: str):
-    """The features this node's cache task built for this trial, memory-mapped; None when there are none."""
+    """The features this node's cache task (or a local sweep's driver or earlier trial) built for this trial,
+    memory-mapped; None when there are none."""
     from lasegseg.errors import DataError
+    from lasegseg.sweep.caches import published_features
     from lasegseg.train.features import FeatureCache, feature_slot
 
     path = (ctx.get("feature_paths") or {}).get(node_id, {}).get(feature_slot(flat))
+    path = path or published_features(ctx.get("feature_index"), flat)
     if not path or not Path(path).is_dir():
         return None
     try:
@@ -167,6 +170,11 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
         resume_from=resume_dir, timings=timings, alias=alias,
         durable_checkpoints=False,  # scratch: Tune copies it to its storage
     )  # fmt: skip
+    if ctx.get("feature_index") and timings.get("features_path") and timings.get("backbone_loaded"):
+        from lasegseg.sweep.caches import publish_features
+
+        # The first frozen trial of a local sweep found or built these with its backbone: later ones need none.
+        publish_features(ctx["feature_index"], cfg.to_flat(), timings["features_path"])
     tracker.finish(results, artifact_dir=out)
     fit_s = sum(h.get("epoch_seconds", 0.0) for h in results.get("history", []))
     return {**results, "scored_at": timings.get("scored_at", 0.0), "checkpoint_s": timings.get("checkpoint_s", 0.0),
@@ -179,6 +187,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     Args:
         config: ``{"trial": flat config}`` (grid stage) plus ``"optim.lr"`` when Optuna samples the rate.
         ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_paths, feature_paths,
+            feature_index (a local sweep's),
             threads.
     """
     # Before this trial's own imports: was the process warm when the trial came? And where does it run?

@@ -382,6 +382,7 @@ def _set_up(cfg: Config, data: TrialData, device: torch.device, timings: dict[st
     built: dict[str, Any] = {}
     features = _trial_features(cfg, model, data, device, built)
     timings["feature_cache"] = features is not None
+    timings["features_path"] = str(features.path) if features is not None else ""
     timings["features_built"] = bool(built.get("built"))
     steps_per_epoch = max(1, math.ceil(len(data.train_rows) / cfg.train.batch_size))
     optimizer, scheduler = _optimizer(cfg, model, steps_per_epoch)

@@ -7,7 +7,13 @@ import shutil
 from pathlib import Path
 
 from lasegseg.config import Config
-from lasegseg.sweep.caches import build_on_node, frozen_feature_trials, open_slice_caches, preprocessing_key
+from lasegseg.sweep.caches import (
+    build_node_caches,
+    build_on_node,
+    frozen_feature_trials,
+    open_slice_caches,
+    preprocessing_key,
+)
 from lasegseg.train.features import feature_slot, slot_readers
 
 
@@ -51,3 +57,23 @@ def test_a_sweep_over_image_sizes_gets_one_slice_cache_and_feature_slot_per_size
     assert feature_slot(trials[0]) == feature_slot(trials[1]) != feature_slot(trials[2])
     out = build_on_node(frozen_feature_trials(trials), slot_readers(trials))
     assert sorted(out["built"]) == sorted({feature_slot(t) for t in trials})
+
+
+def test_a_local_sweep_builds_in_its_driver_only_when_no_worker_loads_a_backbone(phantom_dir, tmp_path, monkeypatch):
+    """Frozen trials and a U-Net baseline only: the driver builds the features (then drops its backbone), so no
+    worker needs transformers. With a LoRA trial the workers import it anyway: the first frozen trial builds."""
+    from types import SimpleNamespace
+
+    from lasegseg.models import segmenter
+
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    res = SimpleNamespace(for_trial=lambda flat: {"cpu": 1.0, "gpu": 0.0})
+    with_lora = _trials(phantom_dir, ("linear",))
+    assert build_node_caches(with_lora, res, joined=False) == {}
+    assert not (tmp_path / "features").exists() and not list(tmp_path.rglob("manifest.json"))
+    frozen = with_lora[:-1] + [{**with_lora[0], "model.backbone": "none", "model.decoder": "unet"}]
+    paths = build_node_caches(frozen, res, joined=False)
+    ((node, slots),) = paths.items()
+    assert node == "" and list(slots) == [feature_slot(frozen[0])]  # outside Ray: no node id
+    assert json.loads((Path(slots[feature_slot(frozen[0])]) / "manifest.json").read_text())["levels"] == [3]
+    assert segmenter._BACKBONE_TEMPLATE == {}  # the driver keeps no backbone for the rest of the sweep

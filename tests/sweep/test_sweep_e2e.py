@@ -75,13 +75,18 @@ def test_trials_run_on_the_warm_workers_the_cluster_started(demo_sweep):
     assert all(r["worker_prewarmed"] == "true" for r in rows)
     assert all(0 < float(r["worker_started_at"]) < float(r["tune_started_at"]) for r in rows)
     assert len({r["worker_pid"] for r in rows}) == 2
-    # One machine, two frozen backbones (tiny at 28 px, tiny-dinov3 at 32 px): the driver computes each one's
-    # features before the trials, so no trial builds any, and every frozen trial decodes them without loading its
-    # backbone (the U-Net baseline has none to load).
-    assert [r["run_name"] for r in rows if r["features_built"] == "true"] == []
-    loaded = {r["run_name"]: r["backbone_loaded"] for r in rows}
-    assert "true" in loaded.values() and "false" in loaded.values()
-    assert all(v == str(not ("·frozen·" in n or n.startswith("unet"))).lower() for n, v in loaded.items()), loaded
+    # One machine, two frozen backbones (tiny at 28 px, tiny-dinov3 at 32 px): each one's features are computed at
+    # most once (by its first frozen trial, under the lock, since this sweep's workers import transformers for its
+    # fine-tuned trials anyway; not at all when an earlier sweep over the same phantom left them in the cache).
+    built = [r["run_name"] for r in rows if r["features_built"] == "true"]
+    assert len(built) <= 2 and len({name.split("·")[0] for name in built}) == len(built), built
+    # Trials that run a backbone load it; the U-Net baseline has none; a frozen trial loads it only when no earlier
+    # frozen trial of its backbone had published the features (at most 2 backbones × 2 concurrent trials).
+    loaded = {r["run_name"]: r["backbone_loaded"] == "true" for r in rows}
+    frozen = [n for n in loaded if "·frozen·" in n]
+    assert all(loaded[n] for n in loaded if n not in frozen and not n.startswith("unet")), loaded
+    assert not any(loaded[n] for n in loaded if n.startswith("unet"))
+    assert sum(loaded[n] for n in frozen) <= 4 < len(frozen), loaded
 
 
 def test_finished_trials_keep_no_training_state(demo_sweep):

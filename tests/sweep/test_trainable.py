@@ -16,11 +16,11 @@ from lasegseg.sweep import tracking, trainable
 class _Tune:
     """The parts of ``ray.tune`` the trainable uses, recording each report and keeping a copy of its checkpoint."""
 
-    def __init__(self, trial_dir: Path, checkpoint=None):
-        self.trial_dir, self.checkpoint, self.reports = trial_dir, checkpoint, []
+    def __init__(self, trial_dir: Path, checkpoint=None, trial_id: str = "abc_00000"):
+        self.trial_dir, self.checkpoint, self.reports, self.trial_id = trial_dir, checkpoint, [], trial_id
 
     def get_context(self):
-        return SimpleNamespace(get_trial_dir=lambda: str(self.trial_dir), get_trial_id=lambda: "abc_00000")
+        return SimpleNamespace(get_trial_dir=lambda: str(self.trial_dir), get_trial_id=lambda: self.trial_id)
 
     def get_checkpoint(self):
         return self.checkpoint
@@ -41,10 +41,10 @@ def sweep_ctx(tmp_path):
     return {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "threads": 1}
 
 
-def _run(monkeypatch, tmp_path, ctx, flat, checkpoint=None) -> _Tune:
+def _run(monkeypatch, tmp_path, ctx, flat, checkpoint=None, trial_id: str = "abc_00000") -> _Tune:
     from ray import tune
 
-    fake = _Tune(tmp_path / "trial", checkpoint)
+    fake = _Tune(tmp_path / "trial", checkpoint, trial_id)
     fake.trial_dir.mkdir(exist_ok=True)
     for name in ("get_context", "get_checkpoint", "report"):
         monkeypatch.setattr(tune, name, getattr(fake, name))
@@ -80,3 +80,29 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
     retried = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
     assert [m["epoch"] for m, _ in retried.reports] == [0, 1, 1] and retried.reports[-1][0]["done"]
     assert retried.reports[-1][0]["mlflow_run_id"] == run_id
+
+
+def test_a_local_sweeps_first_frozen_trial_publishes_its_features_for_the_next(
+    phantom_dir, tmp_path, monkeypatch, sweep_ctx
+):
+    """The first frozen trial of a local sweep whose workers load backbones anyway builds the features with its
+    backbone and records them in the sweep's feature index; the next frozen trial of that backbone decodes them
+    without loading it (Tune's last report says so)."""
+    from lasegseg.models import segmenter
+
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))
+    ctx = {**sweep_ctx, "feature_index": str(tmp_path / "index")}
+    flat = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "train.epochs": 1,
+                               "model.decoder": "linear", "model.mode": "frozen"}).to_flat()  # fmt: skip
+    first = _run(monkeypatch, tmp_path, ctx, flat)
+    assert first.reports[0][0]["backbone_loaded"] is True and first.reports[0][0]["features_built"] is True
+    assert len(list((tmp_path / "index").glob("*.json"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(segmenter, "load_backbone", refuse)
+    other = {**flat, "model.decoder": "conv", "seed": 1}
+    second = _run(monkeypatch, tmp_path, ctx, other, trial_id="abc_00001")
+    assert second.reports[0][0]["backbone_loaded"] is False and second.reports[0][0]["features_built"] is False
+    assert second.reports[-1][0]["done"]
