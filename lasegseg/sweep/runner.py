@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,6 +413,8 @@ def run(args: argparse.Namespace) -> int:
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(plan, args.resume)
     local = not os.environ.get("RAY_ADDRESS")
+    # What an earlier run's trials recorded may name features of weights that changed since: each run starts over.
+    shutil.rmtree(plan.sweep_dir / FEATURE_INDEX, ignore_errors=True)
     warming = _warm_tracking(tracking_uri)
     _start_ray(plan, tracking_uri)
     _check_cluster(plan, tracking_uri)
