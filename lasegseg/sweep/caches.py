@@ -8,7 +8,8 @@ then builds each frozen backbone's features under the cache's file lock, storing
 frozen trials read (the union over their decoders): a node builds each at most once, and a trial that lands on a
 node added later builds its own levels the same way. On a GPU the task's worker exits afterwards, so the backbone's
 memory goes back to the trials. On the sweep's own local cluster (one machine) the driver builds them in-process
-instead, on the device a frozen trial gets. Frozen trials then decode these features without loading their backbone.
+when no trial loads a backbone, else the first frozen trial of each backbone does (see :func:`build_node_caches`).
+Frozen trials that find these features decode them without loading their backbone.
 
 Building on every node beats fetching from shared storage here: a ViT-L/g feature cache of a full dataset is tens
 of GB, which takes longer to download than the GPU takes to compute it (minutes), and the slice cache is rebuilt
