@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lasegseg.config import Config, EvalConfig, frozen_backbone, run_name
+from lasegseg.config import Config, EvalConfig, run_name
 from lasegseg.data.cache import open_cache
 from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train import checkpoint as ckpt
@@ -30,6 +30,7 @@ from lasegseg.train.features import (
     get_or_build_features,
     levels_read,
     to_device,
+    uses_feature_cache,
 )
 from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native
 from lasegseg.train.losses import build_loss
@@ -243,8 +244,8 @@ def _backbone_stub(cfg: Config, data: TrialData, device: torch.device):
     from lasegseg.models.backbones import BackboneStub, backbone_source
     from lasegseg.models.decoders import decoder_levels
 
-    given, flat = data.features, cfg.to_flat()
-    if given is None or not frozen_backbone(flat) or not cfg.train.feature_cache or cfg.train.augment != "none":
+    given = data.features
+    if given is None or not uses_feature_cache(cfg.to_flat()):
         return None
     m = given.manifest
     if any(k not in m for k in ("family", "embed_dim", "patch_size", "backbone_source", "layer_indices")):
