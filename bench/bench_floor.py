@@ -9,8 +9,9 @@ The floor is the compute the grid cannot avoid, timed in this process with one t
 - every trial's decoder training steps (forward, loss, backward, AdamW step on in-memory features of its training
   rows: ``ceil(train slices / batch size)`` steps per epoch, the last one of each epoch the smaller remainder);
 - every trial's evaluation passes (decoder forward over the validation patients' slices after each epoch that
-  ``train.eval_every`` validates, and over the test patients' slices once), in the per-case batches of
-  ``train.batch_size`` that the trials predict in.
+  ``train.eval_every`` validates, every k-th slice within ``train.val_budget``; over all of them once more for the
+  chosen epoch when k > 1; over the test patients' slices once), in the per-case batches of ``train.batch_size``
+  that the trials predict in.
 
 The models, optimizer groups and loss are lasegseg's own (``build_segmenter``, ``param_groups``, ``build_loss``);
 nothing else is counted (no reads from disk, tracking, resampling to native resolution, metrics or checkpoints).
@@ -180,7 +181,7 @@ def batch_counts(configs: Sequence[Any], cache: Any) -> Counter[tuple[str, str, 
         configs: the grid's trial configs.
         cache: the slice cache.
     """
-    from lasegseg.train.trial import prepare_data
+    from lasegseg.train.trial import prepare_data, strided_slices, validation_stride
 
     counts: Counter[tuple[str, str, int]] = Counter()
     for cfg in configs:
@@ -188,9 +189,13 @@ def batch_counts(configs: Sequence[Any], cache: Any) -> Counter[tuple[str, str, 
         for size in _batches(len(data.train_rows), bs):
             counts[(cfg.model.decoder, "train", size)] += t.epochs
         validations = sum(1 for e in range(t.epochs) if (e + 1) % t.eval_every == 0 or e + 1 == t.epochs)
-        for cases, times in ((data.split.val, validations), (data.split.test, 1)):
+        stride = validation_stride(t.val_budget, len(cache.rows_for(list(data.split.val))), len(data.train_rows))
+        passes = [(data.split.val, validations, stride), (data.split.test, 1, 1)]
+        if stride > 1:
+            passes.append((data.split.val, 1, 1))  # the chosen epoch, on every slice
+        for cases, times, k in passes:
             for case in cases:
-                for size in _batches(len(cache.rows_for([case])), bs):
+                for size in _batches(len(strided_slices(len(cache.rows_for([case])), k)), bs):
                     counts[(cfg.model.decoder, "eval", size)] += times
     return counts
 

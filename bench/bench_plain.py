@@ -31,7 +31,8 @@ def measure(b: Bench) -> None:
 
 
 def validation_share(b: Bench) -> tuple[float, str]:
-    """Validation time over training time (per epoch, summed) of the grid's two heaviest trials, in this process."""
+    """Validation time over training time of the grid's two heaviest trials, in this process: every epoch's
+    validation (within ``train.val_budget``) plus the chosen epoch's on every slice, over the epochs' training."""
     from lasegseg.config import Config
     from lasegseg.train.trial import run_trial
 
@@ -41,11 +42,14 @@ def validation_share(b: Bench) -> tuple[float, str]:
                                   "model.decoder": "conv", "data.patients": max(g.patients), "data.image_size": 56,
                                   "train.epochs": g.epochs, "train.batch_size": 16, "optim.lr": g.lrs[0]})  # fmt: skip
         with tempfile.TemporaryDirectory(dir=b.tmp) as out:
-            history = run_trial(cfg, Path(out))["history"]
+            results = run_trial(cfg, Path(out))
+        history = results["history"]
         v = sum(h.get("val_seconds", 0.0) for h in history)
         t = sum(h["epoch_seconds"] for h in history) - v
-        val, train = val + v, train + t
-        names.append(f"conv/{mode}/p{max(g.patients)}: {v:.2f}s of {t:.2f}s")
+        full = results.get("val_full_seconds", 0.0)
+        val, train = val + v + full, train + t
+        names.append(f"conv/{mode}/p{max(g.patients)}: {v:.2f}s + {full:.2f}s (chosen epoch, every slice) of "
+                     f"{t:.2f}s, every {results.get('val_slice_stride', 1)}. slice")  # fmt: skip
     return val / train, "; ".join(names)
 
 

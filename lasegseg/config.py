@@ -108,6 +108,11 @@ class TrainConfig:
         batch_size: slices per optimizer step (and per inference batch).
         amp: ``auto`` (bf16 autocast on GPU only), ``bf16`` or ``off``.
         eval_every: validate every this many epochs (and after the last).
+        val_budget: validation slices an epoch's validation may read per training slice (0: every slice). Each
+            validation volume is then read at every k-th slice (the smallest k within the budget), so the per-epoch
+            Dice/IoU that picks the best epoch stays 3D and per patient; the epoch picked is validated again on
+            every slice, and that is the trial's ``val_dice``/``val_iou``. Few-shot trials train on a handful of
+            patients but validate on all of the validation split, which would otherwise cost more than training.
         augment: ``none``, ``flip`` (random horizontal/vertical flips) or ``spatial`` (flips plus small rotations
             and scales), applied to each batch in torch, seeded from the trial seed.
         loss: ``dicece`` (soft Dice + cross-entropy) or ``dicefocal`` (soft Dice + focal loss, gamma 2).
@@ -126,6 +131,7 @@ class TrainConfig:
     batch_size: int = 16
     amp: str = "auto"
     eval_every: int = 1
+    val_budget: float = 0.25
     augment: str = "none"
     loss: str = "dicece"
     feature_cache: bool = True
@@ -293,6 +299,11 @@ def validate_config(cfg: Config) -> None:
         (t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}"),
         (t.amp in AMP_CHOICES, "train.amp", f"must be one of {', '.join(AMP_CHOICES)}, got '{t.amp}'"),
         (t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}"),
+        (
+            t.val_budget >= 0 and math.isfinite(t.val_budget),
+            "train.val_budget",
+            f"must be a finite number >= 0 (0 = every slice), got {t.val_budget}",
+        ),
         (t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}"),
         (
             t.checkpoint_interval_s >= 0 and math.isfinite(t.checkpoint_interval_s),

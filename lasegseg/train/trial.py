@@ -107,15 +107,20 @@ def predict_cached_slices(
 
 
 def predict_case(
-    model, cache, case_id: str, *, device, amp: str, batch_size: int, features: FeatureCache | None = None
-) -> np.ndarray:
+    model, cache, case_id: str, *, device, amp: str, batch_size: int, features: FeatureCache | None = None,
+    slices: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """Boolean (X, Y, Z) prediction of one cached case at its native resolution.
 
     Args:
         features: decode from these cached backbone features instead of running the backbone.
+        slices: predict only these axial slices (indices along Z, ascending); the result has ``len(slices)``
+            along Z.
     """
     rows = cache.rows_for([case_id])
     rows = rows[np.argsort(cache.slice_index[rows], kind="stable")]
+    if slices is not None:
+        rows = rows[slices]
     if features is not None:
         probs = predict_cached_slices(model, features, cache, rows, batch_size=batch_size, device=device, amp=amp)
     else:
@@ -124,9 +129,23 @@ def predict_case(
     return probabilities_to_native(probs, (shape[0], shape[1])) >= 0.5
 
 
+def strided_slices(n: int, stride: int) -> np.ndarray:
+    """Every ``stride``-th of ``n`` slices, centred (the offset is half the stride), so both ends lose alike."""
+    return np.arange((stride - 1) // 2 if stride <= n else n // 2, n, max(1, stride))
+
+
+def validation_stride(budget: float, val_slices: int, train_slices: int) -> int:
+    """The smallest k for which every k-th validation slice fits ``budget`` slices per training slice
+    (``train.val_budget``; 0 or a budget that fits them all: 1)."""
+    allowed = budget * train_slices
+    if budget <= 0 or val_slices <= allowed:
+        return 1
+    return max(1, math.ceil(val_slices / max(allowed, 1.0)))
+
+
 def evaluate(
     model, cache, case_ids: Sequence[str], *, device, amp: str, batch_size: int, full: bool = False,
-    features: FeatureCache | None = None, nsd_tolerance_mm: float = EvalConfig.nsd_tolerance_mm,
+    features: FeatureCache | None = None, nsd_tolerance_mm: float = EvalConfig.nsd_tolerance_mm, stride: int = 1,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Per-patient 3D metrics at native resolution; ``full`` adds NSD, HD95 and per-slice Dice (test).
 
@@ -134,13 +153,23 @@ def evaluate(
         features: cached backbone features (frozen mode) to decode from instead of running the backbone.
         nsd_tolerance_mm: NSD's tolerance with ``full`` (``eval.nsd_tolerance_mm``); distances use each case's
             voxel spacing.
+        stride: score every ``stride``-th axial slice of each volume (:func:`strided_slices`), prediction and
+            reference alike: Dice and IoU over that slab set (per-epoch validation within ``train.val_budget``).
+            Not with ``full``, whose surface distances need whole volumes.
     """
+    if full and stride != 1:
+        raise ValueError("full metrics (NSD, HD95) need every slice: stride must be 1")
     was_training = model.training
     model.eval()
     rows = []
     for cid in case_ids:
-        pred = predict_case(model, cache, cid, device=device, amp=amp, batch_size=batch_size, features=features)
+        slices = strided_slices(cache.native_shape(cid)[2], stride) if stride > 1 else None
+        pred = predict_case(
+            model, cache, cid, device=device, amp=amp, batch_size=batch_size, features=features, slices=slices
+        )
         ref = cache.native_label(cid)
+        if slices is not None:
+            ref = ref[..., slices]
         if full:
             metrics = case_metrics(pred, ref, cache.spacing(cid), nsd_tolerance_mm=nsd_tolerance_mm)
             rows.append({"case_id": cid, **metrics})
@@ -355,19 +384,25 @@ class _Fit:
         metrics: dict[str, float] = {"train_loss": loss, "lr": lr}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             t_val = time.perf_counter()
-            val = self.evaluate(self.data.split.val)
+            val = self.evaluate(self.data.split.val, stride=self.val_stride)
             metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
             metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
             metrics["val_seconds"] = time.perf_counter() - t_val
         metrics["epoch_seconds"] = time.perf_counter() - t0
         return metrics
 
-    def evaluate(self, case_ids: Sequence[str], full: bool = False) -> list[dict[str, Any]]:
+    def evaluate(self, case_ids: Sequence[str], full: bool = False, stride: int = 1) -> list[dict[str, Any]]:
         return evaluate(
             self.model, self.data.cache, case_ids, device=self.device, amp=self.cfg.train.amp,
             batch_size=self.cfg.train.batch_size, full=full, features=self.features,
-            nsd_tolerance_mm=self.cfg.eval.nsd_tolerance_mm,
+            nsd_tolerance_mm=self.cfg.eval.nsd_tolerance_mm, stride=stride,
         )  # fmt: skip
+
+    @property
+    def val_stride(self) -> int:
+        """Every how many slices per-epoch validation reads each volume (``train.val_budget``)."""
+        cache, val = self.data.cache, self.data.split.val
+        return validation_stride(self.cfg.train.val_budget, len(cache.rows_for(list(val))), len(self.data.train_rows))
 
 
 def _set_up(cfg: Config, data: TrialData, device: torch.device, timings: dict[str, Any]) -> _Fit:
@@ -397,14 +432,23 @@ def _test(fit: _Fit, progress: _Progress) -> dict[str, Any]:
 
     if progress.best_weights is not None:
         load_checkpoint_state(fit.model, {k: v.to(fit.device) for k, v in progress.best_weights.items()})
-    test_rows = fit.evaluate(fit.data.split.test, full=True)
+    state, cache, split, train_rows = progress.state, fit.data.cache, fit.data.split, fit.data.train_rows
+    val_dice, val_iou, val_s, stride = state["best_val_dice"], state.get("best_val_iou", math.nan), 0.0, fit.val_stride
+    if stride > 1 and state["best_epoch"] >= 0:
+        # The epochs were compared on every k-th slice; the one chosen is scored on every slice.
+        t_val = time.perf_counter()
+        val = fit.evaluate(split.val)
+        val_dice, val_iou = float(np.mean([r["dice"] for r in val])), float(np.mean([r["iou"] for r in val]))
+        val_s = time.perf_counter() - t_val
+    test_rows = fit.evaluate(split.test, full=True)
     for row in test_rows:
         row["split"] = "test"
-    state, cache, split, train_rows = progress.state, fit.data.cache, fit.data.split, fit.data.train_rows
     return {
         "run_name": run_name(fit.cfg),
-        "val_dice": state["best_val_dice"],
-        "val_iou": state.get("best_val_iou", math.nan),
+        "val_dice": val_dice,
+        "val_iou": val_iou,
+        "val_slice_stride": stride,
+        "val_full_seconds": val_s,
         "best_epoch": state["best_epoch"],
         **summarize(test_rows, "test"),
         "n_train_patients": int(np.unique(cache.case_codes[train_rows]).size),

@@ -21,6 +21,8 @@ from lasegseg.train.trial import (
     lr_factor,
     prepare_data,
     run_trial,
+    strided_slices,
+    validation_stride,
 )
 
 
@@ -177,7 +179,8 @@ def test_checkpoint_policy_by_epochs_by_seconds_and_by_cost():
 
 
 @pytest.mark.parametrize("key,value", [("train.checkpoint_every", -1), ("train.checkpoint_interval_s", -1.0),
-                                       ("train.checkpoint_interval_s", float("inf"))])  # fmt: skip
+                                       ("train.checkpoint_interval_s", float("inf")), ("train.val_budget", -0.5),
+                                       ("train.val_budget", float("nan"))])  # fmt: skip
 def test_bad_checkpoint_cadence_names_its_key(key, value):
     from lasegseg.config import validate_config
     from lasegseg.errors import ConfigError
@@ -230,3 +233,43 @@ def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
     fresh = build_segmenter(cfg.model)
     for (name, a), (_, b) in zip(model.backbone.state_dict().items(), fresh.backbone.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_validation_stride_is_the_smallest_that_fits_the_budget():
+    assert validation_stride(0.25, 100, 400) == 1  # fits: every slice
+    assert validation_stride(0.0, 1000, 10) == 1  # 0: every slice, whatever it costs
+    assert validation_stride(0.25, 100, 200) == 2  # 50 allowed → every 2nd slice
+    assert validation_stride(0.25, 100, 100) == 4
+    assert validation_stride(0.25, 101, 100) == 5  # 25 allowed: every 4th would read 26
+    assert validation_stride(0.25, 50, 1) == 50  # a budget under one slice reads one slice per 50
+    assert strided_slices(10, 1).tolist() == list(range(10))
+    assert strided_slices(10, 3).tolist() == [1, 4, 7]  # centred: both ends lose alike
+    assert strided_slices(10, 4).tolist() == [1, 5, 9]
+    assert strided_slices(3, 8).tolist() == [1]  # a stride past the volume still scores its middle slice
+
+
+def test_a_budgeted_validation_picks_the_epoch_on_strided_slices_and_reports_it_on_all(phantom_dir, tmp_path):
+    """One training patient against one validation patient: validation would read as many slices as the epoch
+    trains on. Each epoch is scored on every 4th slice; the trial's val_dice is the chosen epoch on every slice."""
+    cfg = _cfg(phantom_dir, **{"data.patients": 1, "train.epochs": 3, "model.decoder": "conv"})
+    out = tmp_path / "run"
+    results = run_trial(cfg, out)
+    data = prepare_data(cfg)
+    n_val, n_train = len(data.cache.rows_for(list(data.split.val))), len(data.train_rows)
+    assert n_val >= n_train / 2  # the case this setting is for
+    stride = results["val_slice_stride"]
+    assert stride == validation_stride(0.25, n_val, n_train) > 1 and results["val_full_seconds"] > 0
+    model, _, _ = load_model(out / "model")  # the best epoch's weights
+    kwargs = {"device": "cpu", "amp": "off", "batch_size": 16}
+    strided = evaluate(model, data.cache, data.split.val, stride=stride, **kwargs)
+    every = evaluate(model, data.cache, data.split.val, **kwargs)
+    best = results["history"][results["best_epoch"]]
+    assert best["val_dice"] == max(h["val_dice"] for h in results["history"])
+    assert np.mean([r["dice"] for r in strided]) == pytest.approx(best["val_dice"], abs=1e-6)
+    assert results["val_dice"] == pytest.approx(np.mean([r["dice"] for r in every]), abs=1e-6)
+    assert results["val_iou"] == pytest.approx(np.mean([r["iou"] for r in every]), abs=1e-6)
+    exact = run_trial(cfg.replace(**{"train.val_budget": 0.0}))
+    assert exact["val_slice_stride"] == 1 and exact["val_full_seconds"] == 0.0
+    assert exact["val_dice"] == max(h["val_dice"] for h in exact["history"])
+    with pytest.raises(ValueError, match="every slice"):
+        evaluate(model, data.cache, data.split.test, full=True, stride=2, **kwargs)
