@@ -142,5 +142,20 @@ def _draw_panel(ax, i: int, image, truth, pred, title: str, *, ncols: int, nrows
     ys = top - h + (np.arange(image.shape[1]) + 0.5) * scale
     for mask, color in ((truth, TRUTH_COLOR), (pred, PRED_COLOR)):
         if mask.any() and not mask.all():
-            ax.contour(xs, ys, mask.T.astype(float), levels=[0.5], colors=[color], linewidths=1.6)
+            _draw_contour(ax, xs, ys, mask.T.astype(float), color)
     ax.text(col + 0.5, top + 0.01, title, ha="center", va="bottom", fontsize=10)
+
+
+def _draw_contour(ax, xs: np.ndarray, ys: np.ndarray, z: np.ndarray, color: str) -> None:
+    """The 0.5 iso-line of ``z`` as ``ax.contour(xs, ys, z, levels=[0.5])`` draws it (same algorithm, corner
+    masking and pixels), without building a ContourSet: contourpy's lines go straight into one path collection."""
+    import contourpy
+    from matplotlib.collections import PathCollection
+    from matplotlib.path import Path as MplPath
+
+    generator = contourpy.contour_generator(
+        xs, ys, z, name="mpl2014", corner_mask=True, line_type=contourpy.LineType.SeparateCode
+    )
+    vertices, codes = generator.lines(0.5)
+    paths = [MplPath(v, c) for v, c in zip(vertices, codes, strict=True)]
+    ax.add_collection(PathCollection(paths, facecolors="none", edgecolors=[color], linewidths=1.6), autolim=False)

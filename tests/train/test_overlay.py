@@ -40,6 +40,32 @@ def test_overlay_figure_size_and_contour_colours(tmp_path):
     assert _count_colour(img[: round(LEGEND_INCHES * DPI)], (0, 1, 0)) > 0  # the legend
 
 
+def test_contours_are_drawn_pixel_for_pixel_as_matplotlib_draws_them(tmp_path):
+    """The overlay draws contourpy's lines itself (cheaper than a ContourSet): the pixels must be contour()'s."""
+    from matplotlib.figure import Figure
+
+    from lasegseg.train.overlay import _draw_contour
+
+    mask = (
+        _ellipsoid((40, 30, 1), (18, 14, 0), (9, 6, 1))[..., 0] | _ellipsoid((40, 30, 1), (34, 5, 0), (3, 2, 1))[..., 0]
+    )
+    xs, ys = np.linspace(0.1, 0.9, 40), np.linspace(0.2, 0.8, 30)
+    pngs = []
+    for ours in (True, False):
+        fig = Figure(figsize=(2, 2))
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        if ours:
+            _draw_contour(ax, xs, ys, mask.T.astype(float), "#ff00ff")
+        else:
+            ax.contour(xs, ys, mask.T.astype(float), levels=[0.5], colors=["#ff00ff"], linewidths=1.6)
+        fig.savefig(tmp_path / f"{ours}.png", dpi=100)
+        pngs.append(mpimg.imread(tmp_path / f"{ours}.png"))
+    assert _count_colour(pngs[0][..., :3], (1, 0, 1)) > 50  # two closed outlines were drawn
+    np.testing.assert_array_equal(pngs[0], pngs[1])
+
+
 def test_overlay_grid_wraps_and_handles_empty_masks(tmp_path):
     image = np.zeros((32, 32))
     empty = np.zeros((32, 32), bool)
