@@ -14,8 +14,9 @@
 # Environment: RAY_GCS_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS / RAY_NUM_GPUS (the single head:
 # detected), LASEGSEG_CLUSTER_DIR (.lasegseg/cluster: node cache folders and logs). Variables exported before
 # `start` (AWS_*, MLFLOW_*) reach every node's processes. The token lives in ~/.ray/auth_token (created on first
-# start; `ray get-auth-token` prints it); other machines join with RAY_AUTH_MODE=token and that token in
-# RAY_AUTH_TOKEN: ray start --address=HEAD:6379.
+# start; `ray get-auth-token` prints it). Every node is on 127.0.0.1 and listens there alone, so no other machine can
+# join (clusters of machines: cluster/aws.yaml, gcp.yaml, kuberay/); a driver started by hand on this machine
+# (RAY_ADDRESS=127.0.0.1:6379) needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to find its node there (jobs' drivers have it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=token
@@ -25,6 +26,14 @@ state="${LASEGSEG_CLUSTER_DIR:-$PWD/.lasegseg/cluster}"
 tmp="${TMPDIR:-/tmp}/lasegseg-ray-$gcs"  # worker nodes' Ray temp dirs (short: Ray puts Unix sockets there)
 RAY="$(command -v ray || true)"
 [ -n "$RAY" ] || { echo "cluster/local.sh: error: ray is not on PATH (. .venv/bin/activate)" >&2; exit 2; }
+PY="$(dirname "$RAY")/python"
+[ -x "$PY" ] || PY="$(command -v python3)"
+# `ray start` whose --node-ip-address=127.0.0.1 stays loopback (Ray would swap in the machine's outward address and
+# listen on every interface): see cluster/ray_loopback.py.
+ray_start() { "$PY" cluster/ray_loopback.py start "$@"; }
+# Every process of the cluster (raylets, workers, job drivers) and a driver started from this script's environment
+# find their node on 127.0.0.1 instead of the outward address.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Variables a sweep's driver and trials need, passed by name in the submit line (the shell that runs it expands
 # them: no secret is printed). MLFLOW_TRACKING_URI always, the others when set now.
 PASSED=(MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_TOKEN
@@ -47,7 +56,7 @@ submit_line() {
 }
 
 usage() {
-  sed -n '2,20p' "$0" >&2
+  sed -n '2,19p' "$0" >&2
   exit 2
 }
 
@@ -58,7 +67,7 @@ start_workers() {  # N G C: worker nodes with their own cache folders and their 
     mkdir -p "$state/node-$i/cache" "$tmp/node-$i"
     # Its own temp dir too, as on a machine of its own: nodes sharing one would share (and delete) each other's
     # copies of a job's working dir.
-    LASEGSEG_CACHE="$state/node-$i/cache" "$RAY" start "--address=127.0.0.1:$gcs" --node-ip-address=127.0.0.1 \
+    LASEGSEG_CACHE="$state/node-$i/cache" ray_start "--address=127.0.0.1:$gcs" --node-ip-address=127.0.0.1 \
       "--temp-dir=$tmp/node-$i" \
       "--num-cpus=$cpus" "--num-gpus=$gpus" "--node-manager-port=$((port + 1))" \
       "--object-manager-port=$((port + 2))" "--dashboard-agent-listen-port=$((port + 3))" \
@@ -91,7 +100,7 @@ start() {
     [ -z "${RAY_NUM_CPUS:-}" ] || opts+=("--num-cpus=$RAY_NUM_CPUS")
     [ -z "${RAY_NUM_GPUS:-}" ] || opts+=("--num-gpus=$RAY_NUM_GPUS")
   fi
-  "$RAY" start "${opts[@]}" >"$state/head.log" 2>&1 || { cat "$state/head.log" >&2; exit 1; }
+  ray_start "${opts[@]}" >"$state/head.log" 2>&1 || { cat "$state/head.log" >&2; exit 1; }
   start_workers "$workers" "$gpus" "$cpus"
   if [ "$workers" -gt 0 ]; then
     echo "Ray cluster up: a head (no trials, no GPUs) and $workers worker node(s) with $gpus GPU(s) and $cpus" \

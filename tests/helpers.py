@@ -60,6 +60,32 @@ def port_free(port: int) -> bool:
         return True
 
 
+def ray_listeners_off_loopback() -> list[str]:
+    """Listening TCP sockets of this machine's Ray processes (GCS, raylet, agents, workers) on any address but a
+    loopback one (127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6), as ``"name pid address:port"``."""
+    import ipaddress
+
+    import psutil
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        mapped = getattr(addr, "ipv4_mapped", None)
+        return (mapped or addr).is_loopback
+
+    off = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None or loopback(conn.laddr.ip):
+            continue
+        try:
+            proc = psutil.Process(conn.pid)
+            name, cmdline = proc.name(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if name in ("gcs_server", "raylet") or name.startswith("ray::") or "/ray/" in cmdline:
+            off.append(f"{name} {conn.pid} {conn.laddr.ip}:{conn.laddr.port}")
+    return off
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     with socket.socket() as s:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,10 @@ from urllib.parse import urlparse
 from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError
 from lasegseg.sweep.worker import PRELOAD_MODULE, PREWARM_ENV, PREWARM_HOOK
+
+LOOPBACK = "127.0.0.1"
+# Off, Ray keeps a node on the loopback address it was given (see _loopback_node).
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def local_cpus(res) -> int | None:
@@ -45,14 +51,35 @@ def init_ray(env: dict[str, str], cpus: float | None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=_job_env(env), log_to_driver=True)
         return
-    with scoped_environ(_local_cluster_env(env, cpus)):
+    with scoped_environ(_local_cluster_env(env, cpus)), _loopback_node():
         # A private local cluster: dashboard off (nothing listens for browsers), token auth as Ray sets it up.
         ray.init(
             address="local",  # a cluster of its own, even when a `ray start` head runs on this machine
-            include_dashboard=False, num_cpus=int(cpus) if cpus else None, _node_ip_address="127.0.0.1",
+            include_dashboard=False, num_cpus=int(cpus) if cpus else None, _node_ip_address=LOOPBACK,
             log_to_driver=True, configure_logging=True, logging_level=logging.WARNING,
         )  # fmt: skip
     _trial_actors_on_started_workers()
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Make the node Ray starts in this block a loopback node: its servers listen on 127.0.0.1 only.
+
+    Ray turns a node IP of 127.0.0.1 into the machine's outward address (``resolve_ip_for_localhost``) unless
+    multi-machine clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which this module's import-time
+    constant mirrors); with the outward address its GCS, raylet and workers listen on every interface. With the
+    node on 127.0.0.1 they bind loopback alone (checked in the sweep tests). The cluster's processes inherit the
+    variable; this process's constant is put back afterwards.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with scoped_environ({LOCAL_ONLY_ENV: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _local_cluster_env(env: dict[str, str], cpus: float | None) -> dict[str, str]:

@@ -63,7 +63,9 @@ class LocalCluster:
 
     def driver_env(self, **extra: str) -> dict[str, str]:
         """The environment of a sweep driver started on this machine against the cluster (not a submitted job)."""
-        return {**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.gcs}", "RAY_AUTH_MODE": "token", **extra}
+        # The nodes are on 127.0.0.1 (cluster/ray_loopback.py): so is a driver of this machine, as local.sh says.
+        return {**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.gcs}", "RAY_AUTH_MODE": "token",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **extra}  # fmt: skip
 
     def node_cache(self, i: int) -> Path:
         return self.state / f"node-{i}" / "cache"

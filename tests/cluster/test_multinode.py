@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import ROOT, LocalCluster, trial_runs
-from tests.helpers import dinov2_demo
+from tests.helpers import dinov2_demo, ray_listeners_off_loopback
 
 pytestmark = pytest.mark.cluster
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
@@ -63,10 +63,12 @@ def test_a_submitted_sweep_runs_on_the_gpu_nodes_and_stores_to_s3(three, servers
     head = next(i for i, n in nodes.items() if n["index"] == 0)
     workers = {i for i, n in nodes.items() if n["index"]}
     assert nodes[head]["gpus"] == 0 and nodes[head]["cpus"] == 0 and len(workers) == 2
+    assert {n["ip"] for n in nodes.values()} == {"127.0.0.1"}
     submitted = time.time()
     job = three.shell(three.submit_line)
     output = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in output.lower(), output[-4000:]
+    assert ray_listeners_off_loopback() == []  # GCS, raylets, agents and the job's workers
 
     _, _, parents, trials = trial_runs(mlflow.url, "multinode")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

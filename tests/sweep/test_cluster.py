@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -72,3 +73,23 @@ def test_results_of_a_submitted_job_land_outside_its_temporary_working_dir(monke
     assert _storage_root("out").path == str(tmp_path / "lasegseg" / "out")
     assert _storage_root(str(tmp_path / "abs")).path == str(tmp_path / "abs")
     assert _storage_root("s3://bucket/runs").uri == "s3://bucket/runs"
+
+
+def test_the_sweeps_own_local_cluster_listens_on_loopback_only(monkeypatch):
+    """Ray would turn a node IP of 127.0.0.1 into the machine's outward address and listen on every interface."""
+    import ray
+
+    from tests.helpers import ray_listeners_off_loopback
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    from ray._private import ray_constants
+
+    constant = ray_constants.ENABLE_RAY_CLUSTER
+    cluster.init_ray({}, 1)
+    try:
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+        assert ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()) == "127.0.0.1"
+        assert ray_listeners_off_loopback() == []
+    finally:
+        ray.shutdown()
+    assert ray_constants.ENABLE_RAY_CLUSTER == constant and cluster.LOCAL_ONLY_ENV not in os.environ
