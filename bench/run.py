@@ -1,7 +1,7 @@
 """lasegseg benchmarks: each prints a ratio measured in one run on this machine (min / median over repeats).
 
     python bench/run.py --quick                  # CPU, under 10 minutes on 2 cores
-    python bench/run.py --only naive,fixed       # some: plain | step | data | sweep | memory | naive | fixed | floor
+    python bench/run.py --only naive,fixed       # some: plain step data sweep memory naive fixed floor bounds
     python bench/run.py --quick --json out.json  # also write every row as JSON
 
 0. plain  — the loop a new user writes first (bench/naive.py --variant plain, no tracking, no validation) vs
@@ -23,6 +23,9 @@
 7. floor  — the frozen grid's sweep wall time at concurrency 1 vs its floor, timed in the bench process: one backbone
             pass over every slice plus every decoder step and evaluation pass of the grid's trials (goal ≤ 1.15×);
             the speed-up over naive printed beside the bound that the floor implies (naive / floor).
+8. bounds — what no Ray-based sweep here can go below: a new local Ray cluster's first torch optimizer step from
+            process launch (row 2's goal: ≤ 5 s), and the memory of the worker process every concurrent trial adds
+            (row 6's goal: ≤ 300 MiB); no Tune, MLflow, data or lasegseg in either.
 
 Every process runs with OMP_NUM_THREADS=1 and one CPU per trial (the 4-trial memory run uses 0.5 so that four fit
 on two cores). Sweeps share their runs between benchmarks within one invocation; each sweep starts from an empty
@@ -51,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import (  # noqa: E402
+    bench_bounds,
     bench_data,
     bench_fixed,
     bench_floor,
@@ -73,6 +77,7 @@ RUNNERS = {
     "naive": bench_naive_grid.measure,
     "fixed": bench_fixed.measure,
     "floor": bench_floor.measure,
+    "bounds": bench_bounds.measure,
 }
 BENCHMARKS = tuple(RUNNERS)
 

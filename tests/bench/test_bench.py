@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,9 +201,10 @@ def test_peak_memory_of_a_process_tree_counts_its_children(tmp_path):
 
 
 def test_the_floor_counts_every_step_and_evaluation_batch_of_the_grids_trials(tmp_path, monkeypatch):
-    """2 epochs of linear × 2/4 patients: every epoch's steps, every epoch's validation batches and one test pass."""
+    """2 epochs of linear × 2/4 patients: every epoch's steps, every epoch's validation batches (every k-th slice
+    within the validation budget, then all of them once for the chosen epoch) and one test pass."""
     from lasegseg.config import Config
-    from lasegseg.train.trial import prepare_data
+    from lasegseg.train.trial import prepare_data, validation_stride
 
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))  # Bench points it at its own folder
     monkeypatch.setattr(bench_floor, "REPEATS", 1)
@@ -217,10 +219,22 @@ def test_the_floor_counts_every_step_and_evaluation_batch_of_the_grids_trials(tm
                                   "data.cache_dir": str(tmp_path / "sweep-cache")})  # fmt: skip
         data = prepare_data(cfg)
         steps += 2 * -(-len(data.train_rows) // 16)
-        per_case = [-(-len(data.cache.rows_for([c])) // 16) for c in (*data.split.val, *data.split.test)]
-        evals += 2 * sum(per_case[: len(data.split.val)]) + sum(per_case[len(data.split.val) :])
+        sizes = {c: len(data.cache.rows_for([c])) for c in (*data.split.val, *data.split.test)}
+        k = validation_stride(0.25, sum(sizes[c] for c in data.split.val), len(data.train_rows))
+        assert k > 1  # 2 validation patients against 2 or 4 training ones: over the budget
+        evals += 2 * sum(-(-len(range((k - 1) // 2, sizes[c], k)) // 16) for c in data.split.val)
+        evals += sum(-(-sizes[c] // 16) for c in (*data.split.val, *data.split.test))
     assert (floor.steps, floor.evals, floor.slices) == (steps, evals, len(data.cache))
     assert floor.total == pytest.approx(floor.backbone_s + floor.steps_s + floor.evals_s)
     assert floor.backbone_s > 0 and floor.steps_s > 0 and floor.evals_s > 0
     assert {k[:2] for k in floor.per_batch} == {("linear", "train"), ("linear", "eval")}
     assert "backbone pass" in floor.describe()
+
+
+def test_the_bounds_probe_times_a_new_clusters_first_torch_step_and_its_workers_memory():
+    from bench import bench_bounds
+
+    launched = time.time()
+    out = bench_bounds.probe()
+    assert 0 < out["first_step_s"] < time.time() - launched  # launch → step, within the probe's own lifetime
+    assert 100 * 2**20 < out["uss"] < out["uss_mlflow"]  # torch is in the worker; MLflow's client adds to it
