@@ -220,7 +220,7 @@ def test_the_floor_counts_every_step_and_evaluation_batch_of_the_grids_trials(tm
         data = prepare_data(cfg)
         steps += 2 * -(-len(data.train_rows) // 16)
         sizes = {c: len(data.cache.rows_for([c])) for c in (*data.split.val, *data.split.test)}
-        k = validation_stride(0.25, sum(sizes[c] for c in data.split.val), len(data.train_rows))
+        k = validation_stride(cfg.train.val_budget, sum(sizes[c] for c in data.split.val), len(data.train_rows))
         assert k > 1  # 2 validation patients against 2 or 4 training ones: over the budget
         evals += 2 * sum(-(-len(range((k - 1) // 2, sizes[c], k)) // 16) for c in data.split.val)
         evals += sum(-(-sizes[c] // 16) for c in (*data.split.val, *data.split.test))
