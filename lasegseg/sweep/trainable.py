@@ -161,6 +161,7 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
     data = prepare_data(cfg, cache=cache)
     data.features = _open_shared_features(ctx, cfg.to_flat(), first_report["node_id"])
     data.feature_readers = _feature_readers(ctx, cfg.to_flat())
+    data.device_share = first_report.get("gpu_share") or 1.0  # packed frozen trials share one card
     # Scratch, not Tune's trial folder: these files go to MLflow's artifact store, and Tune would copy them to its
     # storage as well (a fine-tuned ViT-g's weights twice).
     out = work / "result"

@@ -86,8 +86,9 @@ def worker_info() -> dict[str, Any]:
     return {"worker_pid": os.getpid(), "worker_started_at": started, "worker_prewarmed": _PREWARMED}
 
 
-def placement() -> dict[str, str]:
-    """Where this Ray worker runs: its node (id and IP) and the torch device of the GPUs Ray gave it.
+def placement() -> dict[str, Any]:
+    """Where this Ray worker runs: its node (id and IP), the torch device of the GPUs Ray gave it and its GPU share
+    (``gpu_share``: Ray's GPU count for it, fractional when trials are packed on a card; 1 outside Ray).
 
     No GPU share means the CPU even on a GPU node: Ray no longer hides a node's GPUs from work that asked for none,
     so ``torch.cuda.is_available()`` alone would put it on physical GPU 0, where the scheduler cannot see it. With
@@ -98,11 +99,13 @@ def placement() -> dict[str, str]:
     import torch
 
     if not ray.is_initialized():  # called outside Ray (a trainable run by hand): no node, the default device
-        return {"node_id": "", "node_ip": "", "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return {"node_id": "", "node_ip": "", "device": device, "gpu_share": 1.0}
     gpus = ray.get_gpu_ids()
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
     node_id = ray.get_runtime_context().get_node_id()
     # The address the node registered with (--node-ip-address), as the cluster lists it; a worker process on its
     # own would guess the machine's outward address instead.
     ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "")
-    return {"node_id": node_id, "node_ip": ip or ray.util.get_node_ip_address(), "device": device}
+    return {"node_id": node_id, "node_ip": ip or ray.util.get_node_ip_address(), "device": device, "gpu_share": share}

@@ -52,9 +52,10 @@ FEATURES_VERSION = 2
 FEATURES_DIR = "features"
 MANIFEST_FILE = "manifest.json"
 STORAGE_DTYPE = "float16"
-# A trial holds its training rows' features on its GPU when they take at most this share of the device memory free
-# when it starts: the rest stays for the decoder's activations and optimizer state and for the other trials packed
-# on the card (``resources.frozen_gpus_per_trial``), each of which sees less free memory and so takes less.
+# A trial holds its training rows' features on its GPU when they take at most this share of its part of the card:
+# the memory free when it starts, capped at its Ray GPU share of the whole (``resources.frozen_gpus_per_trial``), so
+# that trials packed on one card hold at most this fraction of it together whatever order they start in. The rest
+# stays for the decoders' activations and optimizer state.
 RESIDENT_DEVICE_FRACTION = 0.25
 # On the CPU a trial reads the memory map: its pages sit in the page cache once for every trial of the node, while a
 # resident copy would add those rows to each trial's own memory. Measured with the map cached, a batch costs the same
@@ -259,7 +260,7 @@ class FeatureCache:
         return sum(int(np.prod(self.maps[i].shape[1:])) * self.maps[i].itemsize for i in self.levels)
 
     def for_training(
-        self, rows: np.ndarray, device: torch.device | str, *, budget_bytes: int | None = None
+        self, rows: np.ndarray, device: torch.device | str, *, budget_bytes: int | None = None, share: float = 1.0
     ) -> FeatureCache:
         """This reader as a trial trains from it: ``rows`` held on ``device`` when they fit, else prefetched.
 
@@ -271,12 +272,13 @@ class FeatureCache:
         Args:
             rows: the slice rows the trial trains on.
             device: where the decoder runs.
-            budget_bytes: the most bytes to hold; default :func:`resident_budget` of ``device``.
+            budget_bytes: the most bytes to hold; default :func:`resident_budget` of ``device`` and ``share``.
+            share: this trial's share of the device (its Ray GPU fraction; 1 when it has the device to itself).
         """
         device = _concrete(torch.device(device))
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         need = len(rows) * self.row_bytes()
-        budget = resident_budget(device) if budget_bytes is None else budget_bytes
+        budget = resident_budget(device, share) if budget_bytes is None else budget_bytes
         if need <= budget:
             try:
                 held = ResidentFeatures(self, rows, device)
@@ -295,12 +297,13 @@ class FeatureCache:
         return (_reopen, (str(self.path), self.levels))
 
 
-def resident_budget(device: torch.device) -> int:
-    """Bytes of training features a trial may hold on ``device``: :data:`RESIDENT_DEVICE_FRACTION` of the GPU's free
-    memory now, or :data:`RESIDENT_HOST_BYTES` on the CPU."""
+def resident_budget(device: torch.device, share: float = 1.0) -> int:
+    """Bytes of training features a trial may hold on ``device``: :data:`RESIDENT_DEVICE_FRACTION` of the GPU memory
+    free now, but at most of ``share`` × the card's memory (a packed trial's part), or :data:`RESIDENT_HOST_BYTES`
+    on the CPU."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * RESIDENT_DEVICE_FRACTION)
+        free, total = torch.cuda.mem_get_info(device)
+        return int(min(free, total * max(0.0, share)) * RESIDENT_DEVICE_FRACTION)
     if device.type == "cpu":
         return RESIDENT_HOST_BYTES
     return 0

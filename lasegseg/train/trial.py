@@ -52,6 +52,8 @@ class TrialData:
             hold the levels the trial's decoder reads.
         feature_readers: the decoders of every trial that reads this backbone's features (a sweep's); a trial that
             has to build them builds the levels all of them read, so that none builds again.
+        device_share: the share of its GPU this trial may fill (its Ray GPU fraction when trials are packed on one
+            card; 1 alone), which bounds the training features it holds there.
     """
 
     cache: Any
@@ -59,6 +61,7 @@ class TrialData:
     train_rows: np.ndarray
     features: FeatureCache | None = None
     feature_readers: tuple[str, ...] = ()
+    device_share: float = 1.0
 
 
 def prepare_data(cfg: Config, cache: Any = None) -> TrialData:
@@ -252,7 +255,7 @@ def _trial_features(
         and given.manifest.get("precision") == compute_precision(device, cfg.train.amp)
         and given.holds(model.levels)
     ):
-        return given.reader(model.levels).for_training(data.train_rows, device)
+        return given.reader(model.levels).for_training(data.train_rows, device, share=data.device_share)
     levels = model.levels
     if data.feature_readers:
         levels = tuple(sorted({*levels, *levels_read(data.feature_readers, model.backbone.num_features_levels)}))
@@ -260,7 +263,7 @@ def _trial_features(
         model.backbone, data.cache, levels=levels, device=device, amp=cfg.train.amp,
         batch_size=max(32, cfg.train.batch_size), stats=stats,
     )  # fmt: skip
-    return features.reader(model.levels).for_training(data.train_rows, device)
+    return features.reader(model.levels).for_training(data.train_rows, device, share=data.device_share)
 
 
 def _backbone_stub(cfg: Config, data: TrialData, device: torch.device):

@@ -356,6 +356,29 @@ def test_training_features_are_held_within_the_budget_else_read_from_the_map(bui
     assert type(prefetch) is F.PrefetchFeatures and prefetch.levels == LAST and prefetch.path == reader.path
 
 
+def test_packed_trials_hold_features_within_their_share_of_the_card(monkeypatch):
+    """A quarter of the card's free memory, but never more than a quarter of the trial's own share of the card:
+    four trials packed on one GPU hold at most a quarter of it together, whichever starts first."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * gib, 80 * gib))
+    cuda = torch.device("cuda", 0)
+    assert F.resident_budget(cuda) == int(70 * gib * F.RESIDENT_DEVICE_FRACTION)  # alone: the free memory rules
+    assert F.resident_budget(cuda, share=0.25) == int(20 * gib * F.RESIDENT_DEVICE_FRACTION)
+    assert F.resident_budget(cuda, share=2.0) == F.resident_budget(cuda)  # two whole cards: still this one's free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    assert F.resident_budget(cuda, share=0.25) == int(10 * gib * F.RESIDENT_DEVICE_FRACTION)  # a full card
+
+
+def test_a_trial_asks_for_features_within_its_device_share(phantom_dir, monkeypatch):
+    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
+    data = prepare_data(cfg)
+    data.device_share = 0.25
+    asked = []
+    monkeypatch.setattr(F, "resident_budget", lambda device, share=1.0: asked.append((device.type, share)) or 0)
+    assert run_trial(cfg, data=data)["feature_cache"]
+    assert asked == [("cpu", 0.25)]
+
+
 def test_a_trial_trains_from_its_held_rows_and_evaluates_from_the_map(phantom_dir, monkeypatch):
     cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
     data = prepare_data(cfg)
@@ -375,9 +398,9 @@ def test_held_prefetched_and_mapped_training_features_train_alike(phantom_dir):
     data = prepare_data(cfg)
     losses, hold = {}, F.FeatureCache.for_training
     for name, pick in {
-        "held": lambda self, rows, device: hold(self, rows, device, budget_bytes=2**30),
-        "prefetched": lambda self, rows, device: F.PrefetchFeatures(self),
-        "mapped": lambda self, rows, device: self,
+        "held": lambda self, rows, device, **_: hold(self, rows, device, budget_bytes=2**30),
+        "prefetched": lambda self, rows, device, **_: F.PrefetchFeatures(self),
+        "mapped": lambda self, rows, device, **_: self,
     }.items():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(F.FeatureCache, "for_training", pick)
