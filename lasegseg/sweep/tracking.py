@@ -47,6 +47,7 @@ RETRY_ENV = "LASEGSEG_MLFLOW_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 300.0
 MAX_WAIT_S = 10.0
 BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per request
+_UNKNOWN = object()
 
 
 def default_retry_seconds() -> float:
@@ -353,6 +354,7 @@ class TrialTracker:
         self.stage = stage
         self.retry_seconds = default_retry_seconds() if retry_seconds is None else float(retry_seconds)
         self.run_id: str | None = None
+        self._finished: Any = _UNKNOWN  # the run's final metrics if it had finished when start() found it
         self.logged_steps: set[int] = set()  # in the store or queued for it
         self.buffer = MetricBuffer(buffer_path)
         self.stats = {"batches": 0, "metrics": 0, "failed_attempts": 0}
@@ -362,17 +364,30 @@ class TrialTracker:
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    def start(self, known_run_id: str | None = None) -> str:
-        """Continue this trial's run if it exists (retry/resume), else create it; waits for the store."""
+    def start(self, known_run_id: str | None = None, attempt_tags: dict[str, Any] | None = None) -> str:
+        """Continue this trial's run if it exists (retry/resume), else create it; waits for the store.
+
+        Args:
+            known_run_id: the run a checkpoint of this trial names.
+            attempt_tags: tags of this attempt (where it runs); a retry on another node overwrites them with its own.
+                A new run is created with them, and with its params in one more request.
+        """
         c = self.client
+        tags = {k: str(v) for k, v in (attempt_tags or {}).items()}
         run_id = known_run_id or retry(self._search_existing, "search runs", self.retry_seconds)
         if run_id is None:
-            run_id = retry(self._find_or_create, "create run", self.retry_seconds)
+            run_id = retry(self._creator(tags), "create run", self.retry_seconds)
+            self._finished = None  # created just now
             log_params(c, run_id, self.flat, self.retry_seconds)
         else:
             run = retry(lambda: c.get_run(run_id), "get run", self.retry_seconds)
+            done = run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics
+            self._finished = dict(run.data.metrics) if done else None
             if run.info.status != "FINISHED":
                 retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run", self.retry_seconds)
+            self.run_id = run_id
+            if tags:
+                self.tag_attempt(tags)
             for key in EPOCH_METRICS:
                 history = retry(lambda k=key: c.get_metric_history(run_id, k), "read history", self.retry_seconds)
                 self.logged_steps.update(m.step for m in history)
@@ -391,11 +406,13 @@ class TrialTracker:
         retry(lambda: self.client.log_batch(self.run_id, tags=batch), "set tags", self.retry_seconds)
 
     def finished_results(self) -> dict[str, float] | None:
-        """The final metrics of this trial's run if it already finished (a resumed sweep must not redo it)."""
-        run = retry(lambda: self.client.get_run(self.run_id), "get run", self.retry_seconds)
-        if run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics:
-            return dict(run.data.metrics)
-        return None
+        """The final metrics of this trial's run if it had already finished when :meth:`start` found it (a resumed
+        sweep must not redo it); None for a run it created."""
+        if self._finished is _UNKNOWN:
+            run = retry(lambda: self.client.get_run(self.run_id), "get run", self.retry_seconds)
+            done = run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics
+            self._finished = dict(run.data.metrics) if done else None
+        return self._finished
 
     def _search_existing(self) -> str | None:
         """This trial's run: by Tune's trial id, else by its config within the sweep's stage.
@@ -418,21 +435,33 @@ class TrialTracker:
         self.client.set_tag(runs[0].info.run_id, TRIAL_ID, self.trial_id)
         return runs[0].info.run_id
 
-    def _find_or_create(self) -> str:
-        """One attempt: search first, so a create whose answer was lost (server died after it) is not repeated."""
+    def _creator(self, attempt_tags: dict[str, str]) -> Callable[[], str]:
+        """Attempts at creating this trial's run, for :func:`retry`, made right after a search that found none.
+
+        Every attempt after the first searches again, so that a create whose answer was lost (the server died after
+        it) is not repeated.
+        """
         from lasegseg.config import config_hash
 
-        found = self._search_existing()
-        if found is not None:
-            return found
         tags = {
+            **attempt_tags,
             ROLE: self.stage,
             "mlflow.parentRunId": self.parent_run_id,
             TRIAL_ID: self.trial_id,
             CELL: config_hash(self.flat, exclude=("seed",)),
             CONFIG: config_hash(self.flat),
         }
-        return self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+        tried: list[bool] = []
+
+        def create() -> str:
+            if tried:
+                found = self._search_existing()
+                if found is not None:
+                    return found
+            tried.append(True)
+            return self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+
+        return create
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Queue the per-epoch metrics at step=epoch (each step once, even across retries); never waits."""

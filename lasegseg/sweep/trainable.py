@@ -210,8 +210,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         t_track = time.perf_counter()
         tracker = _tracker(ctx, cfg)
         resume_dir, known_run = _restored(work)
-        run_id = tracker.start(known_run)
-        tracker.tag_attempt({f"lasegseg.{k}": first_report[k] for k in ("node_ip", "node_id", "device")})
+        run_id = tracker.start(known_run, {f"lasegseg.{k}": first_report[k] for k in ("node_ip", "node_id", "device")})
         finished = tracker.finished_results()
         first_report["tracking_start_s"] = time.perf_counter() - t_track
         if finished is not None:

@@ -335,6 +335,34 @@ def test_a_trial_restarted_under_a_new_trial_id_continues_its_run(sweep, tmp_pat
     assert len(trials) == 2
 
 
+def test_a_new_trials_run_takes_four_requests_with_its_attempt_tags_and_params(sweep):
+    """Its bookkeeping before the first epoch: search by trial id and by config, create with every tag, log params."""
+    tracker = _tracker(sweep, "fresh")
+    calls: list[str] = []
+    real = tracker.client
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    tracker.client = Counting()
+    run_id = tracker.start(attempt_tags={"lasegseg.node_ip": "127.0.0.1", "lasegseg.device": "cpu"})
+    assert tracker.finished_results() is None  # created just now: nothing to ask
+    assert calls == ["search_runs", "search_runs", "create_run", "log_batch"]
+    run = sweep.client.get_run(run_id)
+    assert run.data.tags["lasegseg.node_ip"] == "127.0.0.1" and run.data.tags["lasegseg.trial_id"] == "fresh"
+    assert run.data.params["model.backbone"] == "tiny" and len(run.data.params) == len(_flat())
+    calls.clear()
+    again = _tracker(sweep, "fresh")  # a retry on another node: same run, its own attempt tags
+    again.client = Counting()
+    assert again.start(attempt_tags={"lasegseg.node_ip": "10.0.0.7"}) == run_id
+    assert again.finished_results() is None and "get_run" in calls and calls.count("get_run") == 1
+    assert sweep.client.get_run(run_id).data.tags["lasegseg.node_ip"] == "10.0.0.7"
+    tracker.close()
+    again.close()
+
+
 def test_a_known_run_id_is_used_without_searching(sweep):
     run_id = _tracker(sweep, "t0").start()
     tracker = _tracker(sweep, "renamed-by-tune")
