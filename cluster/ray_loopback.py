@@ -19,7 +19,7 @@ _resolve = services.resolve_ip_for_localhost
 
 
 def _keep_loopback(host: str) -> str:
-    return host if host in ("127.0.0.1", "localhost") else _resolve(host)
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost") else _resolve(host)
 
 
 services.resolve_ip_for_localhost = _keep_loopback
