@@ -375,9 +375,10 @@ class TrialTracker:
         c = self.client
         tags = {k: str(v) for k, v in (attempt_tags or {}).items()}
         run_id = known_run_id or retry(self._search_existing, "search runs", self.retry_seconds)
-        if run_id is None:
+        created = run_id is None
+        if created:
             run_id = retry(self._creator(tags), "create run", self.retry_seconds)
-            self._finished = None  # created just now
+            self._finished = None
             log_params(c, run_id, self.flat, self.retry_seconds)
         else:
             run = retry(lambda: c.get_run(run_id), "get run", self.retry_seconds)
@@ -385,13 +386,12 @@ class TrialTracker:
             self._finished = dict(run.data.metrics) if done else None
             if run.info.status != "FINISHED":
                 retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run", self.retry_seconds)
-            self.run_id = run_id
-            if tags:
-                self.tag_attempt(tags)
             for key in EPOCH_METRICS:
                 history = retry(lambda k=key: c.get_metric_history(run_id, k), "read history", self.retry_seconds)
                 self.logged_steps.update(m.step for m in history)
         self.run_id = run_id
+        if tags and not created:  # a new run was created with them
+            self.tag_attempt(tags)
         # Epochs an earlier attempt queued but could not send: re-sent as they were (same timestamps).
         self.logged_steps.update(m.step for m in self.buffer.load(run_id))
         if len(self.buffer):
