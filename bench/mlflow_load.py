@@ -82,7 +82,7 @@ def _client(
     """One trial-like process: create its run, wait for the common start, log a step at a time, finish."""
     out: dict[str, Any] = {"index": index, "steps": 0, "error": None}
     try:
-        from lasegseg.sweep.tracking import TrialTracker
+        from lasegseg.tracking.tracker import TrialTracker
 
         tracker = TrialTracker(
             uri, experiment_id, parent_id, f"load-{index:02d}", f"load·{index:02d}", {"client": index},
@@ -141,7 +141,7 @@ def run_load(
 
 
 def _drive(uri: str, backend: str, workdir: Path, clients: int, seconds: float, step_sleep: float) -> dict:
-    from lasegseg.sweep.tracking import ensure_experiment, start_parent
+    from lasegseg.tracking.tracker import ensure_experiment, start_parent
 
     t_setup = time.time()
     # As the sweep driver does: the experiment and the parent run exist before any trial starts.
@@ -150,7 +150,7 @@ def _drive(uri: str, backend: str, workdir: Path, clients: int, seconds: float, 
     # Processes forked from a server that imported mlflow once: trials are separate processes, and 16 cold
     # imports at once would only measure the 2 cores' import time.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["mlflow", "mlflow.tracking", "lasegseg.sweep.tracking"])
+    ctx.set_forkserver_preload(["mlflow", "mlflow.tracking", "lasegseg.tracking.tracker"])
     gate, results = ctx.Barrier(clients + 1), ctx.Queue()
     procs = [
         ctx.Process(

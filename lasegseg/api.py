@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from lasegseg.errors import DataError, LasegsegError, ModelError
+from lasegseg.errors import DataError, ModelError
+from lasegseg.paths import tracking_uri as resolve_tracking_uri
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -176,11 +177,9 @@ def resolve_registered(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ModelError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        raise LasegsegError(f"{uri}: no tracking URI; pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    from lasegseg.sweep.tracking import check_reachable
-    from lasegseg.sweep.tracking import client as tracking_client
+    tracking_uri = resolve_tracking_uri(tracking_uri, context=f"{uri}: ")
+    from lasegseg.tracking.tracker import check_reachable
+    from lasegseg.tracking.tracker import client as tracking_client
 
     check_reachable(tracking_uri, timeout=5.0, must_exist=True)
     name, alias, version = match["name"], match["alias"], match["version"]

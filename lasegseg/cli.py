@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from lasegseg import options
+from lasegseg import options, process
 from lasegseg.errors import LasegsegError
+from lasegseg.paths import tracking_uri
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
@@ -163,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     check_metric(args.metric)  # before touching the store
-    uri = _tracking_uri(args)
+    uri = tracking_uri(args.tracking_uri)
     out = _study_out(args, "best")
     result = export_best(
         uri, args.experiment, out, metric=args.metric, parent_run_id=args.parent_run, register=args.register,
@@ -182,22 +183,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise LasegsegError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    return uri
-
-
 def _study_out(args: argparse.Namespace, default: str) -> Path:
     """``--out``, else ``runs/<experiment>/<default>``."""
     return Path(args.out or Path("runs") / args.experiment / default)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from lasegseg.sweep.aggregate import aggregate, format_table
+    from lasegseg.results.aggregate import aggregate, format_table
 
-    uri = _tracking_uri(args)
+    uri = tracking_uri(args.tracking_uri)
     out = _study_out(args, "summary")
     summary = aggregate(uri, args.experiment, out, parent_run_id=args.parent_run, log_to_parent=not args.no_log)
     print(format_table(summary))
@@ -206,9 +200,9 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lasegseg.sweep.compare import compare, format_table
+    from lasegseg.results.compare import compare, format_table
 
-    uri = _tracking_uri(args)
+    uri = tracking_uri(args.tracking_uri)
     out = _study_out(args, "summary")
     comparison, notes = compare(
         uri, args.experiment, out, parent_run_id=args.parent_run, metric=args.metric, against=args.against,
@@ -227,7 +221,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".html", ".htm"):
         raise LasegsegError(f"--out {out}: the report is one HTML file; give a name ending in .html")
     path = write_report(
-        _tracking_uri(args), args.experiment, out, parent_run_id=args.parent_run, metric=args.metric,
+        tracking_uri(args.tracking_uri), args.experiment, out, parent_run_id=args.parent_run, metric=args.metric,
         log_to_parent=not args.no_log,
     )  # fmt: skip
     print(f"report: {path}")
@@ -369,25 +363,11 @@ def _add_study_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LasegsegError as exc:
-        print(f"lasegseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lasegseg {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print(f"lasegseg {args.command}: error: out of memory", file=sys.stderr)
-        return 2
-    finally:
-        sys.stdout.flush()
+    return process.run_command(lambda: args.func(args), f"lasegseg {args.command}")
 
 
 def console_main() -> None:
     """The ``lasegseg`` command: :func:`main`, and the process ends once its exit handlers ran (no teardown)."""
-    from lasegseg import process
-
     process.end_quickly()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     process.exit_with(main())

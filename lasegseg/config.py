@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,20 @@ from lasegseg.errors import ConfigError
 # family registry refuses a family these do not declare.
 BACKBONE_PATCH_SIZES = {"dinov2": (14, "DINOv2"), "dinov3": (16, "DINOv3")}
 TINY_BACKBONES = {"tiny": "dinov2", "tiny-dinov3": "dinov3"}
-MODES = ("frozen", "finetune", "lora")
+
+
+class Mode(str, Enum):
+    """How a trial trains its backbone (``model.mode``); equal to its string, which is what the flat view holds."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    FROZEN = "frozen"
+    FINETUNE = "finetune"
+    LORA = "lora"
+
+
+MODES = tuple(m.value for m in Mode)
 LAYOUTS = ("auto", "msd", "lasc2018", "lascarqs", "generic")
 AMP_CHOICES = ("auto", "bf16", "off")
 # Names of the augmentation and loss registries (lasegseg.train.augment, lasegseg.train.losses), declared here so
@@ -389,10 +404,18 @@ def _raise_first(checks: list[tuple[bool, str, str]]) -> None:
             raise ConfigError(f"config key '{key}' {message}")
 
 
-def frozen_backbone(flat: dict[str, Any]) -> bool:
-    """Whether the trial with this flat config trains on a fixed backbone, so that a feature cache could serve it
-    (the one definition: sweep resources, feature caches, the trial and the segmenter all ask this)."""
-    return flat.get("model.mode") == "frozen" and flat.get("model.backbone", "tiny") != "none"
+def frozen_backbone(model: ModelConfig | Mapping[str, Any]) -> bool:
+    """Whether a trial trains on a fixed backbone, so that a feature cache could serve it (the one definition: sweep
+    resources, feature caches, the trial and the segmenter all ask this).
+
+    Args:
+        model: the trial's model section, or its flat config (``model.mode``, ``model.backbone``).
+    """
+    if isinstance(model, Mapping):
+        mode, backbone = model.get("model.mode"), model.get("model.backbone", ModelConfig.backbone)
+    else:
+        mode, backbone = model.mode, model.backbone
+    return mode == Mode.FROZEN and backbone != "none"
 
 
 def merge_trial(config: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Atomic writes of files (temp file + rename) and folders (temp folder + two renames, recoverable), content hashes,
 fsync of files and folders, discarding a damaged folder without readers ever seeing it half-deleted, and telling
-whether the process that left a temporary folder is still alive.
+whether the process that left a temporary folder is still alive; publishing a write-once folder (first writer wins).
 """
 
 from __future__ import annotations
@@ -162,6 +162,34 @@ def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 128, compress_l
             tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor(), pil_kwargs={"compress_level": compress_level}
         ),
     )
+
+
+def publish_dir(tmp: Path, final: Path, *, complete: Callable[[Path], bool]) -> bool:
+    """Rename the finished folder ``tmp`` to ``final`` unless another writer got there first: the first writer wins.
+
+    For write-once folders named by their content (a cache key, a model's name): concurrent builders each write a
+    temporary sibling, and the one whose rename lands first is kept. A loser's rename fails (a folder is never
+    renamed over a non-empty one) and, when ``final`` is a complete folder, its own copy is removed and the winner's
+    kept; ``tmp`` is always gone afterwards.
+
+    Args:
+        tmp: the completed temporary folder, a sibling of ``final``.
+        final: where it goes.
+        complete: whether a folder already at ``final`` is whole (e.g. its manifest exists); when it is not, the
+            rename's error is raised.
+
+    Returns:
+        True when this call published ``tmp``; False when another writer's folder was kept.
+    """
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not complete(Path(final)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
 def atomic_dir(final: Path) -> Path:

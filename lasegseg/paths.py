@@ -1,4 +1,4 @@
-"""Where things live: the cache root, the sweep folders and the default tracking store.
+"""Where things live: the cache root, the sweep folders and the tracking store.
 
 Each location is worked out here and nowhere else; every other module asks this one.
 """
@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lasegseg.errors import LasegsegError
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 CACHE_ENV = "LASEGSEG_CACHE"
 STORAGE_ENV = "LASEGSEG_STORAGE"
 DEFAULT_STORAGE = "runs"
@@ -47,3 +50,17 @@ def sqlite_store_template(mlflow_version: str) -> Path:
 def default_tracking_uri(sweep_dir: str | os.PathLike) -> str:
     """The embedded store: a sqlite database inside the sweep folder (safe for concurrent writers on one machine)."""
     return f"sqlite:///{(Path(sweep_dir) / TRACKING_DB).resolve()}"
+
+
+def tracking_uri(flag: str | None, default: str | None = None, *, context: str = "") -> str:
+    """The MLflow store a command uses: the ``--tracking-uri`` flag, else ``$MLFLOW_TRACKING_URI``, else ``default``.
+
+    Args:
+        flag: the command line's value (None or empty when not given).
+        default: the fallback (a sweep's own sqlite store); None makes a missing URI an error.
+        context: what needs the store, for the error (``"models:/la@champion: "``).
+    """
+    uri = flag or os.environ.get(TRACKING_ENV) or default
+    if not uri:
+        raise LasegsegError(f"{context}no tracking URI: pass --tracking-uri or set {TRACKING_ENV}")
+    return uri

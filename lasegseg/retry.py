@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from lasegseg.errors import ConfigError, first_line
+from lasegseg.environ import env_number
+from lasegseg.errors import first_line
 
 T = TypeVar("T")
 
 
 def env_seconds(name: str, default: float) -> float:
     """A number of seconds >= 0 from the environment variable ``name`` (``default`` when unset or empty)."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got '{text}'") from None
-    if not value >= 0:
-        raise ConfigError(f"{name} must be >= 0, got '{text}'")
-    return value
+    return env_number(name, float, default=default, unit="seconds")
 
 
 def call_with_retries(

@@ -1,7 +1,7 @@
 """The package's shape: modules import in pipeline-stage order with no cycle, and no function is too long to read.
 
-Stages (base → data → models → train → sweep → export → api → cli): a module may import from its own stage or an
-earlier one, never a later one; pure compute (data, models, train) never imports ray or mlflow.
+Stages (base → data → models → train → tracking → results → sweep → export → api → cli): a module may import from its
+own stage or an earlier one, never a later one; pure compute (data, models, train) never imports ray or mlflow.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lasegseg"
-STAGES = ["base", "data", "models", "train", "sweep", "export", "api", "cli"]
+STAGES = ["base", "data", "models", "train", "tracking", "results", "sweep", "export", "api", "cli"]
 MAX_FUNCTION_LINES = 80
 
 

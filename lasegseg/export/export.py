@@ -1,7 +1,7 @@
 """Choose a sweep's best cell on validation, export its weights with a model card, and register it in MLflow.
 
 Selection never looks at test metrics: cells are ranked by the mean over seeds of a validation metric (from
-:func:`lasegseg.sweep.aggregate.summarize`), and within the best cell the seed run with the best value of that
+:func:`lasegseg.results.aggregate.summarize`), and within the best cell the seed run with the best value of that
 metric is exported (or every seed, with ``ensemble=True``). The registered model version points at the run's own
 ``model/`` artifact (safetensors + config.json); nothing is pickled and loading rebuilds the model from its config.
 """
@@ -85,7 +85,7 @@ def select_best(
         LasegsegError: test or unknown metric, unreachable store, unknown experiment, no finished trial, or a metric
             no finished trial logged.
     """
-    from lasegseg.sweep.aggregate import load_trials, summarize
+    from lasegseg.results.aggregate import load_trials, summarize
 
     check_metric(metric)
     trials = load_trials(tracking_uri, experiment, parent_run_id)
@@ -368,7 +368,7 @@ def register_run(tracking_uri: str, name: str, selection: Selection) -> dict[str
     """
     from mlflow.exceptions import MlflowException
 
-    from lasegseg.sweep.tracking import client as tracking_client
+    from lasegseg.tracking.tracker import client as tracking_client
 
     run_id = selection.best_run_id
     try:

@@ -37,8 +37,8 @@ class Study:
         experiment: the MLflow experiment (sweep name).
         tracking_uri: where it was read, as shown to people.
         parent_run_id: the sweep run whose trials are shown, or None for all of the experiment's.
-        trials: :func:`lasegseg.sweep.aggregate.load_trials`.
-        summary: :func:`lasegseg.sweep.aggregate.summarize`.
+        trials: :func:`lasegseg.results.aggregate.load_trials`.
+        summary: :func:`lasegseg.results.aggregate.summarize`.
         comparison: one row per cell against the reference, or None when it could not be made.
         comparison_text: the comparison's Markdown notes (reference, direction, small-sample warning).
         per_patient: one row per (cell, test patient) with the per-patient metrics averaged over seeds.
@@ -74,7 +74,7 @@ def gather(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
         parent_run_id: only this sweep run's trials; None for all of the experiment's.
         metric: the per-patient metric of the paired comparison.
     """
-    from lasegseg.sweep.aggregate import load_trials, summarize
+    from lasegseg.results.aggregate import load_trials, summarize
 
     trials = load_trials(tracking_uri, experiment, parent_run_id)
     study = Study(experiment, tracking_uri, parent_run_id, trials, summarize(trials))
@@ -84,7 +84,7 @@ def gather(tracking_uri: str, experiment: str, parent_run_id: str | None = None,
 
 
 def _add_comparison(study: Study, metric: str) -> None:
-    from lasegseg.sweep.compare import compare_trials, patient_matrix
+    from lasegseg.results.compare import compare_trials, patient_matrix
 
     try:
         result = compare_trials(
@@ -189,7 +189,7 @@ def dot_plot(per_patient: pd.DataFrame, order: list[str], labels: dict[str, str]
 
 def _figures(study: Study, tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
     """Few-shot curves and dot plots as (caption, PNG bytes), by section."""
-    from lasegseg.sweep.plots import plot_all
+    from lasegseg.results.plots import plot_all
 
     out: dict[str, list[tuple[str, bytes]]] = {"fewshot": [], "dots": []}
     for path in plot_all(study.summary, tmp):
@@ -246,7 +246,7 @@ def html_table(frame: pd.DataFrame, *, numeric: Iterable[str] = (), table_id: st
 
 
 def _summary_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    from lasegseg.sweep.aggregate import display_table
+    from lasegseg.results.aggregate import display_table
 
     shown = display_table(summary)
     for metric, name in (("test_dice_mean", "Dice"), ("test_iou_mean", "IoU")):
@@ -349,7 +349,7 @@ def render(study: Study, figures: dict[str, list[tuple[str, bytes]]], *, created
         '<h2 id="comparison">Paired comparison</h2>',
     ]
     if study.comparison is not None:
-        from lasegseg.sweep.compare import display_comparison
+        from lasegseg.results.compare import display_comparison
 
         parts.append(html_table(display_comparison(study.comparison), table_id="comparison-table"))
         parts.append(markdown_to_html(study.comparison_text))
@@ -424,7 +424,7 @@ def write_report(
         page = render(study, _figures(study, Path(tmp)))
     out = atomic_write(Path(out), lambda p: p.write_text(page, encoding="utf-8"))
     if log_to_parent:
-        from lasegseg.sweep.aggregate import log_to_sweep_run
+        from lasegseg.results.aggregate import log_to_sweep_run
 
         try:
             log_to_sweep_run(tracking_uri, experiment, parent_run_id, [out], "report", "the report")

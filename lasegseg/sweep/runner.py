@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lasegseg import options
+from lasegseg import options, process
 from lasegseg.errors import ConfigError, DataError, LasegsegError
 from lasegseg.paths import DEFAULT_STORAGE, STORAGE_ENV, cache_root, stable_storage_root
 
@@ -227,7 +227,7 @@ def _warm_tracking(tracking_uri: str):
         try:
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
-            from lasegseg.sweep import tracking
+            from lasegseg.tracking import tracker as tracking
 
             tracking.seed_sqlite_store(tracking_uri)
         except Exception:  # noqa: BLE001 - only a head start: the main thread does it again and reports
@@ -255,8 +255,8 @@ def _warm_finish() -> None:
             import pandas as pd
 
             from lasegseg.config import Config
-            from lasegseg.sweep.aggregate import summarize, write_summary
-            from lasegseg.sweep.compare import compare_cells
+            from lasegseg.results.aggregate import summarize, write_summary
+            from lasegseg.results.compare import compare_cells
 
             base = Config().to_flat()
             trials = pd.DataFrame([
@@ -278,10 +278,10 @@ def _warm_finish() -> None:
 def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
     """Ray first: the workers it starts import torch & co. while this process builds features and the store."""
     from lasegseg.paths import CACHE_ENV
-    from lasegseg.sweep import tracking
     from lasegseg.sweep.caches import loads_backbone
     from lasegseg.sweep.cluster import init_ray, local_cpus
     from lasegseg.sweep.worker import PREWARM_ENV, WARM_BACKBONE_CODE_ENV
+    from lasegseg.tracking import tracker as tracking
 
     env = tracking.tracking_env(tracking_uri)
     if not os.environ.get("RAY_ADDRESS"):  # the private local cluster shares this machine's cache folder
@@ -296,7 +296,7 @@ def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
 
 def _open_parent_run(args, plan: SweepPlan, tracking_uri: str, state: dict[str, Any], pseudonymize: bool) -> dict:
     """The sweep's MLflow experiment and parent run (the earlier one on ``--resume``); returns the new state."""
-    from lasegseg.sweep import tracking
+    from lasegseg.tracking import tracker as tracking
 
     local = not tracking_uri.startswith(("http://", "https://"))
     artifact_root = (plan.sweep_dir / "mlartifacts").as_uri() if local else None
@@ -318,8 +318,8 @@ def _open_parent_run(args, plan: SweepPlan, tracking_uri: str, state: dict[str, 
 
 def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
     """Aggregate over seeds, close the parent run and say where everything is; 0 when every trial finished."""
-    from lasegseg.sweep import tracking
-    from lasegseg.sweep.aggregate import aggregate, format_table, load_trials
+    from lasegseg.results.aggregate import aggregate, format_table, load_trials
+    from lasegseg.tracking import tracker as tracking
 
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     try:
@@ -352,7 +352,7 @@ def _compare(uri: str, experiment: str, out_dir: Path, parent: str, trials=None)
     parent run from being closed.
     """
     from lasegseg.errors import first_line
-    from lasegseg.sweep.compare import compare, format_table
+    from lasegseg.results.compare import compare, format_table
 
     try:
         comparison, notes = compare(uri, experiment, out_dir, parent_run_id=parent, trials=trials)
@@ -380,14 +380,7 @@ def main(argv: list[str] | None = None, prog: str = "fewshot.py") -> int:
 def run_cli(args: argparse.Namespace, prog: str) -> int:
     """:func:`run` with one-line errors and exit codes, as both command lines report them."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except LasegsegError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    return process.run_command(lambda: run(args), prog, interrupted="interrupted; continue with --resume")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -395,9 +388,10 @@ def run(args: argparse.Namespace) -> int:
     Ray Tune and aggregate the results. Returns 0 when every trial finished and the summary was written, else 1.
     """
     from lasegseg.paths import default_tracking_uri
-    from lasegseg.sweep import tracking
+    from lasegseg.paths import tracking_uri as resolve_tracking_uri
     from lasegseg.sweep.caches import build_node_caches, open_slice_caches
     from lasegseg.sweep.tune_runner import run_stages
+    from lasegseg.tracking import tracker as tracking
     from lasegseg.train.features import slot_readers
 
     plan = plan_sweep(args)
@@ -408,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
     import torch  # noqa: F401
 
     plan.root.check()
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(plan.sweep_dir)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, default_tracking_uri(plan.sweep_dir))
     tracking.check_reachable(tracking_uri)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(plan, args.resume)

@@ -87,7 +87,7 @@ def _tracker(ctx: dict[str, Any], cfg):
     from ray import tune
 
     from lasegseg.config import run_name
-    from lasegseg.sweep.tracking import TrialTracker, pending_path
+    from lasegseg.tracking.tracker import TrialTracker, pending_path
 
     trial_id = tune.get_context().get_trial_id()
     return TrialTracker(

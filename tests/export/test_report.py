@@ -10,7 +10,7 @@ import pytest
 
 from lasegseg.config import Config
 from lasegseg.export.report import Study, cell_label, dot_plot, html_table, markdown_to_html, render
-from lasegseg.sweep.aggregate import summarize
+from lasegseg.results.aggregate import summarize
 from tests.helpers import headless_chromium
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lasegseg.errors import LasegsegError
-from lasegseg.sweep.tracking import EPOCH_METRICS, TrialTracker, ensure_experiment, pending_path, start_parent
+from lasegseg.tracking.tracker import EPOCH_METRICS, TrialTracker, ensure_experiment, pending_path, start_parent
 from tests.helpers import MlflowServer, postgres_test_uri
 from tests.helpers import free_port as _free_port
 

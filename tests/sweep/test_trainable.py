@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from lasegseg.config import Config
-from lasegseg.sweep import tracking, trainable
+from lasegseg.sweep import trainable
+from lasegseg.tracking import tracker as tracking
 
 
 class _Tune:

@@ -52,7 +52,7 @@ def plot_fewshot(summary: pd.DataFrame, x: str, metric: str, path: str | Path) -
     """Plot ``metric`` (mean ± std over seeds) against few-shot axis ``x``, one line per (backbone, decoder, mode).
 
     Args:
-        summary: the output of :func:`lasegseg.sweep.aggregate.summarize`.
+        summary: the output of :func:`lasegseg.results.aggregate.summarize`.
         x: ``"data.fraction"`` (shown in %) or ``"data.patients"``.
         metric: ``"test_dice_mean"`` or ``"test_iou_mean"``; the summary columns ``<metric>_mean`` and
             ``<metric>_std`` are plotted.

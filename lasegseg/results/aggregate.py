@@ -23,7 +23,7 @@ from lasegseg.config import coerce, config_hash, config_keys
 from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError, LasegsegError, first_line
 from lasegseg.fsio import atomic_write
-from lasegseg.sweep.tracking import check_reachable, client
+from lasegseg.tracking.tracker import check_reachable, client
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def write_summary(summary: pd.DataFrame, trials: pd.DataFrame, out_dir: str | Pa
     Each file is written atomically (temp file + ``os.replace``). Returns ``{name: path}`` with names
     ``summary_parquet``, ``summary_csv``, ``summary_md``, ``trials_csv`` and the plot file stems.
     """
-    from lasegseg.sweep.plots import plot_all
+    from lasegseg.results.plots import plot_all
 
     out = Path(out_dir)
     n_trials, n_cells = len(trials), len(summary)

@@ -16,7 +16,7 @@ from lasegseg import stats
 from lasegseg.cli import main
 from lasegseg.config import Config, config_hash, run_name
 from lasegseg.errors import LasegsegError
-from lasegseg.sweep.compare import (
+from lasegseg.results.compare import (
     baseline_groups,
     compare,
     compare_cells,
@@ -272,7 +272,7 @@ def _cell_of(truth, decoder):
 
 def test_compare_end_to_end(store, tmp_path, caplog):
     truth, uri = store["truth"], store["uri"]
-    with caplog.at_level(logging.WARNING, logger="lasegseg.sweep.compare"):
+    with caplog.at_level(logging.WARNING, logger="lasegseg.results.compare"):
         table, notes = compare(uri, EXPERIMENT, tmp_path, parent_run_id=store["parent"], resamples=2000, seed=5)
     assert "1 of 9 finished trial run(s) have no readable per_patient.csv" in caplog.text
     ref = _cell_of(truth, "linear")
@@ -350,7 +350,7 @@ def test_patient_matrix_averages_seeds_on_the_test_split():
 
 
 def test_statistics_import_no_tracking_or_ray():
-    code = "import sys, lasegseg.stats, lasegseg.sweep.compare; print(sorted({'mlflow', 'ray'} & set(sys.modules)))"
+    code = "import sys, lasegseg.stats, lasegseg.results.compare; print(sorted({'mlflow', 'ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from lasegseg.config import Config, config_hash
 from lasegseg.errors import ConfigError, LasegsegError
-from lasegseg.sweep.tracking import (
+from lasegseg.tracking.tracker import (
     EPOCH_METRICS,
     RETRY_ENV,
     MetricBuffer,
@@ -119,7 +119,7 @@ class Failing:
 
 def test_retry_waits_out_transient_faults_with_growing_waits(caplog):
     fn = Failing(MlflowException("Connection refused\nTraceback: noise"), ConnectionResetError("reset"))
-    with caplog.at_level(logging.WARNING, logger="lasegseg.sweep.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lasegseg.tracking.tracker"):
         assert retry(fn, "create run", seconds=10, first_wait=0.01) == "ok"
     assert fn.calls == 3
     messages = [r.getMessage() for r in caplog.records]
@@ -183,7 +183,7 @@ def test_a_new_sqlite_store_is_a_copy_of_a_migrated_template_and_behaves_as_a_fr
     import mlflow
 
     from lasegseg.paths import sqlite_store_template
-    from lasegseg.sweep.tracking import seed_sqlite_store
+    from lasegseg.tracking.tracker import seed_sqlite_store
 
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

@@ -42,7 +42,7 @@ _NON_METRIC_COLUMNS = ("case_id", "split")
 
 
 def _artifact_uris(client: Any, experiment_id: str, parent_run_id: str | None) -> dict[str, str]:
-    from lasegseg.sweep.aggregate import search_all, trial_filter
+    from lasegseg.results.aggregate import search_all, trial_filter
 
     runs = search_all(client, experiment_id, trial_filter(parent_run_id))
     return {r.info.run_id: r.info.artifact_uri for r in runs if r.info.status == "FINISHED"}
@@ -98,7 +98,7 @@ def patient_matrix(
     NaN there. Runs whose table lacks ``metric`` are skipped (counted in the second return value).
 
     Args:
-        trials: :func:`lasegseg.sweep.aggregate.load_trials` rows (``run_id``, ``cell``).
+        trials: :func:`lasegseg.results.aggregate.load_trials` rows (``run_id``, ``cell``).
         tables: ``{run_id: per_patient table}``.
         metric: a column of the tables.
         split: the rows kept (the tables hold only the test split today).
@@ -139,7 +139,7 @@ def pick_reference(summary: pd.DataFrame, trials: pd.DataFrame, against: str = "
     """The reference cell and why it was chosen.
 
     Args:
-        summary: :func:`lasegseg.sweep.aggregate.summarize` (best validation Dice first).
+        summary: :func:`lasegseg.results.aggregate.summarize` (best validation Dice first).
         trials: the trials it summarises (for run names and ids).
         against: ``best`` (highest mean validation Dice — never test), ``baseline`` (the cell whose
             ``model.backbone`` is ``none``, the UNet), a cell hash or a unique prefix of one, a run name or run id.
@@ -222,7 +222,7 @@ def compare_cells(
 
     Args:
         matrix: patients × cells (:func:`patient_matrix`).
-        summary: :func:`lasegseg.sweep.aggregate.summarize` (config columns, ``cell``, ``val_dice_mean``).
+        summary: :func:`lasegseg.results.aggregate.summarize` (config columns, ``cell``, ``val_dice_mean``).
         reference: the reference cell.
         metric: the metric's name (decides the direction: :data:`LOWER_IS_BETTER`).
         resamples: bootstrap samples (CI and rank stability).
@@ -236,7 +236,7 @@ def compare_cells(
         ``wins``/``ties``/``losses``, ``small_sample`` (no p < 0.05 reachable), ``p_first`` (rank stability).
         ``attrs["rank_stability"]`` holds :class:`lasegseg.stats.RankStability`.
     """
-    from lasegseg.sweep.aggregate import cell_keys
+    from lasegseg.results.aggregate import cell_keys
 
     lower = metric in LOWER_IS_BETTER
     order = [reference] + [c for c in summary["cell"] if c != reference]
@@ -324,7 +324,7 @@ def _short(key: str) -> str:
 
 def display_comparison(comparison: pd.DataFrame) -> pd.DataFrame:
     """Strings for people: the config keys that vary between cells, then the statistics."""
-    from lasegseg.sweep.aggregate import cell_keys
+    from lasegseg.results.aggregate import cell_keys
 
     out = pd.DataFrame(index=comparison.index)
     for key in cell_keys(comparison):
@@ -506,8 +506,8 @@ def compare_trials(
     Args:
         tracking_uri: the MLflow URI.
         experiment: the sweep's experiment.
-        trials: :func:`lasegseg.sweep.aggregate.load_trials` of ``experiment`` (and ``parent_run_id``).
-        summary: :func:`lasegseg.sweep.aggregate.summarize` of ``trials``.
+        trials: :func:`lasegseg.results.aggregate.load_trials` of ``experiment`` (and ``parent_run_id``).
+        summary: :func:`lasegseg.results.aggregate.summarize` of ``trials``.
         parent_run_id: the sweep run ``trials`` were read for, or None for all of the experiment's.
         metric: a per-patient column (``dice``, ``iou``, ``nsd``, ``hd95``).
         against: the reference (:func:`pick_reference`).
@@ -518,7 +518,7 @@ def compare_trials(
     Raises:
         LasegsegError: the store, artifacts or metric column are missing, or ``against`` fits no single cell.
     """
-    from lasegseg.sweep.aggregate import experiment_id, tracking
+    from lasegseg.results.aggregate import experiment_id, tracking
 
     if resamples < 1:
         raise LasegsegError(f"resamples must be >= 1, got {resamples}")
@@ -580,7 +580,7 @@ def compare(
         tie: ``|difference| <= tie`` is a tie.
         log_to_parent: log both files under ``summary/`` of the parent run (the given one, else the most recent
             sweep run of the experiment).
-        trials: :func:`lasegseg.sweep.aggregate.load_trials` of this experiment and parent run, when the caller
+        trials: :func:`lasegseg.results.aggregate.load_trials` of this experiment and parent run, when the caller
             already has them (the sweep's own aggregation).
 
     Returns:
@@ -590,7 +590,7 @@ def compare(
         LasegsegError: the store, experiment, trials, artifacts or metric column are missing, or ``against`` fits
             no single cell.
     """
-    from lasegseg.sweep.aggregate import (
+    from lasegseg.results.aggregate import (
         experiment_id,
         latest_sweep_run,
         load_trials,

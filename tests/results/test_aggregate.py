@@ -16,8 +16,8 @@ from scipy import stats
 
 from lasegseg.config import Config, config_hash, run_name
 from lasegseg.errors import LasegsegError
-from lasegseg.sweep.aggregate import aggregate, format_table, load_trials, summarize, write_summary
-from lasegseg.sweep.plots import plot_all
+from lasegseg.results.aggregate import aggregate, format_table, load_trials, summarize, write_summary
+from lasegseg.results.plots import plot_all
 
 DECODERS = ("linear", "multiscale")
 MODES = ("frozen", "finetune")
@@ -131,7 +131,7 @@ def test_load_trials_types_and_parent_filter(store, trials):
 
 
 def test_load_trials_paginates(store, trials, monkeypatch):
-    import lasegseg.sweep.aggregate as agg
+    import lasegseg.results.aggregate as agg
 
     monkeypatch.setattr(agg, "_PAGE_SIZE", 5)
     paged = load_trials(store["uri"], EXPERIMENT, store["parent"])
@@ -139,7 +139,7 @@ def test_load_trials_paginates(store, trials, monkeypatch):
 
 
 def test_failed_trials_are_noted(store, caplog):
-    with caplog.at_level(logging.WARNING, logger="lasegseg.sweep.aggregate"):
+    with caplog.at_level(logging.WARNING, logger="lasegseg.results.aggregate"):
         load_trials(store["uri"], EXPERIMENT, store["parent"])
     assert "1 FAILED" in caplog.text
 
