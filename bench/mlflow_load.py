@@ -141,7 +141,7 @@ def run_load(
 
 
 def _drive(uri: str, backend: str, workdir: Path, clients: int, seconds: float, step_sleep: float) -> dict:
-    from lasegseg.tracking.tracker import ensure_experiment, start_parent
+    from lasegseg.tracking.store import ensure_experiment, start_parent
 
     t_setup = time.time()
     # As the sweep driver does: the experiment and the parent run exist before any trial starts.

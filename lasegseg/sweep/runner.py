@@ -227,9 +227,9 @@ def _warm_tracking(tracking_uri: str):
         try:
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
-            from lasegseg.tracking import tracker as tracking
+            from lasegseg.tracking import store
 
-            tracking.seed_sqlite_store(tracking_uri)
+            store.seed_sqlite_store(tracking_uri)
         except Exception:  # noqa: BLE001 - only a head start: the main thread does it again and reports
             pass
 
@@ -281,9 +281,9 @@ def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
     from lasegseg.sweep.caches import loads_backbone
     from lasegseg.sweep.cluster import init_ray, local_cpus
     from lasegseg.sweep.worker import PREWARM_ENV, WARM_BACKBONE_CODE_ENV
-    from lasegseg.tracking import tracker as tracking
+    from lasegseg.tracking import client
 
-    env = tracking.tracking_env(tracking_uri)
+    env = client.tracking_env(tracking_uri)
     if not os.environ.get("RAY_ADDRESS"):  # the private local cluster shares this machine's cache folder
         env[CACHE_ENV] = os.environ.get(CACHE_ENV, "")
     first = next((t for t in plan.trials if loads_backbone(t)), None)
@@ -296,30 +296,32 @@ def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
 
 def _open_parent_run(args, plan: SweepPlan, tracking_uri: str, state: dict[str, Any], pseudonymize: bool) -> dict:
     """The sweep's MLflow experiment and parent run (the earlier one on ``--resume``); returns the new state."""
-    from lasegseg.tracking import tracker as tracking
+    from lasegseg.tracking import client, store
 
     local = not tracking_uri.startswith(("http://", "https://"))
     artifact_root = (plan.sweep_dir / "mlartifacts").as_uri() if local else None
-    experiment_id = tracking.ensure_experiment(tracking_uri, plan.name, artifact_location=artifact_root)
+    experiment_id = store.ensure_experiment(tracking_uri, plan.name, artifact_location=artifact_root)
     if args.resume:
         parent_run_id = state["parent_run_id"]
-        tracking.client(tracking_uri).update_run(parent_run_id, status="RUNNING")
+        client.client(tracking_uri).update_run(parent_run_id, status="RUNNING")
     else:
         params = {"sweep.config": args.config, "sweep.trials": len(plan.trials),
                   "data.path": plan.spec.base["data.path"], "sweep.pseudonymize": pseudonymize,
                   **{f"sweep.set.{k}": v for k, v in plan.overrides.items()}}  # fmt: skip
-        parent_run_id = tracking.start_parent(
+        parent_run_id = store.start_parent(
             tracking_uri, experiment_id, plan.name, params=params, tags={"lasegseg.sweep_dir": plan.root.uri}
         )
-        tracking.client(tracking_uri).log_artifact(parent_run_id, args.config)
+        client.client(tracking_uri).log_artifact(parent_run_id, args.config)
     return {"status": "running", "parent_run_id": parent_run_id, "experiment_id": experiment_id,
             "tracking_uri": tracking_uri, "name": plan.name, "pseudonymize": pseudonymize}  # fmt: skip
 
 
 def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
     """Aggregate over seeds, close the parent run and say where everything is; 0 when every trial finished."""
-    from lasegseg.results.aggregate import aggregate, format_table, load_trials
-    from lasegseg.tracking import tracker as tracking
+    from lasegseg.results.aggregate import aggregate
+    from lasegseg.results.tables import format_table
+    from lasegseg.results.trials import load_trials
+    from lasegseg.tracking import client
 
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     try:
@@ -331,10 +333,10 @@ def _finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
         summary = None
     if summary is not None:
         _compare(uri, plan.name, plan.sweep_dir, parent, trials)
-    tracking.client(uri).set_terminated(parent, "FINISHED" if summary is not None else "FAILED")
+    client.client(uri).set_terminated(parent, "FINISHED" if summary is not None else "FAILED")
     _save_state(plan, {**state, "status": "finished"})
     _push_files(plan)
-    shown = tracking.display_uri(uri)
+    shown = client.display_uri(uri)
     print(f"results: {plan.root.uri}  (MLflow: {shown}, experiment '{plan.name}', parent run {parent})")
     print(ui_hint(shown, state["experiment_id"]))
     if summary is not None:
@@ -352,7 +354,8 @@ def _compare(uri: str, experiment: str, out_dir: Path, parent: str, trials=None)
     parent run from being closed.
     """
     from lasegseg.errors import first_line
-    from lasegseg.results.compare import compare, format_table
+    from lasegseg.results.compare import compare
+    from lasegseg.results.comparison_tables import format_table
 
     try:
         comparison, notes = compare(uri, experiment, out_dir, parent_run_id=parent, trials=trials)
@@ -391,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     from lasegseg.paths import tracking_uri as resolve_tracking_uri
     from lasegseg.sweep.caches import build_node_caches, open_slice_caches
     from lasegseg.sweep.tune_runner import run_stages
-    from lasegseg.tracking import tracker as tracking
+    from lasegseg.tracking import client
     from lasegseg.train.features import slot_readers
 
     plan = plan_sweep(args)
@@ -403,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan.root.check()
     tracking_uri = resolve_tracking_uri(args.tracking_uri, default_tracking_uri(plan.sweep_dir))
-    tracking.check_reachable(tracking_uri)
+    client.check_reachable(tracking_uri)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(plan, args.resume)
     local = not os.environ.get("RAY_ADDRESS")

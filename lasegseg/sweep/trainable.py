@@ -31,7 +31,8 @@ def _open_shared_cache(ctx: dict[str, Any], cfg, stats: dict[str, Any]):
     """The slice cache of this trial's preprocessing in this node's own cache folder: the driver's, memory-mapped,
     when this node shares its folder (one machine), else the node's own copy, built there once under the cache's
     lock (``stats["built"]``)."""
-    from lasegseg.data.cache import SliceCache, open_cache
+    from lasegseg.data.cache import open_cache
+    from lasegseg.data.cache_read import SliceCache
     from lasegseg.paths import cache_root
     from lasegseg.sweep.caches import preprocessing_key
 
@@ -87,7 +88,8 @@ def _tracker(ctx: dict[str, Any], cfg):
     from ray import tune
 
     from lasegseg.config import run_name
-    from lasegseg.tracking.tracker import TrialTracker, pending_path
+    from lasegseg.tracking.buffer import pending_path
+    from lasegseg.tracking.tracker import TrialTracker
 
     trial_id = tune.get_context().get_trial_id()
     return TrialTracker(

@@ -248,7 +248,7 @@ def run_stages(spec: SweepSpec, ctx: dict[str, Any], sweep_dir: Path, resume: bo
 
     lr_by_cell = screen_learning_rates(spec, ctx, sweep_dir, resume) if spec.screen else None
     if lr_by_cell:
-        from lasegseg.tracking.tracker import client
+        from lasegseg.tracking.client import client
 
         c = client(ctx["tracking_uri"])
         for key, lr in lr_by_cell.items():

@@ -54,7 +54,7 @@ def prewarm_worker(*, full: bool = True) -> None:
         for module in WARM_MODULES + store + (BACKBONE_MODULES if backbone_code else ()):
             importlib.import_module(module)
         if full:
-            from lasegseg.tracking.tracker import client
+            from lasegseg.tracking.client import client
 
             uri = os.environ.get("MLFLOW_TRACKING_URI")
             if uri:

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from lasegseg.errors import LasegsegError
-from lasegseg.tracking.tracker import EPOCH_METRICS, TrialTracker, ensure_experiment, pending_path, start_parent
+from lasegseg.tracking.buffer import pending_path
+from lasegseg.tracking.store import ensure_experiment, start_parent
+from lasegseg.tracking.tracker import EPOCH_METRICS, TrialTracker
 from tests.helpers import MlflowServer, postgres_test_uri
 from tests.helpers import free_port as _free_port
 

@@ -11,7 +11,7 @@ import pytest
 
 from lasegseg.config import Config
 from lasegseg.sweep import trainable
-from lasegseg.tracking import tracker as tracking
+from lasegseg.tracking import client, store
 
 
 class _Tune:
@@ -37,8 +37,8 @@ class _Tune:
 @pytest.fixture
 def sweep_ctx(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = tracking.ensure_experiment(uri, "trainable", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = tracking.start_parent(uri, exp, "trainable", params={}, tags={})
+    exp = store.ensure_experiment(uri, "trainable", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = store.start_parent(uri, exp, "trainable", params={}, tags={})
     return {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "threads": 1}
 
 
@@ -77,7 +77,7 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
     assert metrics["mlflow_run_id"] == run_id
 
     # A marker whose run MLflow does not hold as finished is trained again, in the same run, from epoch 0.
-    tracking.client(sweep_ctx["tracking_uri"]).update_run(run_id, status="RUNNING")
+    client.client(sweep_ctx["tracking_uri"]).update_run(run_id, status="RUNNING")
     retried = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
     assert [m["epoch"] for m, _ in retried.reports] == [0, 1, 1] and retried.reports[-1][0]["done"]
     assert retried.reports[-1][0]["mlflow_run_id"] == run_id
