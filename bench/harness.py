@@ -151,7 +151,7 @@ class Bench:
         """A 12-case seeded phantom (8 train / 2 val / 2 test), and the tiny backbone made once for everyone."""
         if self._phantom is None:
             from lasegseg.data.phantom import write_phantom
-            from lasegseg.models.backbones import tiny_backbone_dir
+            from lasegseg.models.tiny import tiny_backbone_dir
 
             self._phantom = self.tmp / "phantom"
             write_phantom(self._phantom, cases=PHANTOM_CASES, seed=0, layout="msd")

@@ -353,7 +353,7 @@ class UNetBaseline(nn.Module):
 
     def __init__(self, *, width: int, num_classes: int) -> None:
         super().__init__()
-        from monai.networks.nets import UNet  # monai costs seconds to import; only this baseline needs it
+        from monai.networks.nets import UNet  # deferred: heavy (monai, seconds; only this baseline needs it)
 
         strides = (2, 2, 2)
         self.multiple = math.prod(strides)

@@ -18,19 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lasegseg.config import ModelConfig, frozen_backbone, validate_model
+from lasegseg.config import Mode, ModelConfig, frozen_backbone, validate_model
 from lasegseg.errors import ConfigError, ModelError
-from lasegseg.models.backbones import (
-    NONE,
-    Backbone,
-    BackboneStub,
-    build_backbone,
-    cache_root,
-    check_backbone_name,
-    fingerprint,
-    lora_target_modules,
-)
+from lasegseg.models.backbones import Backbone, BackboneStub, build_backbone, fingerprint, lora_target_modules
 from lasegseg.models.decoders import create_decoder, decoder_levels, decoder_spec
+from lasegseg.models.sources import NONE, check_backbone_name
+from lasegseg.paths import cache_root
 
 NUM_CLASSES = 2
 FROZEN_FEATURE_DTYPE = torch.float16
@@ -59,14 +52,14 @@ class Segmenter(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
-        self.mode = mode if backbone is not None else "finetune"
+        self.mode = mode if backbone is not None else Mode.FINETUNE.value
         self.levels = tuple(backbone.check_levels(levels)) if backbone is not None else ()
 
     @property
     def frozen(self) -> bool:
         """Whether the backbone is fixed (its features can be computed once and cached)."""
         # Without a backbone the mode is "finetune" (see __init__), so the mode alone decides here.
-        return frozen_backbone({"model.mode": self.mode})
+        return self.mode == Mode.FROZEN
 
     def train(self, mode: bool = True) -> Segmenter:
         """Set training mode; a frozen backbone stays in eval mode (no dropout, fixed features)."""
@@ -161,7 +154,8 @@ def build_segmenter(
         )
         return Segmenter(None, decoder.to(memory_format=torch.channels_last), mode=model_cfg.mode)
 
-    if backbone is not None and not frozen_backbone({"model.mode": model_cfg.mode}):
+    frozen = frozen_backbone(model_cfg)
+    if backbone is not None and not frozen:
         raise ModelError(f"a backbone stub serves frozen models only, not mode '{model_cfg.mode}'")
     if backbone is None:
         backbone = load_backbone(model_cfg.backbone, registers=model_cfg.registers)
@@ -176,14 +170,12 @@ def build_segmenter(
     # Channels-last conv weights make every decoder conv run channels-last (1.2-1.6x faster on CPU, and the layout
     # tensor cores want); the backbone's feature maps already come in that layout.
     decoder.to(memory_format=torch.channels_last)
-    if frozen_backbone({"model.mode": model_cfg.mode, "model.backbone": model_cfg.backbone}):
+    if frozen:
         backbone.requires_grad_(False)
-    elif model_cfg.mode == "lora":
+    elif model_cfg.mode == Mode.LORA:
         _inject_lora(backbone, model_cfg)
     if gradient_checkpointing is None:
-        gradient_checkpointing = (
-            model_cfg.mode != "frozen" and backbone.model.config.num_hidden_layers >= _CHECKPOINTING_MIN_LAYERS
-        )
+        gradient_checkpointing = not frozen and backbone.model.config.num_hidden_layers >= _CHECKPOINTING_MIN_LAYERS
     if gradient_checkpointing:
         backbone.set_gradient_checkpointing(True)
     levels = decoder_levels(model_cfg.decoder, backbone.num_features_levels)
@@ -221,7 +213,7 @@ def _folder_stamp(name: str) -> tuple:
 
 
 def _inject_lora(backbone: Backbone, model_cfg: ModelConfig) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # deferred: heavy (peft; only LoRA trials need it)
 
     lora = LoraConfig(
         r=model_cfg.lora_rank,
@@ -246,7 +238,7 @@ def param_groups(seg: Segmenter, lr: float, backbone_lr_mult: float, weight_deca
         backbone_lr_mult: backbone learning-rate multiplier (finetune mode).
         weight_decay: decay of the decayed groups.
     """
-    backbone_lr = lr * backbone_lr_mult if seg.mode == "finetune" else lr
+    backbone_lr = lr * backbone_lr_mult if seg.mode == Mode.FINETUNE else lr
     groups: dict[str, dict[str, Any]] = {}
     for name, param in seg.named_parameters():
         if not param.requires_grad:
@@ -269,7 +261,7 @@ def param_groups(seg: Segmenter, lr: float, backbone_lr_mult: float, weight_deca
 
 def _excluded(seg: Segmenter, key: str) -> bool:
     """Base backbone weights that a frozen/lora checkpoint leaves out."""
-    return seg.mode in ("frozen", "lora") and key.startswith("backbone.") and "lora_" not in key
+    return seg.mode in (Mode.FROZEN, Mode.LORA) and key.startswith("backbone.") and "lora_" not in key
 
 
 def state_for_checkpoint(seg: Segmenter) -> dict[str, torch.Tensor]:

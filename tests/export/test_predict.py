@@ -218,7 +218,7 @@ def test_a_saved_model_of_every_tiny_family_predicts_from_a_fresh_cache(backbone
     """The model folder names its backbone; a machine without the tiny weights recreates them, the fingerprint in
     the checkpoint matches, and the mask comes back on the input grid."""
     import lasegseg
-    from lasegseg.models.backbones import backbone_family
+    from lasegseg.models.families import backbone_family
     from lasegseg.models.segmenter import build_segmenter
     from lasegseg.train.checkpoint import save_model
 

@@ -1,6 +1,7 @@
+"""The Backbone: feature maps per level, padding, layer tables, gradients, fingerprints and LoRA targets."""
+
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -10,79 +11,17 @@ import torch.nn.functional as F
 
 from lasegseg.errors import ModelError
 from lasegseg.models import backbones
-from lasegseg.models.backbones import (
-    Backbone,
-    backbone_family,
-    build_backbone,
-    check_backbone_name,
-    fingerprint,
-    list_backbone_families,
-    list_backbones,
-    lora_target_modules,
-    tiny_backbone_dir,
-    weights_fingerprint,
-)
+from lasegseg.models.backbones import build_backbone, fingerprint, lora_target_modules, weights_fingerprint
+from lasegseg.models.families import backbone_family, list_backbone_families
+from lasegseg.models.tiny import tiny_backbone_dir
 
 DINOV2 = backbone_family("dinov2")
-DINOV3 = backbone_family("dinov3")
 LAYER_INDICES = DINOV2.layer_indices
 TINY_NAMES = [backbone_family(f).tiny_name for f in list_backbone_families()]
 # Every (family, registers) pair a family builds: DINOv3 has one variant (always with registers) and refuses True.
 FAMILY_VARIANTS = [
     (f, r) for f in list_backbone_families() for r in (False, True) if not (r and backbone_family(f).single_variant)
 ]
-
-
-def _weights(backbone: Backbone) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in backbone.model.state_dict().items()}
-
-
-@pytest.mark.parametrize("registers", [False, True])
-def test_tiny_is_saved_as_safetensors_and_reloaded(_cache: Path, registers: bool) -> None:
-    first = build_backbone("tiny", registers=registers)
-    folder = _cache / "backbones" / ("tiny-reg" if registers else "tiny")
-    assert tiny_backbone_dir(registers=registers) == folder
-    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-    assert first.source == str(folder)
-    second = build_backbone("tiny", registers=registers)
-    a, b = _weights(first), _weights(second)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert fingerprint(first) == fingerprint(second)
-    assert first.num_prefix_tokens == (1 + DINOV2.tiny_num_registers if registers else 1)
-
-
-def test_tiny_weights_do_not_depend_on_the_cache_or_global_seed(tmp_path: Path, monkeypatch) -> None:
-    reference = fingerprint(build_backbone("tiny"))
-    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
-    torch.manual_seed(1234)
-    fresh = build_backbone("tiny")
-    assert fresh.source == str(tmp_path / "backbones" / "tiny")
-    assert fingerprint(fresh) == reference
-
-
-def test_creating_tiny_does_not_move_the_global_rng(tmp_path: Path, monkeypatch) -> None:
-    """Otherwise the first trial on a fresh machine (the one that creates the folder) would initialise its decoder
-    from another RNG state than every later trial with the same seed."""
-    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
-    torch.manual_seed(7)
-    expected = torch.rand(4)
-    torch.manual_seed(7)
-    build_backbone("tiny")  # creates the folder
-    assert torch.equal(torch.rand(4), expected)
-    torch.manual_seed(7)
-    build_backbone("tiny")  # reloads it
-    assert torch.equal(torch.rand(4), expected)
-
-
-def test_tiny_creation_race_keeps_the_first_folder(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
-    folder = tiny_backbone_dir()
-    before = (folder / "model.safetensors").stat().st_mtime_ns
-    # A second process that finished creating after the first one must neither fail nor leave its temp folder.
-    backbones._create_tiny(folder, registers=False)
-    assert (folder / "model.safetensors").stat().st_mtime_ns == before
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
 
 
 def test_tiny_layer_table_and_attributes() -> None:
@@ -92,34 +31,6 @@ def test_tiny_layer_table_and_attributes() -> None:
     assert backbone.embed_dim == DINOV2.tiny_config["hidden_size"]
     assert backbone.patch_size == 14
     assert backbone.model.config._attn_implementation == "sdpa"
-
-
-@pytest.mark.parametrize(
-    ("num_layers", "expected"),
-    [(12, [2, 5, 8, 11]), (24, [5, 11, 17, 23]), (40, [9, 19, 29, 39]), (4, [0, 1, 2, 3]), (2, [0, 1])],
-)
-def test_even_indices_for_unknown_architectures(num_layers: int, expected: list[int]) -> None:
-    assert backbones._even_indices(num_layers) == expected
-
-
-def test_named_size_tables_are_dinov2s() -> None:
-    assert LAYER_INDICES["small"] == LAYER_INDICES["base"] == [2, 5, 8, 11]
-    assert LAYER_INDICES["large"] == [4, 11, 17, 23]
-    assert LAYER_INDICES["giant"] == [9, 19, 29, 39]
-
-
-@pytest.mark.parametrize(
-    ("name", "registers", "hub_id"),
-    [
-        ("dinov2-small", False, "facebook/dinov2-small"),
-        ("dinov2-giant", False, "facebook/dinov2-giant"),
-        ("dinov2-large", True, "facebook/dinov2-with-registers-large"),
-        ("someone/my-dinov2", False, "someone/my-dinov2"),
-    ],
-)
-def test_names_resolve_to_hub_ids_without_loading(name: str, registers: bool, hub_id: str) -> None:
-    source, _, local = backbones._resolve(name, registers=registers)
-    assert (source, local) == (hub_id, False)
 
 
 @pytest.mark.parametrize("registers", [False, True])
@@ -201,14 +112,6 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-def test_local_folder_is_loaded_like_any_source() -> None:
-    folder = tiny_backbone_dir()
-    backbone = build_backbone(str(folder))
-    assert backbone.source == str(folder)
-    assert backbone.layer_indices == [0, 1, 2, 3]
-    assert fingerprint(backbone) == fingerprint(build_backbone("tiny"))
-
-
 def test_fingerprint_identifies_the_source_not_the_trained_weights() -> None:
     backbone = build_backbone("tiny")
     before = fingerprint(backbone)
@@ -219,62 +122,9 @@ def test_fingerprint_identifies_the_source_not_the_trained_weights() -> None:
     assert fingerprint(backbone) == before
 
 
-def test_check_backbone_name_loads_nothing(_cache: Path) -> None:
-    for name in ["tiny", "dinov2-base", "org/model", str(_cache)]:
-        check_backbone_name(name, registers=True)
-    with pytest.raises(ModelError, match="unknown backbone"):
-        check_backbone_name("tinyy")
-    with pytest.raises(ModelError, match="does not exist"):
-        check_backbone_name("./missing")
-
-
-def test_check_backbone_name_does_not_create_the_tiny_model(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
-    check_backbone_name("tiny")
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("name", ["dinov2-huge", "vit-small", "tinyy"])
-def test_unknown_short_name_lists_valid_names(name: str) -> None:
-    with pytest.raises(ModelError, match=f"unknown backbone '{name}'") as err:
-        build_backbone(name)
-    for valid in list_backbones():
-        assert valid in str(err.value)
-
-
-@pytest.mark.parametrize("name", ["/no/such/folder", "./missing", "~/no-such-lasegseg-backbone/x/y"])
-def test_missing_local_folder_is_named(name: str) -> None:
-    with pytest.raises(ModelError, match=f"backbone folder '{name}' does not exist"):
-        build_backbone(name)
-
-
-def test_none_is_not_a_backbone() -> None:
-    with pytest.raises(ModelError, match="unet"):
-        build_backbone("none")
-
-
-def test_unloadable_folder_gives_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="cannot load backbone folder") as err:
-        build_backbone(str(tmp_path))
-    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
-
-
-def test_folder_with_another_model_type(tmp_path: Path) -> None:
-    from transformers import ViTConfig
-
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
-        tmp_path
-    )
-    with pytest.raises(ModelError, match="'vit' model, not DINOv2"):
-        build_backbone(str(tmp_path))
-
-
 def test_registers_requested_on_a_folder_without_them() -> None:
     with pytest.raises(ModelError, match="without registers"):
         build_backbone(str(tiny_backbone_dir()), registers=True)
-
-
-# ----------------------------------------------------------------------------------------- the family registry
 
 
 @pytest.mark.parametrize(("family", "registers"), FAMILY_VARIANTS)
@@ -297,88 +147,11 @@ def test_every_family_builds_its_tiny_model_and_runs_forward(family: str, regist
 
 
 @pytest.mark.parametrize("family", list_backbone_families())
-def test_every_family_names_its_sizes_and_their_layer_tables(family: str) -> None:
-    fam = backbone_family(family)
-    assert fam.tiny_name in list_backbones()
-    for size in fam.sizes:
-        name = f"{family}-{size}"
-        assert name in list_backbones()
-        hub_size = fam.hub_sizes.get(size, size)
-        assert backbones._resolve(name, registers=False) == (fam.hub_id.format(size=hub_size), size, False)
-        if fam.single_variant:
-            with pytest.raises(ModelError, match="leave model.registers false"):
-                check_backbone_name(name, registers=True)
-        else:
-            check_backbone_name(name, registers=True)
-            assert backbones._resolve(name, registers=True) == (fam.registers_hub_id.format(size=size), size, False)
-        taps = fam.layer_indices[size]
-        assert taps == sorted(taps) and len(set(taps)) == len(taps) >= 1
-    for (_, depth), size in fam.arch_sizes.items():
-        assert max(fam.layer_indices[size]) == depth - 1  # the last tap is the last block
-
-
-@pytest.mark.parametrize("family", list_backbone_families())
 def test_every_family_has_lora_targets_in_its_tiny_model(family: str) -> None:
     backbone = build_backbone(backbone_family(family).tiny_name)
     targets = lora_target_modules(backbone)
     leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.model.named_modules()}
     assert targets and set(targets) <= leaves
-
-
-def test_unknown_family_lists_the_valid_ones() -> None:
-    with pytest.raises(ModelError, match="unknown backbone family 'dinov9'") as err:
-        backbone_family("dinov9")
-    assert all(name in str(err.value) for name in list_backbone_families())
-
-
-def test_a_new_family_is_one_registry_entry(monkeypatch) -> None:
-    """Its tiny name and sizes become backbone names that resolve to its hub ids, without loading anything."""
-    entry = dataclasses.replace(
-        DINOV2,
-        name="toyvit",
-        display_name="ToyViT",
-        patch_size=16,
-        sizes=("s", "b"),
-        hub_id="toy/toyvit-{size}16",
-        registers_hub_id="toy/toyvit-{size}16-reg",
-        tiny_name="tiny-toyvit",
-    )
-    monkeypatch.setitem(backbones.FAMILIES._entries, "toyvit", entry)
-    assert list_backbones()[-3:] == ["tiny-toyvit", "toyvit-s", "toyvit-b"]
-    assert backbones._resolve("toyvit-b", registers=True) == ("toy/toyvit-b16-reg", "b", False)
-    check_backbone_name("tiny-toyvit")
-    with pytest.raises(ModelError, match="unknown backbone 'toyvit-l'") as err:
-        check_backbone_name("toyvit-l")
-    assert "toyvit-s" in str(err.value)
-
-
-def test_registering_a_family_twice_fails() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        backbones.register_backbone_family(DINOV2)
-    assert list_backbone_families() == ["dinov2", "dinov3"]
-
-
-def test_a_bf16_checkpoint_loads_with_fp32_master_weights(tmp_path: Path) -> None:
-    """Fine-tuning keeps fp32 master weights whatever dtype the checkpoint was saved in (bf16 comes from autocast)."""
-    import transformers
-
-    source = transformers.Dinov2Model.from_pretrained(str(tiny_backbone_dir()), dtype=torch.bfloat16)
-    assert next(source.parameters()).dtype == torch.bfloat16
-    source.save_pretrained(tmp_path / "bf16")
-    loaded = build_backbone(str(tmp_path / "bf16"))
-    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
-
-
-def test_a_family_missing_from_the_config_declarations_is_refused() -> None:
-    """The config checks data.image_size from lasegseg.config's declarations: the registry must agree with them."""
-    with pytest.raises(ValueError, match="BACKBONE_PATCH_SIZES"):
-        backbones.register_backbone_family(dataclasses.replace(DINOV3, name="dinov4", tiny_name="tiny-dinov4"))
-    with pytest.raises(ValueError, match="BACKBONE_PATCH_SIZES"):
-        backbones.register_backbone_family(dataclasses.replace(DINOV3, patch_size=14))
-    assert list_backbone_families() == ["dinov2", "dinov3"]
-
-
-# ------------------------------------------------------------------------------- every tiny model, every family
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
@@ -452,17 +225,6 @@ def test_tiny_lora_adapts_the_attention_projections_and_trains(name: str) -> Non
     assert all(torch.equal(base[k], v) for k, v in seg.backbone.state_dict().items() if k in base)
 
 
-@pytest.mark.parametrize("name", TINY_NAMES)
-def test_tiny_saved_and_reloaded_through_from_pretrained_gives_identical_outputs(name: str, tmp_path: Path) -> None:
-    first = build_backbone(name).eval()
-    first.model.save_pretrained(tmp_path / "copy")
-    second = build_backbone(str(tmp_path / "copy")).eval()
-    assert fingerprint(second) == fingerprint(first) and second.layer_indices == first.layer_indices
-    x = torch.rand(1, 1, 64, 48)
-    with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(first(x), second(x), strict=True))
-
-
 @pytest.mark.parametrize("family", list_backbone_families())
 def test_a_local_copy_of_a_named_size_architecture_gets_its_table(family: str, tmp_path: Path) -> None:
     """A folder is matched on (width, depth): the smallest named size's, with a narrow MLP to stay cheap."""
@@ -477,53 +239,3 @@ def test_a_local_copy_of_a_named_size_architecture_gets_its_table(family: str, t
     getattr(transformers, fam.model_classes[model_type])(config).save_pretrained(tmp_path)
     backbone = build_backbone(str(tmp_path))
     assert backbone.layer_indices == fam.layer_indices[size] and backbone.family == family
-
-
-# ------------------------------------------------------------------------------------------------------- DINOv3
-
-
-@pytest.mark.parametrize(
-    ("name", "hub_id"),
-    [
-        ("dinov3-small", "facebook/dinov3-vits16-pretrain-lvd1689m"),
-        ("dinov3-small-plus", "facebook/dinov3-vits16plus-pretrain-lvd1689m"),
-        ("dinov3-base", "facebook/dinov3-vitb16-pretrain-lvd1689m"),
-        ("dinov3-large", "facebook/dinov3-vitl16-pretrain-lvd1689m"),
-        ("dinov3-huge-plus", "facebook/dinov3-vith16plus-pretrain-lvd1689m"),
-        ("dinov3-7b", "facebook/dinov3-vit7b16-pretrain-lvd1689m"),
-    ],
-)
-def test_dinov3_names_resolve_to_meta_hub_ids(name: str, hub_id: str) -> None:
-    assert backbones._resolve(name, registers=False) == (hub_id, name.removeprefix("dinov3-"), False)
-
-
-def test_dinov3_tables_are_four_even_intervals_of_each_depth() -> None:
-    depths = {"small": 12, "small-plus": 12, "base": 12, "large": 24, "huge-plus": 32, "7b": 40}
-    assert set(depths) == set(DINOV3.sizes)
-    for size, depth in depths.items():
-        assert DINOV3.layer_indices[size] == backbones._even_indices(depth), size
-    assert DINOV3.layer_indices["large"] == [5, 11, 17, 23]
-
-
-def test_tiny_dinov3_is_saved_with_its_registers_and_no_rope_augmentation(_cache: Path) -> None:
-    backbone = build_backbone("tiny-dinov3")
-    folder = _cache / "backbones" / "tiny-dinov3"
-    assert backbone.source == str(folder) and (folder / "model.safetensors").is_file()
-    config = backbone.model.config
-    assert (config.model_type, config.patch_size, config.num_register_tokens) == ("dinov3_vit", 16, 4)
-    assert backbone.num_prefix_tokens == 5
-    assert config.pos_embed_rescale is None and config.pos_embed_jitter is None and config.pos_embed_shift is None
-    # Training mode is the geometry of inference: the same features in train() and eval().
-    x = torch.rand(1, 1, 64, 80)
-    with torch.no_grad():
-        train = backbone.train()(x)
-        test = backbone.eval()(x)
-    assert all(torch.equal(a, b) for a, b in zip(train, test, strict=True))
-
-
-def test_dinov3_refuses_model_registers_true() -> None:
-    for name in ("tiny-dinov3", "dinov3-large"):
-        with pytest.raises(ModelError, match=r"DINOv3, which has one variant .* leave model.registers false"):
-            check_backbone_name(name, registers=True)
-    with pytest.raises(ModelError, match="leave model.registers false"):
-        build_backbone(str(tiny_backbone_dir(family="dinov3")), registers=True)

@@ -11,7 +11,8 @@ import torch
 from lasegseg.config import Config
 from lasegseg.errors import ModelError
 from lasegseg.models import segmenter as S
-from lasegseg.models.backbones import BackboneStub, backbone_source
+from lasegseg.models.backbones import BackboneStub
+from lasegseg.models.sources import backbone_source
 from lasegseg.train import features as F
 from lasegseg.train.checkpoint import load_model
 from lasegseg.train.trial import prepare_data, run_trial
