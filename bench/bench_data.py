@@ -17,7 +17,7 @@ from bench.harness import IMAGE_SIZE, Bench
 
 if TYPE_CHECKING:
     from lasegseg.config import Config
-    from lasegseg.data.cache import SliceCache
+    from lasegseg.data.cache_read import SliceCache
     from lasegseg.models.segmenter import Segmenter
     from lasegseg.train.features import FeatureCache
 
@@ -145,7 +145,7 @@ def measure_cache_build(b: Bench, cases: int | None = None) -> None:
         b: the benchmark run (scratch folder, quick mode, report).
         cases: how many scans (default 4 with ``--quick``, else 24).
     """
-    from lasegseg.data.cache import build_cache
+    from lasegseg.data.cache_write import build_cache
     from lasegseg.data.layouts import list_cases
     from lasegseg.data.preprocess import Preprocessing
 

@@ -18,7 +18,7 @@ import numpy as np
 from lasegseg.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from lasegseg.data.cache import SliceCache
+    from lasegseg.data.cache_read import SliceCache
 
 _TEST_STREAM = 0
 _VAL_STREAM = 1

@@ -1,15 +1,18 @@
 """Whole-dataset validation: every case is read and checked, and every problem is reported, one line each.
 
-A user with 100 scans wants to hear about the 3 broken ones at once, not one per run.
+A user with 100 scans wants to hear about the 3 broken ones at once, not one per run. :func:`validate_dataset`
+returns the good cases and the problems, :func:`load_dataset` holds every volume or raises, and
+:func:`load_cases_streaming` yields the cases one at a time and raises at the end.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from lasegseg.data.io import VolumeError
-from lasegseg.data.layouts import format_problems, load_case, scan_cases
+from lasegseg.data.layouts import format_problems, list_cases, load_case, scan_cases
 from lasegseg.data.types import Case, LoadedCase
 from lasegseg.errors import DataError
 
@@ -81,3 +84,28 @@ def load_dataset(root: str | os.PathLike, layout: str = "auto") -> list[LoadedCa
     if problems:
         raise DataError(format_problems(root, problems))
     return loaded
+
+
+def load_cases_streaming(root: str | os.PathLike, layout: str = "auto") -> Iterator[LoadedCase]:
+    """Yield the dataset's cases one at a time (memory holds one case), then report every bad file at once.
+
+    Unlike :func:`load_dataset`, which holds all volumes, this suits building a cache from this process (the
+    default ``load_cases`` of :func:`lasegseg.data.cache.get_or_build_cache` lists the cases instead, so that the
+    build's workers read them). A bad case is skipped while the rest are still checked; the generator then raises
+    one :class:`DataError` listing them all, which aborts the cache build.
+
+    Args:
+        root: dataset folder.
+        layout: ``auto`` (detect) or a layout name.
+    """
+    problems = []
+    for case in list_cases(root, layout):
+        try:
+            loaded = load_case(case)
+        except DataError as err:
+            problems.append(str(err))
+        else:
+            if not problems:
+                yield loaded
+    if problems:
+        raise DataError(format_problems(Path(root), problems))
