@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu, gpu_shapes
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu.py"
-
-
-def _load():
-    if "bench_gpu" not in sys.modules:  # dataclasses look their module up in sys.modules
-        spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_gpu"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_gpu"]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -71,12 +63,11 @@ def test_smoke_run_reports_every_row_and_flops_agree(tmp_path):
 
 
 def test_analytic_flops_of_the_official_sizes():
-    gpu = _load()
     # Forward GFLOP per 448-px image (1024 patches + cls); DINOv2-g's SwiGLU MLP is 4096 wide.
     expected = {"S": 63.36, "B": 213.8, "L": 723.6, "g": 2581.6}
     for key, gflop in expected.items():
-        assert gpu.vit_flops(gpu.SHAPES[key], 448) / 1e9 == pytest.approx(gflop, rel=1e-3)
-    assert gpu.SHAPES["g"].ffn_hidden == 4096
+        assert gpu_shapes.vit_flops(gpu_shapes.SHAPES[key], 448) / 1e9 == pytest.approx(gflop, rel=1e-3)
+    assert gpu_shapes.SHAPES["g"].ffn_hidden == 4096
 
 
 @pytest.mark.parametrize(
@@ -96,27 +87,27 @@ def test_analytic_flops_of_the_official_sizes():
     ],
 )
 def test_peak_table_by_device_name(name, peak):
-    gpu = _load()
-    assert gpu.peak_tflops(name, None) == peak
-    assert gpu.peak_tflops(name, 123.0) == 123.0
+    assert gpu_shapes.peak_tflops(name, None) == peak
+    assert gpu_shapes.peak_tflops(name, 123.0) == 123.0
 
 
 def test_out_of_memory_row_is_retried_at_half_batch_then_reported(monkeypatch):
     import torch
 
-    gpu = _load()
+    from bench import gpu_rows
+
     tried = []
 
     def oom(seg, forward, batch, image_size, device):
         tried.append(batch)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(gpu, "build_segmenter", lambda shape, **kw: object())
-    monkeypatch.setattr(gpu, "count_flops", lambda seg, device, image_size, checkpointing: (1.0, 2.0))
-    monkeypatch.setattr(gpu, "make_step", oom)
+    monkeypatch.setattr(gpu_rows, "build_segmenter", lambda shape, **kw: object())
+    monkeypatch.setattr(gpu_rows, "count_flops", lambda seg, device, image_size, checkpointing: (1.0, 2.0))
+    monkeypatch.setattr(gpu_rows, "make_step", oom)
     args = gpu.build_parser().parse_args(["--device", "cpu", "--smoke"])
     gpu._settings(args)
-    row = gpu.measure_row(gpu.SMOKE_SHAPES["S"], "frozen", args, torch.device("cpu"), None)
+    row = gpu_rows.measure_row(gpu_shapes.SMOKE_SHAPES["S"], "frozen", args, torch.device("cpu"), None)
     assert tried == [2, 1]
     assert row["status"] == "OOM at batch 1" and row["batch"] == 1
 
