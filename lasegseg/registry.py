@@ -35,6 +35,12 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def remove(self, name: str) -> T:
+        """Take ``name``'s entry out again (a plugin unloaded, a test's throwaway entry); returns it."""
+        if name not in self._entries:
+            raise self.error(f"unknown {self.kind} '{name}' (valid {self.plural}: {', '.join(self.names())})")
+        return self._entries.pop(name)
+
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form of :meth:`add`."""
         return lambda entry: self.add(name, entry)

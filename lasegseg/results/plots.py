@@ -1,4 +1,5 @@
-"""Few-shot curves from a sweep summary (the reference paper's Figure 2): mean ± std over seeds per model.
+"""A sweep's figures: few-shot curves from its summary (the reference paper's Figure 2: mean ± std over seeds per
+model) and per-patient dot plots per cell. Which metrics get which figure is said in :mod:`lasegseg.metric_table`.
 
 matplotlib is imported inside the functions (``Figure`` objects rendered by Agg, no pyplot state) so that importing
 this module stays cheap.
@@ -11,13 +12,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lasegseg import metric_table
 from lasegseg.fsio import save_figure
+from lasegseg.metric_table import Metric
+from lasegseg.results.trials import ranking_column
 
 AXES = {"data.fraction": "fraction", "data.patients": "patients"}
-METRICS = {"test_dice_mean": ("dice", "Test Dice"), "test_iou_mean": ("iou", "Test IoU")}
 SERIES = ("model.backbone", "model.decoder", "model.mode")
 _LINESTYLES = {"finetune": "-", "frozen": "--", "lora": ":"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def curve_metrics() -> dict[str, Metric]:
+    """``{test mean column: metric}`` of the metrics drawn as few-shot curves."""
+    return {m.test_mean: m for m in metric_table.metrics() if m.curves}
 
 
 def fewshot_points(summary: pd.DataFrame, x: str) -> pd.DataFrame:
@@ -43,8 +51,8 @@ def fewshot_points(summary: pd.DataFrame, x: str) -> pd.DataFrame:
         cells = cells.assign(_x=patients.where(patients > 0))
     cells = cells.dropna(subset=["_x"])
     series = [c for c in SERIES if c in cells.columns]
-    if "val_dice_mean" in cells:
-        cells = cells.sort_values("val_dice_mean", ascending=False, na_position="last", kind="stable")
+    if ranking_column() in cells:
+        cells = cells.sort_values(ranking_column(), ascending=False, na_position="last", kind="stable")
     return cells.drop_duplicates(subset=[*series, "_x"], keep="first").sort_values([*series, "_x"], kind="stable")
 
 
@@ -54,16 +62,19 @@ def plot_fewshot(summary: pd.DataFrame, x: str, metric: str, path: str | Path) -
     Args:
         summary: the output of :func:`lasegseg.results.aggregate.summarize`.
         x: ``"data.fraction"`` (shown in %) or ``"data.patients"``.
-        metric: ``"test_dice_mean"`` or ``"test_iou_mean"``; the summary columns ``<metric>_mean`` and
-            ``<metric>_std`` are plotted.
+        metric: the test mean of a metric drawn as curves (:func:`curve_metrics`: ``"test_dice_mean"``,
+            ``"test_iou_mean"``); the summary columns ``<metric>_mean`` and ``<metric>_std`` are plotted.
         path: output PNG (1200 × 750 px).
     """
+    # deferred: heavy (matplotlib, only where a figure is drawn)
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got '{metric}'")
+    curves = curve_metrics()
+    if metric not in curves:
+        raise ValueError(f"metric must be one of {', '.join(curves)}, got '{metric}'")
+    entry = curves[metric]
     points = fewshot_points(summary, x)
     if points.empty:
         raise ValueError(f"no cells to plot along {x}")
@@ -100,7 +111,7 @@ def plot_fewshot(summary: pd.DataFrame, x: str, metric: str, path: str | Path) -
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([_tick_label(x, t, points) for t in ticks])
-    name = METRICS[metric][1]
+    name = f"Test {entry.display}"
     backbone = "" if show_backbone or "model.backbone" not in points else f" ({points['model.backbone'].iloc[0]})"
     if x == "data.fraction":
         ax.set_xlabel("training data (% of training slices)")
@@ -110,7 +121,7 @@ def plot_fewshot(summary: pd.DataFrame, x: str, metric: str, path: str | Path) -
         ax.set_title(f"Few-shot: {name} vs number of training patients{backbone}")
     ax.set_ylabel(f"{name} (mean ± std over seeds)")
     low, high = ax.get_ylim()
-    ax.set_ylim(max(low, 0.0), min(high, 1.0))
+    ax.set_ylim(max(low, entry.low), min(high, entry.high))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=9, framealpha=0.9)
     fig.tight_layout()
@@ -125,14 +136,53 @@ def _tick_label(x: str, value: float, points: pd.DataFrame) -> str:
 
 
 def plot_all(summary: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write Dice and IoU few-shot curves for each axis that has at least two distinct values; return the paths."""
+    """Write the few-shot curves (Dice, IoU: :func:`curve_metrics`) for each axis that has at least two distinct
+    values; return the paths."""
     out_dir = Path(out_dir)
     paths: list[Path] = []
     for x, axis_name in AXES.items():
         points = fewshot_points(summary, x)
         if points["_x"].nunique() < 2:
             continue
-        for metric, (metric_name, _) in METRICS.items():
+        for metric, entry in curve_metrics().items():
             if f"{metric}_mean" in points and points[f"{metric}_mean"].notna().any():
-                paths.append(plot_fewshot(summary, x, metric, out_dir / f"fewshot_{axis_name}_{metric_name}.png"))
+                paths.append(plot_fewshot(summary, x, metric, out_dir / f"fewshot_{axis_name}_{entry.name}.png"))
     return paths
+
+
+def dot_plot(per_patient: pd.DataFrame, order: list[str], labels: dict[str, str], metric: str, path: Path) -> Path:
+    """One row per cell (in ``order``), one dot per test patient (seed-averaged), the median as a bar.
+
+    Args:
+        per_patient: rows with ``cell``, ``case_id`` and a ``metric`` column.
+        order: cell hashes, top to bottom.
+        labels: cell hash → label.
+        metric: the column to plot, a metric of :mod:`lasegseg.metric_table`.
+        path: output PNG.
+    """
+    from matplotlib.figure import Figure  # deferred: heavy (matplotlib, only where a figure is drawn)
+
+    entry = metric_table.metric(metric)
+    cells = [c for c in order if (per_patient["cell"] == c).any()]
+    if not cells:
+        raise ValueError(f"no per-patient '{metric}' values to plot")
+    fig = Figure(figsize=(9, 0.9 + 0.42 * len(cells)), facecolor="white")
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)  # the jitter only separates dots; fixed so the page is reproducible
+    for i, cell in enumerate(cells):
+        values = per_patient.loc[per_patient["cell"] == cell, metric].to_numpy(float)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            continue
+        y = len(cells) - 1 - i
+        ax.scatter(values, y + rng.uniform(-0.18, 0.18, values.size), s=16, alpha=0.75, color="#1f77b4", lw=0)
+        ax.plot([np.median(values)] * 2, [y - 0.3, y + 0.3], color="#d62728", lw=2)
+    if entry.bounded:  # overlap scores live in [0, 1]: a fixed axis keeps cells and reports comparable
+        pad = 0.02 * (entry.high - entry.low)
+        ax.set_xlim(entry.low - pad, entry.high + pad)
+    ax.set_yticks(range(len(cells)))
+    ax.set_yticklabels([labels.get(c, c) for c in reversed(cells)], fontsize=8)
+    ax.set_xlabel(f"test {entry.label()} per patient (mean over seeds); red bar: median")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

@@ -13,6 +13,10 @@ both empty          1     1    1    0
 one of them empty   0     0    0    NaN (undefined; counted, see :func:`summarize`)
 ==================  ====  ===  ===  ===========================================
 
+The table :mod:`lasegseg.metric_table` declares each metric (and these empty-mask values); this module holds each
+one's function, registered with :func:`case_metric`, and :func:`case_metrics` applies the table's empty-mask rule
+before calling it, so a function only ever sees two non-empty masks.
+
 Both empty is perfect agreement: Metrics Reloaded sets Dice to 1 and every surface distance to 0 there, and NSD and
 IoU follow Dice so that one case cannot be perfect by one overlap score and undefined by another (MONAI's NSD and
 Metrics Reloaded's IoU give NaN). With one mask empty there is no surface to measure to, so HD95 is undefined: any
@@ -23,12 +27,15 @@ Aggregates skip NaN, so :func:`summarize` reports how many cases were skipped ne
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-METRICS = ("dice", "iou", "nsd", "hd95", "slice_dice")
-"""The per-case metrics of :func:`case_metrics`, in the order the per-patient table shows them."""
+from lasegseg.errors import ConfigError
+from lasegseg.metric_table import METRICS, Metric, metrics
+from lasegseg.registry import Registry
 
 
 def _pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +56,7 @@ def dice_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
+    from scipy.ndimage import binary_erosion  # deferred: heavy (scipy.ndimage, ~0.3 s, only for surface metrics)
 
     return mask ^ binary_erosion(mask)
 
@@ -68,7 +75,7 @@ def surface_distances(
         pred, ref: boolean masks of the same shape, neither empty.
         spacing: voxel size along each axis (mm); None for unit voxels.
     """
-    from scipy.ndimage import distance_transform_edt
+    from scipy.ndimage import distance_transform_edt  # deferred: heavy (scipy.ndimage, ~0.3 s)
 
     union = pred | ref
     box = []
@@ -169,32 +176,100 @@ def slice_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(2.0 * inter / (p.sum(axis=0) + r.sum(axis=0))))
 
 
+@dataclass
+class Case:
+    """One case's masks, with the work several metrics share computed once (on first use).
+
+    Args:
+        pred, ref: boolean masks of the same shape, both with foreground (:func:`case_metrics` applies the empty-mask
+            rule before any function sees a case).
+        spacing: voxel size along each axis (mm); None for unit voxels.
+        nsd_tolerance_mm: NSD's tolerance (the config's ``eval.nsd_tolerance_mm``).
+    """
+
+    pred: np.ndarray
+    ref: np.ndarray
+    spacing: Sequence[float] | None
+    nsd_tolerance_mm: float
+
+    @cached_property
+    def overlap(self) -> tuple[float, float]:
+        """Dice and IoU."""
+        return dice_iou(self.pred, self.ref)
+
+    @cached_property
+    def distances(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`surface_distances` of the two masks."""
+        return surface_distances(self.pred, self.ref, self.spacing)
+
+
+CaseFunction = Callable[[Case], float]
+_FUNCTIONS: Registry[CaseFunction] = Registry("metric function", "metric functions", ConfigError, METRICS, "the table")
+
+
+def case_metric(name: str) -> Callable[[CaseFunction], CaseFunction]:
+    """Register the function of the table's metric ``name`` (decorator); it is called on two non-empty masks."""
+    return _FUNCTIONS.register(name)
+
+
+def remove_case_metric(name: str) -> CaseFunction:
+    """Take a metric's function out again (with its table entry, for a metric that was added for a while)."""
+    return _FUNCTIONS.remove(name)
+
+
+case_metric("dice")(lambda case: case.overlap[0])
+case_metric("iou")(lambda case: case.overlap[1])
+case_metric("nsd")(lambda case: _nsd(*case.distances, case.nsd_tolerance_mm))
+case_metric("hd95")(lambda case: _hd95(*case.distances))
+case_metric("slice_dice")(lambda case: slice_dice(case.pred, case.ref))
+
+
+def metric_names() -> list[str]:
+    """The per-case metrics of :func:`case_metrics`, in the order the per-patient table shows them."""
+    return [m.name for m in metrics()]
+
+
+def _empty_value(metric: Metric, has_pred: bool, has_ref: bool) -> float:
+    if not has_pred and not has_ref:
+        return metric.empty_both
+    return metric.empty_pred if has_ref else metric.empty_ref
+
+
 def case_metrics(
     pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None = None, *, nsd_tolerance_mm: float
 ) -> dict[str, float]:
-    """Dice, IoU, NSD, HD95 and mean per-slice Dice of one 3D case (the keys of :data:`METRICS`).
+    """Every metric of the table for one 3D case (Dice, IoU, NSD, HD95, mean per-slice Dice …).
 
     Args:
         pred, ref: boolean masks of the same shape.
         spacing: voxel size along each axis (mm), for NSD and HD95; None for unit voxels.
         nsd_tolerance_mm: NSD's tolerance (the config's ``eval.nsd_tolerance_mm``).
     """
-    dice, iou = dice_iou(pred, ref)
-    surface = dict(zip(("nsd", "hd95"), surface_metrics(pred, ref, nsd_tolerance_mm, spacing), strict=True))
-    return {"dice": dice, "iou": iou, **surface, "slice_dice": slice_dice(pred, ref)}
+    if not math.isfinite(nsd_tolerance_mm) or nsd_tolerance_mm < 0:
+        raise ValueError(f"NSD tolerance must be a finite distance >= 0, got {nsd_tolerance_mm}")
+    pred, ref = _pair(pred, ref)
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    case = Case(pred, ref, spacing, nsd_tolerance_mm)
+    return {
+        m.name: float(_FUNCTIONS.get(m.name)(case)) if has_pred and has_ref else _empty_value(m, has_pred, has_ref)
+        for m in metrics()
+    }
 
 
 def summarize(rows: Sequence[dict[str, float]], prefix: str) -> dict[str, float]:
     """Mean and (population) std over cases of each metric, skipping NaN: ``{prefix}_dice_mean`` …
 
-    Also ``{prefix}_hd95_n_undefined``: how many cases had an HD95 that the mean skipped (one mask empty), so a
-    mean over fewer cases is visible as such. Metrics no row has (older rows without ``nsd``) come out NaN.
+    Also ``{prefix}_<metric>_n_undefined`` for the table's metrics that count it (HD95): how many cases had a value
+    that the mean skipped (one mask empty), so a mean over fewer cases is visible as such. Metrics no row has
+    (older rows without ``nsd``) come out NaN.
     """
     out: dict[str, float] = {}
-    for name in METRICS:
-        values = np.array([r[name] for r in rows if name in r], dtype=float)
+    for m in metrics():
+        values = np.array([r[m.name] for r in rows if m.name in r], dtype=float)
         values = values[np.isfinite(values)]
-        out[f"{prefix}_{name}_mean"] = float(values.mean()) if values.size else math.nan
-        out[f"{prefix}_{name}_std"] = float(values.std()) if values.size else math.nan
-    out[f"{prefix}_hd95_n_undefined"] = sum(1 for r in rows if "hd95" in r and not math.isfinite(r["hd95"]))
+        out[f"{prefix}_{m.name}_mean"] = float(values.mean()) if values.size else math.nan
+        out[f"{prefix}_{m.name}_std"] = float(values.std()) if values.size else math.nan
+    for m in metrics():
+        if m.count_undefined:
+            out[f"{prefix}_{m.name}_n_undefined"] = sum(1 for r in rows if m.name in r and not math.isfinite(r[m.name]))
     return out

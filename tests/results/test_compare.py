@@ -16,16 +16,8 @@ from lasegseg import stats
 from lasegseg.cli import main
 from lasegseg.config import Config, config_hash, run_name
 from lasegseg.errors import LasegsegError
-from lasegseg.results.compare import (
-    baseline_groups,
-    compare,
-    compare_cells,
-    compare_groups,
-    comparison_notes,
-    format_table,
-    patient_matrix,
-    pick_reference,
-)
+from lasegseg.results.compare import baseline_groups, compare, compare_cells, compare_groups, pick_reference
+from lasegseg.results.comparison_tables import comparison_notes, format_table
 
 # --------------------------------------------------------------------------------------------------- statistics
 
@@ -335,18 +327,6 @@ def test_cli_compare_prints_every_cell(store, tmp_path, capsys):
     assert main([*args, "--metric", "nsd", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no 'nsd' column" in err and "Traceback" not in err
-
-
-def test_patient_matrix_averages_seeds_on_the_test_split():
-    trials = pd.DataFrame({"run_id": ["r0", "r1", "r2"], "cell": ["a", "a", "b"]})
-    tables = {
-        "r0": pd.DataFrame({"case_id": ["x", "y", "v"], "split": ["test", "test", "val"], "hd95": [1.0, np.inf, 0.0]}),
-        "r1": pd.DataFrame({"case_id": ["x", "y"], "split": ["test", "test"], "hd95": [3.0, 4.0]}),
-        "r2": pd.DataFrame({"case_id": ["x"], "split": ["test"], "dice": [0.5]}),  # from before hd95 was recorded
-    }
-    matrix, counts = patient_matrix(trials, tables, "hd95")
-    assert matrix.to_dict() == {"a": {"x": 2.0, "y": 4.0}}
-    assert counts == {"without_metric": 1, "non_finite": 1}
 
 
 def test_statistics_import_no_tracking_or_ray():

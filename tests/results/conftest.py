@@ -1,0 +1,105 @@
+"""A fake sweep written to a sqlite MLflow store exactly as the sweep writes it, shared by the results tests."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from lasegseg.config import Config, config_hash, run_name
+from lasegseg.results.trials import load_trials
+
+DECODERS = ("linear", "multiscale")
+MODES = ("frozen", "finetune")
+PATIENTS = (2, 0)
+SEEDS = (0, 1, 2)
+N_TRAIN = 12
+EXPERIMENT = "fewshot"
+
+
+def log_trial(client, exp_id, parent_id, cfg, metrics, status="FINISHED", start_time=None, drop=()):
+    """Log a trial run as the sweep does; ``drop``: config keys the run does not log (a run from an older version)."""
+    from mlflow.entities import Metric, Param
+
+    flat = {k: v for k, v in cfg.to_flat().items() if k not in drop}
+    run = client.create_run(
+        exp_id,
+        run_name=run_name(cfg),
+        start_time=start_time,
+        tags={
+            "lasegseg.role": "trial",
+            "mlflow.parentRunId": parent_id,
+            "lasegseg.cell": config_hash(flat, exclude=("seed",)),
+        },
+    )
+    now = int(time.time() * 1000)
+    history = [Metric(k, 0.1 * (e + 1), now, e) for e in range(3) for k in ("train_loss", "val_dice", "val_iou")]
+    final = [Metric(k, v, now, 3) for k, v in metrics.items()]
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()], metrics=history + final)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="package")
+def store(tmp_path_factory):
+    """Two sweeps (parents) in one experiment, a FAILED trial, and an experiment without trials.
+
+    The older sweep's trials predate ``eval.nsd_tolerance_mm`` and NSD: they log neither.
+    """
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri(), tags=kind)
+    t0 = int(time.time() * 1000)
+    old_parent = client.create_run(exp_id, run_name="old", start_time=t0 - 60_000, tags={"lasegseg.role": "sweep"})
+    parent = client.create_run(exp_id, run_name="sweep", start_time=t0, tags={"lasegseg.role": "sweep"})
+    parent_id = parent.info.run_id
+
+    rng = np.random.default_rng(0)
+    known: dict[tuple, dict[str, list[float]]] = {}
+    base = Config().replace(**{"data.path": "/data/msd", "model.backbone": "dinov2-small", "optim.lr": 3e-4})
+    for dec, mode, patients in itertools.product(DECODERS, MODES, PATIENTS):
+        cell = known.setdefault((dec, mode, patients), {"dice": [], "iou": [], "nsd": [], "val": []})
+        for seed in SEEDS:
+            dice, iou, val = rng.uniform(0.6, 0.9), rng.uniform(0.4, 0.8), rng.uniform(0.5, 0.95)
+            nsd = rng.uniform(0.5, 0.9)
+            cell["dice"].append(dice)
+            cell["iou"].append(iou)
+            cell["nsd"].append(nsd)
+            cell["val"].append(val)
+            cfg = base.replace(**{"model.decoder": dec, "model.mode": mode, "data.patients": patients, "seed": seed})
+            metrics = {
+                "test_dice_mean": dice,
+                "test_dice_std": 0.05,
+                "test_iou_mean": iou,
+                "test_iou_std": 0.04,
+                "test_nsd_mean": nsd,
+                "test_nsd_std": 0.03,
+                "test_hd95_mean": 5.0 + seed,
+                "test_hd95_n_undefined": seed,
+                "val_dice": val,
+                "val_iou": val - 0.1,
+                "n_train_patients": N_TRAIN,
+            }
+            log_trial(client, exp_id, parent_id, cfg, metrics)
+    failed = base.replace(**{"model.decoder": "linear", "model.mode": "frozen", "data.patients": 2, "seed": 3})
+    log_trial(client, exp_id, parent_id, failed, {"test_dice_mean": 0.0, "val_dice": 0.99}, status="FAILED")
+    for seed in (0, 1):
+        other = base.replace(**{"model.decoder": "conv", "seed": seed})
+        metrics = {"test_dice_mean": 0.5, "val_dice": 0.5, "test_hd95_mean": 4.0}
+        log_trial(client, exp_id, old_parent.info.run_id, other, metrics, drop=("eval.nsd_tolerance_mm",))
+
+    client.create_experiment("empty", artifact_location=(root / "empty").as_uri(), tags=kind)
+    empty_id = client.get_experiment_by_name("empty").experiment_id
+    client.create_run(empty_id, tags={"lasegseg.role": "sweep"})
+    return {"uri": uri, "parent": parent_id, "old_parent": old_parent.info.run_id, "known": known, "root": root}
+
+
+@pytest.fixture(scope="package")
+def trials(store):
+    return load_trials(store["uri"], EXPERIMENT, store["parent"])
