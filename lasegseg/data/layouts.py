@@ -25,8 +25,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from lasegseg.data.io import SUPPORTED_EXTS, VolumeError, read_volume, strip_ext, to_canonical, volume_format
+from lasegseg.data.io import SUPPORTED_EXTS, read_volume, strip_ext, volume_format
+from lasegseg.data.orientation import to_canonical
 from lasegseg.data.types import Case, LoadedCase
+from lasegseg.data.volume_checks import VolumeError
 from lasegseg.errors import DataError, first_line
 
 # Image and label of one case must share the voxel grid; 1e-3 mm absorbs float32 header round-off.

@@ -11,9 +11,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lasegseg.data.io import VolumeError
 from lasegseg.data.layouts import format_problems, list_cases, load_case, scan_cases
 from lasegseg.data.types import Case, LoadedCase
+from lasegseg.data.volume_checks import VolumeError
 from lasegseg.errors import DataError
 
 

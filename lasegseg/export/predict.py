@@ -56,7 +56,8 @@ def predict_file(
     flip_tta: bool = False,
 ) -> dict[str, Any]:
     """Read one volume, segment it, write the mask like the input (affine/header); returns its LA volume."""
-    from lasegseg.data.io import from_canonical, read_volume, to_canonical, write_like
+    from lasegseg.data.io import read_volume, write_like
+    from lasegseg.data.orientation import from_canonical, to_canonical
 
     vol = read_volume(in_path)
     if not np.isfinite(vol.data).all():

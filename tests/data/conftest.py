@@ -128,3 +128,20 @@ def truncate(path: Path) -> None:
     """Cut a file in half."""
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
+
+
+# A voxel → RAS+ matrix with a flipped x axis, and volumes to write with it.
+AFFINE = np.array([[-1.25, 0, 0, 40.0], [0, 1.25, 0, -30.0], [0, 0, 2.5, 12.5], [0, 0, 0, 1]])
+
+
+def volume_data(shape=(12, 10, 6), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+
+
+def nrrd_header(space: str | None = "left-posterior-superior") -> dict:
+    """NRRD space fields equal to AFFINE (RAS) in the given space."""
+    signs = np.array([-1.0, -1.0, 1.0]) if space == "left-posterior-superior" else np.ones(3)
+    header = {"space directions": (AFFINE[:3, :3] * signs[:, None]).T, "space origin": AFFINE[:3, 3] * signs}
+    if space is not None:
+        header["space"] = space
+    return header

@@ -1,4 +1,5 @@
-"""Reading, writing and reorienting volumes (lasegseg.data.io)."""
+"""Reading and writing volumes through the front door: the extension picks the format, bad files fail with one
+line naming them, writes are atomic (lasegseg.data.io)."""
 
 from __future__ import annotations
 
@@ -13,54 +14,23 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-from nibabel import orientations
 
-from lasegseg.data import io
-from lasegseg.data.io import VolumeError, from_canonical, read_volume, to_canonical, write_like, write_volume
+from lasegseg.data.io import read_volume, strip_ext, volume_format, write_like, write_volume
 from lasegseg.data.types import Volume
+from lasegseg.data.volume_checks import VolumeError
 from lasegseg.errors import DataError
-
-AFFINE = np.array([[-1.25, 0, 0, 40.0], [0, 1.25, 0, -30.0], [0, 0, 2.5, 12.5], [0, 0, 0, 1]])
-
-
-def _data(shape=(12, 10, 6), seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
-
-
-def _nrrd_header(space: str | None = "left-posterior-superior") -> dict:
-    """NRRD space fields equal to AFFINE (RAS) in the given space."""
-    signs = np.array([-1.0, -1.0, 1.0]) if space == "left-posterior-superior" else np.ones(3)
-    header = {"space directions": (AFFINE[:3, :3] * signs[:, None]).T, "space origin": AFFINE[:3, 3] * signs}
-    if space is not None:
-        header["space"] = space
-    return header
+from tests.data.conftest import AFFINE, nrrd_header, volume_data
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd"])
 def test_write_then_read_keeps_data_and_affine(tmp_path, ext):
-    data = _data()
+    data = volume_data()
     path = write_volume(tmp_path / f"v{ext}", data, AFFINE)
     vol = read_volume(path)
     assert vol.data.dtype == np.float32
     np.testing.assert_array_equal(vol.data, data)
     np.testing.assert_allclose(vol.affine, AFFINE, atol=1e-5)
     assert vol.spacing == pytest.approx((1.25, 1.25, 2.5))
-
-
-@pytest.mark.parametrize("space", ["left-posterior-superior", "right-anterior-superior", "LPS", "RAS"])
-def test_nrrd_space_is_converted_to_ras(tmp_path, space):
-    full = io._SPACE_ABBREV.get(space, space)
-    header = _nrrd_header(full)
-    header["space"] = space
-    nrrd.write(str(tmp_path / "v.nrrd"), _data(), header)
-    np.testing.assert_allclose(read_volume(tmp_path / "v.nrrd").affine, AFFINE)
-
-
-def test_nrrd_without_space_directions_uses_spacings_or_unit(tmp_path):
-    nrrd.write(str(tmp_path / "s.nrrd"), _data(), {"spacings": [0.625, 0.625, 2.5]})
-    nrrd.write(str(tmp_path / "u.nrrd"), _data(), {})
-    np.testing.assert_allclose(read_volume(tmp_path / "s.nrrd").affine, np.diag([0.625, 0.625, 2.5, 1]))
-    np.testing.assert_allclose(read_volume(tmp_path / "u.nrrd").affine, np.eye(4))
 
 
 def test_label_mode_keeps_integer_dtype(tmp_path):
@@ -72,9 +42,9 @@ def test_label_mode_keeps_integer_dtype(tmp_path):
 
 
 def test_trailing_singleton_dimension_is_squeezed(tmp_path):
-    data = _data()
+    data = volume_data()
     nib.save(nib.Nifti1Image(data[..., None], AFFINE), tmp_path / "v.nii.gz")
-    header = _nrrd_header()
+    header = nrrd_header()
     header["space directions"] = np.vstack([header["space directions"], np.full(3, np.nan)])
     header["kinds"] = ["domain"] * 3 + ["list"]
     nrrd.write(str(tmp_path / "v.nrrd"), data[..., None], header)
@@ -88,7 +58,7 @@ def test_trailing_singleton_dimension_is_squeezed(tmp_path):
 
 
 def _valid(path: Path) -> Path:
-    return write_volume(path, _data(), AFFINE)
+    return write_volume(path, volume_data(), AFFINE)
 
 
 def _truncate(path: Path, keep: float = 0.5) -> Path:
@@ -162,7 +132,7 @@ def _singular_affine(d: Path) -> Path:
     header = nib.Nifti1Header()
     # sform only: nibabel refuses to encode a singular qform, but a file can still carry a singular sform.
     header.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)
-    nib.save(nib.Nifti1Image(_data(), None, header), d / "flat_affine.nii.gz")
+    nib.save(nib.Nifti1Image(volume_data(), None, header), d / "flat_affine.nii.gz")
     return d / "flat_affine.nii.gz"
 
 
@@ -211,50 +181,12 @@ def test_absurd_header_is_refused_before_allocating(tmp_path, make):
     assert elapsed < 2.0
 
 
-# ------------------------------------------------------------------------------------------------ orientation
-
-
-def _axis_affines():
-    """Every permutation × flip of the axes, with random spacings and origins."""
-    rng = np.random.default_rng(1)
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1.0, -1.0), repeat=3):
-            affine = np.eye(4)
-            affine[:3, :3] = 0
-            for axis, (world, sign) in enumerate(zip(perm, signs, strict=True)):
-                affine[world, axis] = sign * rng.uniform(0.5, 3.0)
-            affine[:3, 3] = rng.uniform(-100, 100, 3)
-            yield affine
-
-
-def _rotated(deg: float) -> np.ndarray:
-    t = np.deg2rad(deg)
-    affine = np.eye(4)
-    affine[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag([1, 1, 3])
-    return affine
-
-
-@pytest.mark.parametrize("affine", [*_axis_affines(), _rotated(20.0), _rotated(-160.0)])
-def test_to_canonical_is_ras_and_from_canonical_inverts_it(affine):
-    shape = (5, 6, 7)
-    data = np.arange(np.prod(shape)).reshape(shape)
-    data_c, affine_c, ornt = to_canonical(data, affine)
-    assert orientations.aff2axcodes(affine_c) == ("R", "A", "S")
-    np.testing.assert_array_equal(from_canonical(data_c, ornt), data)
-    # Every voxel keeps its world position: canonical index → original index via the stored value.
-    idx_c = np.stack(np.meshgrid(*[np.arange(s) for s in data_c.shape], indexing="ij"), -1).reshape(-1, 3)
-    idx = np.stack(np.unravel_index(data_c.reshape(-1), shape), -1)
-    world_c = idx_c @ affine_c[:3, :3].T + affine_c[:3, 3]
-    world = idx @ affine[:3, :3].T + affine[:3, 3]
-    np.testing.assert_allclose(world_c, world, atol=1e-9)
-
-
 # ------------------------------------------------------------------------------------------------ writing masks
 
 
 @pytest.mark.parametrize(("ref_ext", "out_ext"), list(itertools.product([".nii.gz", ".nrrd"], [".nii.gz", ".nrrd"])))
 def test_write_like_keeps_the_reference_grid(tmp_path, ref_ext, out_ext):
-    reference = read_volume(write_volume(tmp_path / f"ref{ref_ext}", _data() * 3.7, AFFINE))
+    reference = read_volume(write_volume(tmp_path / f"ref{ref_ext}", volume_data() * 3.7, AFFINE))
     mask = reference.data > 100
     out = write_like(tmp_path / f"mask{out_ext}", mask, reference)
     back = read_volume(out, label=True)
@@ -273,7 +205,7 @@ def test_written_volumes_get_plain_permissions_and_their_format(tmp_path):
     old = os.umask(0o027)
     try:
         for name in ("v.nii.gz", "v.nii", "v.nrrd"):
-            assert stat.S_IMODE(write_volume(tmp_path / name, _data(), AFFINE).stat().st_mode) == 0o640
+            assert stat.S_IMODE(write_volume(tmp_path / name, volume_data(), AFFINE).stat().st_mode) == 0o640
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii", "v.nii.gz", "v.nrrd"]  # no temporary left
@@ -281,28 +213,9 @@ def test_written_volumes_get_plain_permissions_and_their_format(tmp_path):
     assert (tmp_path / "v.nii").read_bytes()[344:348] == b"n+1\x00"  # an uncompressed single-file NIfTI-1
 
 
-def test_write_like_keeps_the_nrrd_space_of_the_reference(tmp_path):
-    nrrd.write(str(tmp_path / "ref.nrrd"), _data(), _nrrd_header("right-anterior-superior"))
-    reference = read_volume(tmp_path / "ref.nrrd")
-    out = write_like(tmp_path / "mask.nrrd", np.ones(reference.data.shape, np.uint8), reference)
-    header = nrrd.read_header(str(out))
-    assert header["space"] == "right-anterior-superior"
-    np.testing.assert_allclose(header["space directions"], _nrrd_header("right-anterior-superior")["space directions"])
-    np.testing.assert_allclose(read_volume(out).affine, AFFINE)
-
-
-def test_write_like_drops_reference_intensity_scaling(tmp_path):
-    img = nib.Nifti1Image(np.ones((4, 4, 4), np.int16), AFFINE)
-    img.header.set_slope_inter(2.5, -7.0)
-    nib.save(img, tmp_path / "ref.nii.gz")
-    reference = read_volume(tmp_path / "ref.nii.gz")
-    out = write_like(tmp_path / "mask.nii.gz", np.ones((4, 4, 4), np.uint8), reference)
-    np.testing.assert_array_equal(read_volume(out, label=True).data, 1)
-
-
 @pytest.mark.parametrize("out_ext", [".nii.gz", ".nrrd"])
 def test_write_like_is_atomic(tmp_path, monkeypatch, out_ext):
-    reference = Volume(_data(), AFFINE, tmp_path / "ref.nii.gz")
+    reference = Volume(volume_data(), AFFINE, tmp_path / "ref.nii.gz")
     out = tmp_path / f"mask{out_ext}"
     out.write_bytes(b"previous result")
 
@@ -319,7 +232,21 @@ def test_write_like_is_atomic(tmp_path, monkeypatch, out_ext):
 
 
 def test_write_like_refuses_a_mask_of_another_shape(tmp_path):
-    reference = Volume(_data(), AFFINE, tmp_path / "ref.nii.gz")
+    reference = Volume(volume_data(), AFFINE, tmp_path / "ref.nii.gz")
     with pytest.raises(DataError, match="differs from reference shape"):
         write_like(tmp_path / "mask.nii.gz", np.zeros((3, 3, 3), np.uint8), reference)
     assert not (tmp_path / "mask.nii.gz").exists()
+
+
+def test_the_extension_picks_the_format_and_is_stripped_from_case_names():
+    assert [volume_format(n) for n in ("a.nii.gz", "B.NII", "c.nrrd")] == ["nifti", "nifti", "nrrd"]
+    with pytest.raises(VolumeError) as info:
+        volume_format("scan.mha")
+    assert str(info.value) == "scan.mha: unsupported file type (expected one of .nii.gz, .nii, .nrrd)"
+    assert [strip_ext(n) for n in ("la_003.nii.gz", "x.NRRD", "notes.txt")] == ["la_003", "x", "notes.txt"]
+
+
+def test_only_3d_arrays_are_written(tmp_path):
+    with pytest.raises(VolumeError, match=r"can only write 3D volumes, got shape \(4, 4\)"):
+        write_volume(tmp_path / "flat.nii.gz", np.zeros((4, 4)), AFFINE)
+    assert list(tmp_path.iterdir()) == []
