@@ -12,7 +12,7 @@ __all__ = ["load_model"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_model":
-        from lasegseg.api import load_model
+        from lasegseg.api import load_model  # deferred: start-up (torch)
 
         return load_model
     raise AttributeError(f"module 'lasegseg' has no attribute '{name}'")

@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from lasegseg.data.orientation import from_canonical, to_canonical
+from lasegseg.data.preprocess import Preprocessing
 from lasegseg.errors import DataError, ModelError
+from lasegseg.export.predict import predict_file, segment_canonical
 from lasegseg.paths import tracking_uri as resolve_tracking_uri
+from lasegseg.train.checkpoint import CONFIG
+from lasegseg.train.checkpoint import load_model as load_checkpoint
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -27,7 +33,6 @@ def _ensemble(models: list):
 
     It returns log-probabilities, so the softmax that inference applies recovers the averaged probabilities.
     """
-    import torch
 
     class Ensemble(torch.nn.Module):
         def __init__(self, members: list[torch.nn.Module]) -> None:
@@ -86,9 +91,6 @@ class Predictor:
             tta: average with a left-right flipped prediction.
             batch_size: slices per forward pass.
         """
-        from lasegseg.data.io import from_canonical, to_canonical
-        from lasegseg.export.predict import segment_canonical
-
         array = np.asarray(array)
         if array.ndim != 3:
             raise DataError(f"input is not a 3D volume: shape {array.shape}")
@@ -115,8 +117,6 @@ class Predictor:
         batch_size: int = 16,
     ) -> dict[str, Any]:  # fmt: skip
         """Segment one NIfTI/NRRD file into ``out_path`` (input's affine/header); returns its LA volume in mL."""
-        from lasegseg.export.predict import predict_file
-
         return predict_file(
             self.model, self.config, Path(in_path), Path(out_path), device=self.device, batch_size=batch_size,
             largest_cc=largest_cc, flip_tta=tta,
@@ -125,7 +125,7 @@ class Predictor:
 
 def _members(folder: Path) -> list[Path]:
     """An export folder made with ``--ensemble`` lists its members in metrics.json; any other folder is one model."""
-    from lasegseg.export.export import METRICS_FILE
+    from lasegseg.export.export import METRICS_FILE  # deferred: heavy (the export module loads MLflow)
 
     path = folder / METRICS_FILE
     if not path.is_file():
@@ -144,17 +144,12 @@ def _members(folder: Path) -> list[Path]:
 
 
 def _model_folder(src: Path) -> Path:
-    from lasegseg.train.checkpoint import CONFIG
-
     if not (src / CONFIG).is_file() and (src / "model" / CONFIG).is_file():
         return src / "model"  # a run folder
     return src
 
 
 def _load_folder(folder: Path, device, source: str) -> Predictor:
-    from lasegseg.data.preprocess import Preprocessing
-    from lasegseg.train.checkpoint import load_model as load_checkpoint
-
     folder = _model_folder(Path(folder))
     members = _members(folder) if folder.is_dir() else [folder]
     loaded = [load_checkpoint(m, map_location=device) for m in members]
@@ -171,15 +166,17 @@ def _load_folder(folder: Path, device, source: str) -> Predictor:
 
 def resolve_registered(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     """Download the model folder a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI points at into ``dst``."""
+    # deferred: heavy (MLflow, ~1 s: only for models:/ URIs)
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
+
+    from lasegseg.tracking.client import check_reachable
+    from lasegseg.tracking.client import client as tracking_client
 
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ModelError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     tracking_uri = resolve_tracking_uri(tracking_uri, context=f"{uri}: ")
-    from lasegseg.tracking.tracker import check_reachable
-    from lasegseg.tracking.tracker import client as tracking_client
 
     check_reachable(tracking_uri, timeout=5.0, must_exist=True)
     name, alias, version = match["name"], match["alias"], match["version"]
@@ -210,7 +207,7 @@ def load_model(src: str | os.PathLike, *, device: str | None = None, tracking_ur
     Raises:
         ModelError: missing, tampered or non-safetensors files, unknown registered model/alias/version.
     """
-    from lasegseg.train.trial import pick_device
+    from lasegseg.train.trial_data import pick_device
 
     dev = pick_device(device)
     text = str(src)

@@ -1,14 +1,20 @@
-"""``lasegseg`` command line. Heavy imports (torch, monai, ray, mlflow) live inside the commands."""
+"""``lasegseg`` command line.
+
+Each command imports what it needs inside its function (``# deferred: start-up``): ``lasegseg --help`` and every
+command's argument parsing load only argparse and the light modules here, never torch, MONAI, Ray or MLflow.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
 import sys
 from pathlib import Path
 
-from lasegseg import options, process
-from lasegseg.errors import LasegsegError
+from lasegseg import metric_table, options, process
+from lasegseg.errors import DataError, LasegsegError
 from lasegseg.paths import tracking_uri
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
@@ -25,7 +31,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from lasegseg.data.phantom import write_phantom
+    from lasegseg.data.phantom import write_phantom  # deferred: start-up
 
     paths = write_phantom(Path(args.out), cases=args.cases, seed=args.seed, layout=args.layout)
     print(f"wrote {args.cases} phantom cases ({args.layout} layout) to {args.out} [{len(paths)} files]")
@@ -33,7 +39,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from lasegseg.data.validate import validate_dataset
+    from lasegseg.data.validate import validate_dataset  # deferred: start-up
 
     cases, problems = validate_dataset(Path(args.data), layout=args.layout)
     if problems:
@@ -46,7 +52,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from lasegseg.config import from_flat, parse_overrides
+    from lasegseg.config import from_flat, parse_overrides  # deferred: start-up
 
     flat = {
         "data.path": str(Path(args.data).resolve()),
@@ -72,14 +78,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     if not Path(cfg.data.path).is_dir():
         raise LasegsegError(f"{args.data}: dataset folder does not exist")
+    # deferred: start-up (torch)
     from lasegseg.models.segmenter import check_model_config
-    from lasegseg.train.trial import prepare_data, run_trial
+    from lasegseg.train.trial import run_trial
+    from lasegseg.train.trial_data import prepare_data
 
     check_model_config(cfg.model)  # names and combinations, before any data is read
     data = prepare_data(cfg)
     alias = None
     if args.pseudonymize:
-        from lasegseg.data.pseudonym import KEY_FILE, Pseudonymizer, load_or_create_salt
+        from lasegseg.data.pseudonym import KEY_FILE, Pseudonymizer, load_or_create_salt  # deferred: start-up
 
         alias = Pseudonymizer(load_or_create_salt(out))
         alias.write_key(out / KEY_FILE, data.cache.cases)
@@ -95,8 +103,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
-    from lasegseg.errors import DataError
-
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -113,11 +119,8 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import csv
-    import io
-
+    # deferred: start-up (torch, nibabel)
     from lasegseg.api import load_model
-    from lasegseg.errors import DataError
     from lasegseg.export.predict import output_path_for
     from lasegseg.fsio import atomic_write
 
@@ -137,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = []
     iterator = files
     if len(files) > 1 and not args.quiet:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # deferred: start-up
 
         iterator = tqdm(files, desc="predict", unit="vol")
     for path in iterator:
@@ -160,7 +163,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lasegseg.export.export import check_metric, export_best
+    from lasegseg.export.export import export_best  # deferred: start-up (mlflow, torch)
+    from lasegseg.results.selection import check_metric  # deferred: start-up (mlflow)
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     check_metric(args.metric)  # before touching the store
@@ -170,12 +174,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         uri, args.experiment, out, metric=args.metric, parent_run_id=args.parent_run, register=args.register,
         ensemble=args.ensemble,
     )  # fmt: skip
-    stat = result["cell_metrics"]
+    stat, m = result["cell_metrics"], metric_table.primary()
     members = f", ensemble of {len(result['ensemble'])}" if result["ensemble"] else ""
     print(
         f"best cell {result['cell']} by mean {args.metric} over {result['n']} seed(s): "
-        f"val Dice {stat['val_dice']['mean']:.4f}, test Dice {stat['test_dice_mean']['mean']:.4f} "
-        f"± {stat['test_dice_mean']['std']:.4f}; run {result['run_id']}{members} → {out}"
+        f"val {m.display} {stat[m.val]['mean']:.4f}, test {m.display} {stat[m.test_mean]['mean']:.4f} "
+        f"± {stat[m.test_mean]['std']:.4f}; run {result['run_id']}{members} → {out}"
     )
     if "registered" in result:
         reg = result["registered"]
@@ -189,7 +193,9 @@ def _study_out(args: argparse.Namespace, default: str) -> Path:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from lasegseg.results.aggregate import aggregate, format_table
+    # deferred: start-up (mlflow, pandas)
+    from lasegseg.results.aggregate import aggregate
+    from lasegseg.results.tables import format_table
 
     uri = tracking_uri(args.tracking_uri)
     out = _study_out(args, "summary")
@@ -200,8 +206,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lasegseg.results.compare import compare, format_table
+    # deferred: start-up (mlflow, pandas)
+    from lasegseg.results.compare import compare
+    from lasegseg.results.comparison_tables import format_table
 
+    metric_table.metric(args.metric)  # an unknown name, before touching the store
     uri = tracking_uri(args.tracking_uri)
     out = _study_out(args, "summary")
     comparison, notes = compare(
@@ -214,8 +223,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lasegseg.export.report import write_report
+    from lasegseg.export.report import write_report  # deferred: start-up (mlflow, matplotlib)
 
+    metric_table.metric(args.metric)  # an unknown name, before touching the store
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = _study_out(args, "report.html")
     if out.suffix.lower() not in (".html", ".htm"):
@@ -230,13 +240,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     # The sweep's flags come from its driver module, which imports nothing heavy at start-up.
-    from lasegseg.sweep.runner import add_arguments
+    from lasegseg.sweep.runner import add_arguments  # deferred: start-up
 
     add_arguments(p)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lasegseg.sweep.runner import run_cli
+    from lasegseg.sweep.runner import run_cli  # deferred: start-up
 
     return run_cli(args, "lasegseg sweep")
 
@@ -312,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _metric_choices() -> str:
+    return ", ".join(m.name for m in metric_table.summarised())
+
+
 def _add_study_commands(sub) -> None:
     """The commands that read a sweep back from MLflow: aggregate, compare, report, export."""
     p = sub.add_parser("aggregate", help="mean/std/CI of test and val metrics over seeds, from MLflow alone")
@@ -329,7 +343,7 @@ def _add_study_commands(sub) -> None:
     p.add_argument(
         "--parent-run", "--parent", default=None, help="only the trials of this sweep run, or 'latest' (default: all)"
     )
-    p.add_argument("--metric", default="dice", help="per-patient test metric: dice (default), iou, nsd or hd95")
+    p.add_argument("--metric", default="dice", help=f"per-patient test metric: {_metric_choices()} (default: dice)")
     p.add_argument(
         "--against", default="best", metavar="best|baseline|CELL",
         help="reference: best validation Dice (default), the backbone=none baseline (per few-shot size when there is "
@@ -346,14 +360,22 @@ def _add_study_commands(sub) -> None:
     options.add_tracking(p)
     p.add_argument("--out", default=None, help="the HTML file (default: runs/<experiment>/report.html)")
     p.add_argument("--parent-run", "--parent", default=None, help="only the trials of this sweep run (default: all)")
-    p.add_argument("--metric", default="dice", help="per-patient metric of the paired comparison (default: dice)")
+    p.add_argument(
+        "--metric",
+        default="dice",
+        help=f"per-patient metric of the paired comparison: {_metric_choices()} (default: dice)",
+    )
     p.add_argument("--no-log", action="store_true", help="do not attach the page to the sweep's MLflow run")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="export the best cell's model (chosen on validation) and register it")
     options.add_experiment(p)
     options.add_tracking(p)
-    p.add_argument("--metric", default="val_dice", help="rank cells by: val_dice (default) or val_iou")
+    p.add_argument(
+        "--metric",
+        default="val_dice",
+        help=f"rank cells by: {', '.join(metric_table.selection_metrics())} (default: val_dice)",
+    )
     p.add_argument("--out", default=None, help="export folder (default: runs/<experiment>/best)")
     p.add_argument("--register", default=None, metavar="NAME", help="register as MLflow model NAME, alias champion")
     p.add_argument("--parent-run", default=None, help="only the trials of this sweep run (default: all)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private cache folder for the whole session and a small phantom dataset."""
+"""Shared fixtures: a private cache folder for the session, a small phantom dataset and an untrained model folder."""
 
 from __future__ import annotations
 
@@ -32,3 +32,17 @@ def phantom_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom") / "msd"
     write_phantom(root, cases=6, seed=0, layout="msd")
     return root
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory) -> Path:
+    """An untrained tiny segmenter saved as a model folder (safetensors + config.json)."""
+    import torch
+
+    from lasegseg.models.segmenter import build_segmenter
+    from lasegseg.train.checkpoint import save_model
+    from tests.export.conftest import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(**{"data.path": "/data/phantom"})
+    return save_model(build_segmenter(cfg.model), cfg, tmp_path_factory.mktemp("model") / "model")

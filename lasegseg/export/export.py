@@ -1,8 +1,8 @@
-"""Choose a sweep's best cell on validation, export its weights with a model card, and register it in MLflow.
+"""Export a sweep's best cell (chosen on validation) with a model card, and register it in MLflow.
 
-Selection never looks at test metrics: cells are ranked by the mean over seeds of a validation metric (from
-:func:`lasegseg.results.aggregate.summarize`), and within the best cell the seed run with the best value of that
-metric is exported (or every seed, with ``ensemble=True``). The registered model version points at the run's own
+Selection (:mod:`lasegseg.results.selection`) never looks at test metrics: cells are ranked by the mean over seeds of
+a validation metric, and within the best cell the seed run with the best value of that metric is exported (or every
+seed, with ``ensemble=True``). The registered model version points at the run's own
 ``model/`` artifact (safetensors + config.json); nothing is pickled and loading rebuilds the model from its config.
 """
 
@@ -13,124 +13,31 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from lasegseg.data.preprocess import Preprocessing
 from lasegseg.errors import LasegsegError, first_line
+from lasegseg.fsio import atomic_dir, commit_dir, write_json_atomic
+from lasegseg.results.selection import Selection, card_metrics, nan_to_none, select_best
+from lasegseg.results.trials import download_artifact
+from lasegseg.tracking.client import client as tracking_client
+from lasegseg.train.checkpoint import CONFIG, WEIGHTS, read_model_config, sha256_file
 
-SELECTION_METRICS = ("val_dice", "val_iou")
-"""Metrics a model may be chosen on. Test metrics are reported, never used for the choice."""
 CHAMPION = "champion"
 METRICS_FILE = "metrics.json"
 MODEL_CARD = "MODEL_CARD.md"
 MEMBERS = "members"
-_CARD_METRICS = ("test_dice_mean", "test_iou_mean", "test_nsd_mean", "test_hd95_mean", "val_dice", "val_iou")
-
-
-@dataclass
-class Selection:
-    """The chosen cell and its runs.
-
-    Args:
-        metric: the validation metric the cells were ranked by.
-        cell: the cell's summary row (config columns, ``cell``, ``n``, ``seeds``, ``<metric>_mean`` …).
-        trials: the cell's finished trial rows, best ``metric`` first.
-        stats: ``{metric: {"mean": …, "std": …}}`` over the cell's seeds for test and validation metrics.
-    """
-
-    metric: str
-    cell: dict[str, Any]
-    trials: pd.DataFrame
-    stats: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    @property
-    def best_run_id(self) -> str:
-        return str(self.trials["run_id"].iloc[0])
-
-    @property
-    def run_ids(self) -> list[str]:
-        return [str(r) for r in self.trials["run_id"]]
-
-
-def check_metric(metric: str) -> None:
-    """Refuse test metrics (choosing on test leaks it into the result) and unknown names."""
-    if metric.startswith("test"):
-        raise LasegsegError(
-            f"metric '{metric}' is a test metric: a model is chosen on validation only "
-            f"(use one of {', '.join(SELECTION_METRICS)})"
-        )
-    if metric not in SELECTION_METRICS:
-        raise LasegsegError(f"unknown selection metric '{metric}' (use one of {', '.join(SELECTION_METRICS)})")
-
-
-def _nan_to_none(value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        return None if pd.isna(value) else (value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError):
-        return value
-
-
-def select_best(
-    tracking_uri: str, experiment: str, metric: str = "val_dice", parent_run_id: str | None = None
-) -> Selection:
-    """The best cell of ``experiment`` by the mean over seeds of ``metric``, and its runs best first.
-
-    Raises:
-        LasegsegError: test or unknown metric, unreachable store, unknown experiment, no finished trial, or a metric
-            no finished trial logged.
-    """
-    from lasegseg.results.aggregate import load_trials, summarize
-
-    check_metric(metric)
-    trials = load_trials(tracking_uri, experiment, parent_run_id)
-    if trials[metric].isna().all():
-        raise LasegsegError(f"metric '{metric}' was not logged by any finished trial of experiment '{experiment}'")
-    summary = summarize(trials)
-    # summarize() ranks by val_dice; other metrics are ranked by their own mean over the same cells.
-    summary[f"{metric}_rank"] = summary["cell"].map(trials.groupby("cell")[metric].mean())
-    summary = summary.sort_values(f"{metric}_rank", ascending=False, na_position="last", kind="stable")
-    best = summary.iloc[0]
-    runs = trials[trials["cell"] == best["cell"]].sort_values(
-        [metric, "seed"], ascending=[False, True], na_position="last", kind="stable"
-    )
-    if runs.empty:  # the two hashes disagree only if a run logged a partial config
-        raise LasegsegError(f"experiment '{experiment}': no trial run matches the best cell {best['cell']}")
-    stats = {}
-    for m in _CARD_METRICS:
-        values = runs[m].dropna().astype(float)
-        stats[m] = {
-            "mean": float(values.mean()) if len(values) else math.nan,
-            "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
-        }
-    cell = {k: _nan_to_none(v) for k, v in best.drop(labels=[f"{metric}_rank"]).items()}
-    return Selection(metric=metric, cell=cell, trials=runs.reset_index(drop=True), stats=stats)
 
 
 # --------------------------------------------------------------------------------------------------- export
 
 
-def download_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
-    """Download one artifact (file or folder) of a run into ``dst``; LasegsegError naming the run when it cannot."""
-    from mlflow.artifacts import download_artifacts
-
-    try:
-        return Path(
-            download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=tracking_uri)
-        )
-    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a missing artifact
-        raise LasegsegError(f"run {run_id}: cannot download artifact '{artifact_path}' ({first_line(exc)})") from None
-
-
 def _copy_model(src: Path, dst: Path, run_id: str) -> dict[str, Any]:
     """Copy a run's ``model/`` folder unchanged (so its hash stays valid) after checking the hash."""
-    from lasegseg.train.checkpoint import CONFIG, WEIGHTS, read_model_config, sha256_file
-
     meta = read_model_config(src)
     if not (src / WEIGHTS).is_file():
         raise LasegsegError(f"run {run_id}: artifact model/{WEIGHTS} is missing")
@@ -147,7 +54,7 @@ def _json_safe(obj: Any) -> Any:
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
-    obj = _nan_to_none(obj)
+    obj = nan_to_none(obj)
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
@@ -171,8 +78,6 @@ def export_best(
     Returns:
         the metrics.json payload, plus ``registered`` (``{"name", "version", "alias"}``) when registered.
     """
-    from lasegseg.fsio import atomic_dir, commit_dir, write_json_atomic
-
     start = time.perf_counter()
     selection = select_best(tracking_uri, experiment, metric, parent_run_id)
     out = Path(out)
@@ -213,8 +118,6 @@ def best_run_card(tracking_uri: str, experiment: str, selection: Selection, dst:
         selection: :func:`select_best`.
         dst: a scratch folder for the two downloads.
     """
-    from lasegseg.train.checkpoint import CONFIG, read_model_config
-
     best = selection.best_run_id
     config_file = download_artifact(tracking_uri, best, f"model/{CONFIG}", Path(dst) / best)
     meta = read_model_config(config_file.parent)
@@ -246,7 +149,7 @@ def _metrics_payload(
         "run_ids": selection.run_ids,
         "ensemble": members,
         "cell_metrics": selection.stats,
-        "run_metrics": {m: best.get(m) for m in _CARD_METRICS},
+        "run_metrics": {m: best.get(m) for m in card_metrics()},
         "n_train_patients": run_metrics.get("n_train_patients"),
         "split_sizes": {k: len(v) for k, v in split.items()},
         "split": split,
@@ -320,7 +223,7 @@ def model_card(selection: Selection, config: dict[str, Any], payload: dict[str, 
         "| metric | cell | exported run |",
         "|---|---|---|",
     ]
-    for m in _CARD_METRICS:
+    for m in card_metrics():
         run_value = payload["run_metrics"].get(m)
         shown = "–" if run_value is None or pd.isna(run_value) else f"{run_value:.3f}"
         lines.append(f"| {m} | {_pm(st.get(m, {}))} | {shown} |")
@@ -366,10 +269,6 @@ def register_run(tracking_uri: str, name: str, selection: Selection) -> dict[str
     The version's source is the artifact folder itself (safetensors + config.json), not an MLflow flavour, so it
     loads with :func:`lasegseg.api.load_model` without pickle. The version is tagged with the cell's metrics.
     """
-    from mlflow.exceptions import MlflowException
-
-    from lasegseg.tracking.tracker import client as tracking_client
-
     run_id = selection.best_run_id
     try:
         client = tracking_client(tracking_uri, registry=True)

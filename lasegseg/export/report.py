@@ -1,4 +1,5 @@
-"""One self-contained HTML page per study, built from MLflow alone.
+"""One self-contained HTML page per study, built from MLflow alone (the study itself is read by
+:mod:`lasegseg.results.study`).
 
 The page holds the summary table (mean ± std and 95% t-interval over seeds), the paired comparison against the
 reference cell, the few-shot curves, per-patient dot plots per cell, and the best cell's overlays and model card.
@@ -9,120 +10,26 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from lasegseg import metric_table
 from lasegseg.errors import LasegsegError, first_line
-from lasegseg.fsio import atomic_write, save_figure
+from lasegseg.export.export import best_run_card
+from lasegseg.fsio import atomic_write
+from lasegseg.results.comparison_tables import display_comparison
+from lasegseg.results.plots import curve_metrics, dot_plot, plot_all
+from lasegseg.results.study import Study, dot_metrics, gather
+from lasegseg.results.tables import cell_label, display_table, present
+from lasegseg.results.trials import log_to_sweep_run
 
 REPORT_FILE = "report.html"
-DOT_METRICS = {"dice": "Dice", "nsd": "NSD"}
-"""Per-patient metrics shown as dot plots (when the trials logged them)."""
-
-
-@dataclass
-class Study:
-    """Everything the page shows, gathered from MLflow (see :func:`gather`).
-
-    Args:
-        experiment: the MLflow experiment (sweep name).
-        tracking_uri: where it was read, as shown to people.
-        parent_run_id: the sweep run whose trials are shown, or None for all of the experiment's.
-        trials: :func:`lasegseg.results.aggregate.load_trials`.
-        summary: :func:`lasegseg.results.aggregate.summarize`.
-        comparison: one row per cell against the reference, or None when it could not be made.
-        comparison_text: the comparison's Markdown notes (reference, direction, small-sample warning).
-        per_patient: one row per (cell, test patient) with the per-patient metrics averaged over seeds.
-        best: the best cell on validation: ``run_id``, ``run_name``, ``overlay`` (PNG bytes or None), ``card``
-            (Markdown or None).
-        notes: things the reader should know that were not shown (missing artifacts, failed parts).
-    """
-
-    experiment: str
-    tracking_uri: str
-    parent_run_id: str | None
-    trials: pd.DataFrame
-    summary: pd.DataFrame
-    comparison: pd.DataFrame | None = None
-    comparison_text: str = ""
-    per_patient: pd.DataFrame | None = None
-    best: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------- gathering
-
-
-def gather(tracking_uri: str, experiment: str, parent_run_id: str | None = None, *, metric: str = "dice") -> Study:
-    """Read a study from MLflow: trials, summary, comparison, per-patient values, the best run's artifacts.
-
-    Parts that cannot be built (no per-patient files, no overlay) are left out and named in ``notes``; an
-    unreachable store, an unknown experiment or one with no finished trial raises.
-
-    Args:
-        tracking_uri: the MLflow tracking URI.
-        experiment: the sweep's experiment name.
-        parent_run_id: only this sweep run's trials; None for all of the experiment's.
-        metric: the per-patient metric of the paired comparison.
-    """
-    from lasegseg.results.aggregate import load_trials, summarize
-
-    trials = load_trials(tracking_uri, experiment, parent_run_id)
-    study = Study(experiment, tracking_uri, parent_run_id, trials, summarize(trials))
-    _add_comparison(study, metric)
-    _add_best(study)
-    return study
-
-
-def _add_comparison(study: Study, metric: str) -> None:
-    from lasegseg.results.compare import compare_trials, patient_matrix
-
-    try:
-        result = compare_trials(
-            study.tracking_uri, study.experiment, study.trials, study.summary, study.parent_run_id, metric=metric
-        )
-    except LasegsegError as exc:
-        study.notes.append(f"paired comparison left out: {exc}")
-        return
-    study.comparison = result.table
-    study.comparison_text = "\n".join(f"- {note}" for note in result.notes)
-    frames = []
-    for name in DOT_METRICS:
-        try:
-            matrix, _ = patient_matrix(study.trials, result.tables, name)
-        except LasegsegError:
-            continue  # runs from before the metric existed: no dots for it
-        frames.append(matrix.stack().rename(name).reset_index().set_index(["case_id", "cell"]))
-    if frames:
-        study.per_patient = pd.concat(frames, axis=1).reset_index()
-
-
-def _add_best(study: Study) -> None:
-    from lasegseg.export.export import best_run_card, download_artifact, select_best
-
-    selection = select_best(study.tracking_uri, study.experiment, "val_dice", study.parent_run_id)
-    run = selection.trials.iloc[0]
-    best: dict[str, Any] = {"run_id": str(run["run_id"]), "run_name": str(run["run_name"]), "cell": selection.cell}
-    with tempfile.TemporaryDirectory(prefix="lasegseg-report-") as tmp:
-        try:
-            path = download_artifact(study.tracking_uri, best["run_id"], "overlays.png", Path(tmp))
-            best["overlay"] = path.read_bytes()
-        except LasegsegError as exc:
-            study.notes.append(f"overlays of the best run left out: {exc}")
-        try:
-            best["card"] = best_run_card(study.tracking_uri, study.experiment, selection, Path(tmp))
-        except LasegsegError as exc:
-            study.notes.append(f"model card left out: {exc}")
-    study.best = best
 
 
 # --------------------------------------------------------------------------------------------------- figures
@@ -132,76 +39,20 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def cell_label(row: pd.Series | dict[str, Any]) -> str:
-    """A short human label of a cell: backbone · decoder · mode · few-shot size (and lr when present)."""
-    parts = [str(row.get(k)) for k in ("model.backbone", "model.decoder", "model.mode") if _present(row.get(k))]
-    patients, fraction = row.get("data.patients"), row.get("data.fraction")
-    if _present(patients) and int(patients) > 0:
-        parts.append(f"{int(patients)} pat.")
-    elif _present(fraction) and float(fraction) < 1:
-        parts.append(f"{float(fraction) * 100:g}%")
-    else:
-        parts.append("all")
-    if _present(row.get("optim.lr")):
-        parts.append(f"lr {float(row['optim.lr']):g}")
-    return " · ".join(parts)
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value)) and value is not pd.NA
-
-
-def dot_plot(per_patient: pd.DataFrame, order: list[str], labels: dict[str, str], metric: str, path: Path) -> Path:
-    """One row per cell (in ``order``), one dot per test patient (seed-averaged), the median as a bar.
-
-    Args:
-        per_patient: rows with ``cell``, ``case_id`` and a ``metric`` column.
-        order: cell hashes, top to bottom.
-        labels: cell hash → label.
-        metric: the column to plot.
-        path: output PNG.
-    """
-    from matplotlib.figure import Figure
-
-    cells = [c for c in order if (per_patient["cell"] == c).any()]
-    if not cells:
-        raise ValueError(f"no per-patient '{metric}' values to plot")
-    fig = Figure(figsize=(9, 0.9 + 0.42 * len(cells)), facecolor="white")
-    ax = fig.subplots()
-    rng = np.random.default_rng(0)  # the jitter only separates dots; fixed so the page is reproducible
-    for i, cell in enumerate(cells):
-        values = per_patient.loc[per_patient["cell"] == cell, metric].to_numpy(float)
-        values = values[np.isfinite(values)]
-        if not values.size:
-            continue
-        y = len(cells) - 1 - i
-        ax.scatter(values, y + rng.uniform(-0.18, 0.18, values.size), s=16, alpha=0.75, color="#1f77b4", lw=0)
-        ax.plot([np.median(values)] * 2, [y - 0.3, y + 0.3], color="#d62728", lw=2)
-    if metric in DOT_METRICS:  # overlap scores live in [0, 1]: a fixed axis keeps cells and reports comparable
-        ax.set_xlim(-0.02, 1.02)
-    ax.set_yticks(range(len(cells)))
-    ax.set_yticklabels([labels.get(c, c) for c in reversed(cells)], fontsize=8)
-    ax.set_xlabel(f"test {DOT_METRICS.get(metric, metric)} per patient (mean over seeds); red bar: median")
-    ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
-
-
 def _figures(study: Study, tmp: Path) -> dict[str, list[tuple[str, bytes]]]:
     """Few-shot curves and dot plots as (caption, PNG bytes), by section."""
-    from lasegseg.results.plots import plot_all
-
     out: dict[str, list[tuple[str, bytes]]] = {"fewshot": [], "dots": []}
+    names = {m.name: m.display for m in curve_metrics().values()}
     for path in plot_all(study.summary, tmp):
-        axis, metric = path.stem.split("_")[1:3]
-        caption = f"Test {metric.upper() if metric == 'iou' else metric.capitalize()} against training {axis}"
-        out["fewshot"].append((caption, path.read_bytes()))
+        axis, metric = path.stem.split("_", 2)[1:3]
+        out["fewshot"].append((f"Test {names[metric]} against training {axis}", path.read_bytes()))
     if study.per_patient is not None and not study.per_patient.empty:
         order = list(study.summary["cell"])
         labels = {row["cell"]: cell_label(row) for _, row in study.summary.iterrows()}
-        for metric, name in DOT_METRICS.items():
+        for metric in dot_metrics():
             if metric in study.per_patient and study.per_patient[metric].notna().any():
                 path = dot_plot(study.per_patient, order, labels, metric, tmp / f"dots_{metric}.png")
+                name = metric_table.metric(metric).display
                 out["dots"].append((f"Test {name} per patient, per cell", path.read_bytes()))
     return out
 
@@ -227,7 +78,7 @@ pre{background:#f3f5f9;padding:8px;overflow-x:auto}
 
 
 def _e(value: Any) -> str:
-    return html.escape("–" if not _present(value) else str(value))
+    return html.escape("–" if not present(value) else str(value))
 
 
 def html_table(frame: pd.DataFrame, *, numeric: Iterable[str] = (), table_id: str | None = None) -> str:
@@ -246,14 +97,13 @@ def html_table(frame: pd.DataFrame, *, numeric: Iterable[str] = (), table_id: st
 
 
 def _summary_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    from lasegseg.results.aggregate import display_table
-
     shown = display_table(summary)
-    for metric, name in (("test_dice_mean", "Dice"), ("test_iou_mean", "IoU")):
-        low, high = summary.get(f"{metric}_ci95_low"), summary.get(f"{metric}_ci95_high")
+    for m in metric_table.summarised():
+        low, high = summary.get(f"{m.test_mean}_ci95_low"), summary.get(f"{m.test_mean}_ci95_high")
         if low is not None and high is not None:
-            shown[f"{name} 95% CI"] = [
-                "–" if pd.isna(lo) or pd.isna(hi) else f"{lo:.3f} – {hi:.3f}" for lo, hi in zip(low, high, strict=True)
+            shown[f"{m.display} 95% CI"] = [
+                "–" if pd.isna(lo) or pd.isna(hi) else f"{m.format(lo)} – {m.format(hi)}"
+                for lo, hi in zip(low, high, strict=True)
             ]
     return shown
 
@@ -349,8 +199,6 @@ def render(study: Study, figures: dict[str, list[tuple[str, bytes]]], *, created
         '<h2 id="comparison">Paired comparison</h2>',
     ]
     if study.comparison is not None:
-        from lasegseg.results.compare import display_comparison
-
         parts.append(html_table(display_comparison(study.comparison), table_id="comparison-table"))
         parts.append(markdown_to_html(study.comparison_text))
     else:
@@ -396,6 +244,17 @@ def _best_section(study: Study) -> list[str]:
 # --------------------------------------------------------------------------------------------------- writing
 
 
+def _add_card(study: Study) -> None:
+    """The best run's model card, as :func:`lasegseg.export.export.export_best` would write it."""
+    if study.selection is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="lasegseg-report-") as tmp:
+        try:
+            study.best["card"] = best_run_card(study.tracking_uri, study.experiment, study.selection, Path(tmp))
+        except LasegsegError as exc:
+            study.notes.append(f"model card left out: {exc}")
+
+
 def write_report(
     tracking_uri: str,
     experiment: str,
@@ -420,12 +279,11 @@ def write_report(
         the written path.
     """
     study = gather(tracking_uri, experiment, parent_run_id, metric=metric)
+    _add_card(study)
     with tempfile.TemporaryDirectory(prefix="lasegseg-report-") as tmp:
         page = render(study, _figures(study, Path(tmp)))
     out = atomic_write(Path(out), lambda p: p.write_text(page, encoding="utf-8"))
     if log_to_parent:
-        from lasegseg.results.aggregate import log_to_sweep_run
-
         try:
             log_to_sweep_run(tracking_uri, experiment, parent_run_id, [out], "report", "the report")
         except Exception as exc:  # noqa: BLE001 - the page is written; say why MLflow did not get it

@@ -1,12 +1,10 @@
-"""A small untrained model folder and a fake sweep in a sqlite MLflow store, written as the sweep writes them."""
+"""A fake sweep in a sqlite MLflow store, written as the sweep writes it (the model folder is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-
-import pytest
 
 from lasegseg.config import Config, config_hash, run_name
 
@@ -16,19 +14,6 @@ IMAGE_SIZE = 28
 def tiny_config(**flat) -> Config:
     base = {"model.backbone": "tiny", "model.decoder": "linear", "model.mode": "frozen", "data.image_size": IMAGE_SIZE}
     return Config().replace(**{**base, **flat})
-
-
-@pytest.fixture(scope="session")
-def model_folder(tmp_path_factory) -> Path:
-    """An untrained tiny segmenter saved as a model folder (safetensors + config.json)."""
-    import torch
-
-    from lasegseg.models.segmenter import build_segmenter
-    from lasegseg.train.checkpoint import save_model
-
-    torch.manual_seed(0)
-    cfg = tiny_config(**{"data.path": "/data/phantom"})
-    return save_model(build_segmenter(cfg.model), cfg, tmp_path_factory.mktemp("model") / "model")
 
 
 def log_trial(client, exp_id: str, parent_id: str, cfg: Config, metrics: dict, model_dir: Path | None = None) -> str:

@@ -6,23 +6,14 @@ import re
 
 import numpy as np
 import pandas as pd
-import pytest
 
-from lasegseg.config import Config
-from lasegseg.export.report import Study, cell_label, dot_plot, html_table, markdown_to_html, render
+from lasegseg.export.report import html_table, markdown_to_html, render
 from lasegseg.results.aggregate import summarize
+from lasegseg.results.plots import dot_plot
+from lasegseg.results.study import Study
+from lasegseg.results.tables import cell_label
 from tests.helpers import headless_chromium
-
-
-def _trials() -> pd.DataFrame:
-    base = Config().to_flat()
-    rows = []
-    for decoder, shift in (("linear", 0.0), ("conv", 0.05)):
-        for seed in (0, 1):
-            dice = 0.7 + shift + 0.01 * seed
-            rows.append({**base, "model.decoder": decoder, "seed": seed, "test_dice_mean": dice,
-                         "test_iou_mean": dice - 0.1, "val_dice": dice, "test_hd95_mean": 4.0})  # fmt: skip
-    return pd.DataFrame(rows)
+from tests.results.conftest import two_cell_trials
 
 
 def _png(tmp_path, summary, per_patient):
@@ -52,14 +43,8 @@ def test_html_table_escapes_and_aligns_numbers():
     assert table.count('<td class="num">') == 2
 
 
-def test_cell_labels_name_the_few_shot_size():
-    assert cell_label({"model.backbone": "tiny", "model.decoder": "conv", "model.mode": "lora",
-                       "data.patients": 2, "data.fraction": 1.0}) == "tiny · conv · lora · 2 pat."  # fmt: skip
-    assert cell_label({"model.decoder": "unet", "data.patients": 0, "data.fraction": 0.05}) == "unet · 5%"
-
-
 def test_page_is_self_contained_and_renders(tmp_path):
-    trials = _trials()
+    trials = two_cell_trials()
     summary = summarize(trials)
     values = np.linspace(0.6, 0.9, 6)
     per_patient = pd.DataFrame([{"cell": c, "case_id": f"p{i}", "dice": v} for c in summary["cell"]
@@ -80,17 +65,3 @@ def test_page_is_self_contained_and_renders(tmp_path):
     out.write_text(page, encoding="utf-8")
     dom = headless_chromium(out, tmp_path)
     assert 'id="summary-table"' in dom and dom.count("<tr>") >= 3
-
-
-def test_dot_plot_draws_one_row_per_cell(tmp_path):
-    import matplotlib.image as mpimg
-
-    summary = summarize(_trials())
-    per_patient = pd.DataFrame([{"cell": c, "case_id": f"p{i}", "dice": 0.5 + 0.1 * i} for c in summary["cell"]
-                                for i in range(3)])  # fmt: skip
-    path = tmp_path / "dots.png"
-    path.write_bytes(_png(tmp_path, summary, per_patient))
-    image = mpimg.imread(path)
-    assert image.shape[0] > 100 and image[..., :3].std() > 0.05
-    with pytest.raises(ValueError, match="no per-patient"):
-        dot_plot(per_patient.iloc[0:0], list(summary["cell"]), {}, "dice", tmp_path / "empty.png")

@@ -6,6 +6,7 @@ import itertools
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lasegseg.config import Config, config_hash, run_name
@@ -103,3 +104,15 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="package")
 def trials(store):
     return load_trials(store["uri"], EXPERIMENT, store["parent"])
+
+
+def two_cell_trials() -> pd.DataFrame:
+    """Trial rows of two cells (linear, conv) × two seeds, as :func:`load_trials` returns them."""
+    base = Config().to_flat()
+    rows = []
+    for decoder, shift in (("linear", 0.0), ("conv", 0.05)):
+        for seed in (0, 1):
+            dice = 0.7 + shift + 0.01 * seed
+            rows.append({**base, "model.decoder": decoder, "seed": seed, "test_dice_mean": dice,
+                         "test_iou_mean": dice - 0.1, "val_dice": dice, "test_hd95_mean": 4.0})  # fmt: skip
+    return pd.DataFrame(rows)

@@ -6,10 +6,13 @@ import itertools
 
 import matplotlib.image as mpimg
 import pandas as pd
+import pytest
 
 from lasegseg.config import Config
 from lasegseg.results.aggregate import summarize
-from lasegseg.results.plots import plot_all
+from lasegseg.results.plots import dot_plot, plot_all
+from lasegseg.results.tables import cell_label
+from tests.results.conftest import two_cell_trials
 
 
 def test_plots_are_real_pngs(tmp_path, trials):
@@ -46,3 +49,18 @@ def test_fraction_axis_plot(tmp_path):
     paths = plot_all(summary, tmp_path)
     assert sorted(p.name for p in paths) == ["fewshot_fraction_dice.png", "fewshot_fraction_iou.png"]
     assert mpimg.imread(paths[0]).shape[:2] == (750, 1200)
+
+
+def test_dot_plot_draws_one_row_per_cell(tmp_path):
+    import matplotlib.image as mpimg
+
+    summary = summarize(two_cell_trials())
+    per_patient = pd.DataFrame([{"cell": c, "case_id": f"p{i}", "dice": 0.5 + 0.1 * i} for c in summary["cell"]
+                                for i in range(3)])  # fmt: skip
+    path = tmp_path / "dots.png"
+    labels = {row["cell"]: cell_label(row) for _, row in summary.iterrows()}
+    dot_plot(per_patient, list(summary["cell"]), labels, "dice", path)
+    image = mpimg.imread(path)
+    assert image.shape[0] > 100 and image[..., :3].std() > 0.05
+    with pytest.raises(ValueError, match="no per-patient"):
+        dot_plot(per_patient.iloc[0:0], list(summary["cell"]), {}, "dice", tmp_path / "empty.png")

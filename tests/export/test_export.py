@@ -9,7 +9,7 @@ import pytest
 
 from lasegseg.cli import main
 from lasegseg.errors import LasegsegError
-from lasegseg.export.export import export_best, select_best
+from lasegseg.export.export import export_best
 from tests.export.conftest import log_trial, tiny_config
 
 FOUR_FILES = ["MODEL_CARD.md", "config.json", "metrics.json", "model.safetensors"]
@@ -45,36 +45,6 @@ def store(tmp_path_factory, model_folder):
         if name == "no-val":
             log_trial(client, other, other_parent, tiny_config(), {"test_dice_mean": 0.9})
     return {"uri": uri, "runs": runs, "root": root}
-
-
-def test_best_cell_is_chosen_on_validation_not_test(store):
-    sel = select_best(store["uri"], EXPERIMENT)
-    assert (sel.cell["model.decoder"], sel.cell["data.patients"]) == ("linear", 2)
-    assert sel.cell["val_dice_mean"] == pytest.approx(0.82)
-    assert sel.run_ids == [store["runs"][("linear", 2, 1)], store["runs"][("linear", 2, 0)]]  # best seed first
-    assert sel.stats["test_dice_mean"]["mean"] == pytest.approx(0.51)
-    assert sel.stats["test_dice_mean"]["std"] == pytest.approx(np.std([0.50, 0.52], ddof=1))
-
-
-def test_val_iou_ranks_by_its_own_mean(store):
-    sel = select_best(store["uri"], EXPERIMENT, metric="val_iou")
-    assert (sel.cell["model.decoder"], sel.cell["data.patients"]) == ("conv", 4)
-    assert sel.best_run_id == store["runs"][("conv", 4, 1)]
-
-
-@pytest.mark.parametrize(
-    "experiment,metric,needle",
-    [
-        (EXPERIMENT, "test_dice_mean", "is a test metric"),
-        (EXPERIMENT, "train_loss", "unknown selection metric"),
-        ("empty", "val_dice", "no finished trial runs"),
-        ("no-val", "val_dice", "metric 'val_dice' was not logged"),
-        ("missing", "val_dice", "experiment 'missing' not found"),
-    ],
-)
-def test_bad_selection_is_one_clear_error(store, experiment, metric, needle):
-    with pytest.raises(LasegsegError, match=needle):
-        select_best(store["uri"], experiment, metric)
 
 
 def test_export_folder_and_registry(store, tmp_path, model_folder):
