@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -124,3 +126,9 @@ def test_lookups_of_unknown_cases_name_them(tmp_path, cases):
         with pytest.raises(DataError, match=f"case 'zz' is not in slice cache {cache.path}"):
             lookup("zz")
     assert repr(cache) == f"SliceCache('{cache.path}', cases=3, slices={len(cache)}, size={SIZE})"
+
+
+def test_opening_a_cache_needs_neither_nibabel_nor_pynrrd():
+    code = "import sys, lasegseg.data.cache_read; print(sorted({'nibabel', 'nrrd', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
