@@ -82,6 +82,7 @@ def overlay_figure(
     Returns:
         ``path``; the image is ``ncols * panel_inches * dpi`` pixels wide.
     """
+    # deferred: heavy (matplotlib, only when a figure is drawn)
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -149,6 +150,7 @@ def _draw_panel(ax, i: int, image, truth, pred, title: str, *, ncols: int, nrows
 def _draw_contour(ax, xs: np.ndarray, ys: np.ndarray, z: np.ndarray, color: str) -> None:
     """The 0.5 iso-line of ``z`` as ``ax.contour(xs, ys, z, levels=[0.5])`` draws it (same algorithm, corner
     masking and pixels), without building a ContourSet: contourpy's lines go straight into one path collection."""
+    # deferred: heavy (matplotlib and contourpy, only when a figure is drawn)
     import contourpy
     from matplotlib.collections import PathCollection
     from matplotlib.path import Path as MplPath
