@@ -42,7 +42,7 @@ def measure(b: Bench) -> None:
 
 def _slice_cache_builds(b: Bench, base: Config, cache_dir: Path) -> SliceCache:
     """One slice-cache build, then three more trials' views of the same dataset that should only reopen it."""
-    from lasegseg.train.trial import prepare_data
+    from lasegseg.train.trial_data import prepare_data
 
     t0 = time.perf_counter()
     data = prepare_data(base)
@@ -64,7 +64,7 @@ def _feature_cache_builds(b: Bench, base: Config, cache: SliceCache, cache_dir: 
     import torch
 
     from lasegseg.models.segmenter import build_segmenter
-    from lasegseg.train.features import get_or_build_features
+    from lasegseg.train.feature_build import get_or_build_features
 
     torch.manual_seed(0)
     frozen = build_segmenter(base.replace(**{"model.mode": "frozen", "model.decoder": "linear"}).model)

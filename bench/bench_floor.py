@@ -149,7 +149,7 @@ def backbone_pass(cfg: Any, cache: Any, decoders: Sequence[str]) -> tuple[float,
     import torch
 
     from lasegseg.models.segmenter import load_backbone
-    from lasegseg.train.features import levels_read
+    from lasegseg.train.feature_build import levels_read
     from lasegseg.train.inference import autocast_context
 
     device = torch.device("cpu")
@@ -181,7 +181,8 @@ def batch_counts(configs: Sequence[Any], cache: Any) -> Counter[tuple[str, str, 
         configs: the grid's trial configs.
         cache: the slice cache.
     """
-    from lasegseg.train.trial import prepare_data, strided_slices, validation_stride
+    from lasegseg.train.evaluation import strided_slices, validation_stride
+    from lasegseg.train.trial_data import prepare_data
 
     counts: Counter[tuple[str, str, int]] = Counter()
     for cfg in configs:

@@ -24,7 +24,7 @@ def measure(b: Bench) -> None:
     loop = (
         "import sys, time; t=time.perf_counter(); import torch; torch.set_num_threads(1);"
         "from lasegseg.config import from_flat; from lasegseg.data.cache import open_cache; "
-        "from lasegseg.train.trial import prepare_data, run_trial;"
+        "from lasegseg.train.trial import run_trial; from lasegseg.train.trial_data import prepare_data;"
         f"trials={trials!r};"
         "cache=open_cache(from_flat(trials[0]));"
         "[run_trial(from_flat(f), data=prepare_data(from_flat(f), cache=cache)) for f in trials]"

@@ -67,7 +67,7 @@ def open_slice_caches(trials: list[dict[str, Any]], stats: dict[str, Any] | None
 
 def frozen_feature_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat config per distinct frozen backbone whose trials train on cached features."""
-    from lasegseg.train.features import distinct_frozen_backbones, uses_feature_cache
+    from lasegseg.train.feature_plan import distinct_frozen_backbones, uses_feature_cache
 
     return [flat for flat in distinct_frozen_backbones(trials) if uses_feature_cache(flat)]
 
@@ -76,7 +76,7 @@ def loads_backbone(flat: dict[str, Any]) -> bool:
     """Whether a trial with this flat config loads its backbone in its worker: it has one and does not train on
     cached features (such a trial decodes the features built here through a weightless stand-in, see
     :class:`~lasegseg.models.backbones.BackboneStub`)."""
-    from lasegseg.train.features import uses_feature_cache
+    from lasegseg.train.feature_plan import uses_feature_cache
 
     return flat.get("model.backbone", "tiny") != "none" and not uses_feature_cache(flat)
 
@@ -101,7 +101,8 @@ def _build(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]], whe
     """:func:`build_on_node`'s work on the device ``where`` names."""
     import torch
 
-    from lasegseg.train.features import build_slot_features, feature_slot
+    from lasegseg.train.feature_build import build_slot_features
+    from lasegseg.train.feature_plan import feature_slot
 
     t0 = time.perf_counter()
     built: dict[str, Any] = {}
@@ -140,7 +141,7 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from lasegseg.sweep.cluster import alive_nodes
-    from lasegseg.train.features import slot_readers
+    from lasegseg.train.feature_plan import slot_readers
 
     flats = frozen_feature_trials(trials)
     if not flats:
@@ -191,7 +192,7 @@ def _build_in_driver(flats: list[dict[str, Any]], readers: dict[str, tuple[str, 
 
 
 def _index_file(index: str | Path, flat: dict[str, Any]) -> Path:
-    from lasegseg.train.features import feature_slot
+    from lasegseg.train.feature_plan import feature_slot
 
     return Path(index) / f"{hashlib.sha256(feature_slot(flat).encode()).hexdigest()[:16]}.json"
 

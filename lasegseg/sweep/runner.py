@@ -395,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     from lasegseg.sweep.caches import build_node_caches, open_slice_caches
     from lasegseg.sweep.tune_runner import run_stages
     from lasegseg.tracking import client
-    from lasegseg.train.features import slot_readers
+    from lasegseg.train.feature_plan import slot_readers
 
     plan = plan_sweep(args)
     print(f"sweep '{plan.name}': {len(plan.trials)} trials{_screen_note(plan.spec)}; results: {plan.root.uri}")

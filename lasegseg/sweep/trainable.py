@@ -48,7 +48,8 @@ def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: st
     memory-mapped; None when there are none."""
     from lasegseg.errors import DataError
     from lasegseg.sweep.caches import published_features
-    from lasegseg.train.features import FeatureCache, feature_slot
+    from lasegseg.train.feature_plan import feature_slot
+    from lasegseg.train.features import FeatureCache
 
     path = (ctx.get("feature_paths") or {}).get(node_id, {}).get(feature_slot(flat))
     path = path or published_features(ctx.get("feature_index"), flat)
@@ -63,7 +64,7 @@ def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: st
 
 def _feature_readers(ctx: dict[str, Any], flat: dict[str, Any]) -> tuple[str, ...]:
     """The decoders of the sweep's trials that read this trial's features (all their levels are built together)."""
-    from lasegseg.train.features import feature_slot
+    from lasegseg.train.feature_plan import feature_slot
 
     return tuple((ctx.get("feature_readers") or {}).get(feature_slot(flat), ()))
 
@@ -152,7 +153,8 @@ def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path)
 def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_dir: Path | None, first_report, alias):
     """Fit, validate and test the trial (resuming from ``resume_dir``) on this node's caches and the device Ray
     assigned; returns run_trial's results."""
-    from lasegseg.train.trial import prepare_data, run_trial
+    from lasegseg.train.trial import run_trial
+    from lasegseg.train.trial_data import prepare_data
 
     if resume_dir is not None:
         tracker.log_history(json.loads((resume_dir / "state.json").read_text())["scalars"].get("history", []))

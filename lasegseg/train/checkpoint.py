@@ -5,21 +5,28 @@ fingerprint and the SHA-256 of the weights). Loading verifies the hash, rebuilds
 and reads tensors with safetensors only — a pickled or tampered file is refused.
 
 Training state (for resume) is a folder too: the current weights, the optimizer state flattened into
-safetensors, and a JSON with the epoch, scheduler step, best metrics and RNG states.
+safetensors, and a JSON with the epoch, scheduler step, best metrics and RNG states. :class:`CheckpointPolicy` says
+after which epochs a trial saves it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lasegseg.config import Config, from_flat
 from lasegseg.errors import ModelError
 from lasegseg.fsio import atomic_dir, commit_dir, recover_dir, sha256_file, write_json_atomic
+from lasegseg.models.backbones import fingerprint
+from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, state_for_checkpoint
 
 MODEL_FORMAT = "lasegseg-model-v1"
 WEIGHTS = "model.safetensors"
@@ -32,11 +39,6 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_model(seg: torch.nn.Module, cfg: Config, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a self-contained model folder atomically; returns ``folder``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from lasegseg.models.segmenter import state_for_checkpoint
-
     folder = Path(folder)
     tmp = atomic_dir(folder)
     try:
@@ -58,8 +60,6 @@ def save_model(seg: torch.nn.Module, cfg: Config, folder: Path, extra: dict[str,
 
 
 def _fingerprint(seg: torch.nn.Module) -> str | None:
-    from lasegseg.models.backbones import fingerprint
-
     backbone = getattr(seg, "backbone", None)
     return fingerprint(backbone) if backbone is not None else None
 
@@ -83,11 +83,6 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 
 def load_model(folder: Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild a segmenter from a model folder; refuses missing, tampered or non-safetensors weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state
-
     folder = recover_dir(Path(folder))
     meta = read_model_config(folder)
     weights = folder / WEIGHTS
@@ -136,11 +131,6 @@ def save_train_state(
         best_state: the best weights so far, if any.
         durable: fsync the commit (see :func:`commit_dir`).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from lasegseg.models.segmenter import state_for_checkpoint
-
     folder = Path(folder)
     tmp = atomic_dir(folder)
     try:
@@ -166,10 +156,6 @@ def load_train_state(
     folder: Path, seg: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore what :func:`save_train_state` wrote; returns (scalars, best weights or None)."""
-    from safetensors.torch import load_file
-
-    from lasegseg.models.segmenter import load_checkpoint_state
-
     folder = recover_dir(Path(folder))
     try:
         meta = json.loads((folder / "state.json").read_text())
@@ -209,3 +195,43 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     for pid, values in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---- when a trial saves its training state ------------------------------------------------------------------
+
+AUTO_CHECKPOINT_FACTOR = 19.0  # train 19× a save's cost between saves: saving is ≤ 5 % of the time
+
+
+@dataclass
+class CheckpointPolicy:
+    """When a trial saves its training state (``train.checkpoint_every`` / ``train.checkpoint_interval_s``).
+
+    Due after an epoch when ``every`` divides the epoch count, or ``interval_s`` seconds have passed since the
+    last save; with neither set, when the time since the last save reaches :data:`AUTO_CHECKPOINT_FACTOR` × the
+    last save's cost (the first epoch always saves, which measures it).
+    """
+
+    every: int = 0
+    interval_s: float = 0.0
+    last_at: float = field(default_factory=time.perf_counter)
+    cost_s: float = 0.0
+    saves: int = 0
+    spent_s: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: Config) -> CheckpointPolicy:
+        return cls(cfg.train.checkpoint_every, cfg.train.checkpoint_interval_s)
+
+    def due(self, epoch: int, now: float | None = None) -> bool:
+        """Whether to save after ``epoch`` (0-based)."""
+        elapsed = (time.perf_counter() if now is None else now) - self.last_at
+        if self.every and (epoch + 1) % self.every == 0:
+            return True
+        if self.interval_s:
+            return elapsed >= self.interval_s
+        return not self.every and elapsed >= AUTO_CHECKPOINT_FACTOR * self.cost_s
+
+    def record(self, started: float, ended: float) -> None:
+        """A save (and its hand-over) ran from ``started`` to ``ended`` (``time.perf_counter``)."""
+        self.cost_s, self.last_at, self.saves = ended - started, ended, self.saves + 1
+        self.spent_s += self.cost_s

@@ -15,7 +15,7 @@ from bench import bench_fixed, bench_floor, common, harness, naive, run
 
 def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_path, capsys):
     from lasegseg.config import Config
-    from lasegseg.train.trial import prepare_data
+    from lasegseg.train.trial_data import prepare_data
 
     out = tmp_path / "naive.json"
     argv = ["--data", str(phantom_dir), "--decoders", "linear", "--modes", "frozen,finetune", "--patients", "2",
@@ -35,7 +35,7 @@ def test_naive_two_trials_train_the_same_slices_as_lasegseg(phantom_dir, tmp_pat
 
 def test_the_plain_loop_trains_every_epoch_without_validation_and_scores_the_test_slices(phantom_dir, tmp_path):
     from lasegseg.config import Config
-    from lasegseg.train.trial import prepare_data
+    from lasegseg.train.trial_data import prepare_data
 
     out = tmp_path / "plain.json"
     argv = ["--variant", "plain", "--data", str(phantom_dir), "--decoders", "linear", "--modes", "finetune",
@@ -204,7 +204,8 @@ def test_the_floor_counts_every_step_and_evaluation_batch_of_the_grids_trials(tm
     """2 epochs of linear × 2/4 patients: every epoch's steps, every epoch's validation batches (every k-th slice
     within the validation budget, then all of them once for the chosen epoch) and one test pass."""
     from lasegseg.config import Config
-    from lasegseg.train.trial import prepare_data, validation_stride
+    from lasegseg.train.evaluation import validation_stride
+    from lasegseg.train.trial_data import prepare_data
 
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))  # Bench points it at its own folder
     monkeypatch.setattr(bench_floor, "REPEATS", 1)

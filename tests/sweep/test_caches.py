@@ -14,7 +14,7 @@ from lasegseg.sweep.caches import (
     open_slice_caches,
     preprocessing_key,
 )
-from lasegseg.train.features import feature_slot, slot_readers
+from lasegseg.train.feature_plan import feature_slot, slot_readers
 
 
 def _trials(phantom_dir, decoders):

@@ -15,7 +15,9 @@ from lasegseg.models.backbones import BackboneStub
 from lasegseg.models.sources import backbone_source
 from lasegseg.train import features as F
 from lasegseg.train.checkpoint import load_model
-from lasegseg.train.trial import prepare_data, run_trial
+from lasegseg.train.feature_build import get_or_build_features
+from lasegseg.train.trial import run_trial
+from lasegseg.train.trial_data import prepare_data
 
 
 def _cfg(phantom_dir, **flat):
@@ -31,7 +33,7 @@ def given(phantom_dir):
     """The slice cache and the features a sweep driver hands its frozen trials (every level)."""
     data = prepare_data(_cfg(phantom_dir))
     backbone = S.load_backbone("tiny").requires_grad_(False)
-    return data.cache, F.get_or_build_features(backbone, data.cache, amp="off"), backbone
+    return data.cache, get_or_build_features(backbone, data.cache, amp="off"), backbone
 
 
 def _data(cfg, cache, features):

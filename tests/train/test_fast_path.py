@@ -85,58 +85,10 @@ def test_backbone_is_read_once_per_process_and_copies_are_independent(monkeypatc
 def test_training_from_fp16_batches_matches_float32_input(phantom_dir):
     """Batches cross to the device as fp16/uint8 and are widened there: same numbers as widening on the host."""
     from lasegseg.config import Config
-    from lasegseg.train.trial import prepare_data
+    from lasegseg.train.trial_data import prepare_data
 
     data = prepare_data(Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28}))
     idx = np.sort(data.train_rows[:5])
     host = torch.from_numpy(data.cache.images[idx].astype(np.float32))
     device_side = torch.from_numpy(np.asarray(data.cache.images[idx])).float()
     assert torch.equal(host, device_side)
-
-
-@pytest.mark.parametrize(("mode", "target"), [("frozen", "decode"), ("finetune", "Segmenter")])
-def test_compile_option_compiles_the_training_forward_only(phantom_dir, monkeypatch, mode, target):
-    from lasegseg.config import Config
-    from lasegseg.train.trial import run_trial
-
-    compiled, calls = [], []
-
-    def fake_compile(fn):
-        compiled.append(getattr(fn, "__name__", type(fn).__name__))
-        return lambda *a: calls.append(1) or fn(*a)
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    cfg = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "train.epochs": 1,
-                              "model.decoder": "linear", "model.mode": mode, "train.compile": True})  # fmt: skip
-    results = run_trial(cfg)
-    # Only the training step goes through the compiled callable; evaluation and checkpoints use the module.
-    assert compiled == [target] and len(calls) == results["n_train_slices"] // -16 * -1
-
-
-def test_compiled_decoder_runs_the_last_smaller_batch_without_recompiling(monkeypatch):
-    import functools
-    import types
-
-    from torch._dynamo.utils import counters
-
-    from lasegseg.config import Config
-    from lasegseg.models.decoders import create_decoder
-    from lasegseg.train.trial import _compiled_forward
-
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="eager"))  # dynamo's guards, no codegen
-    decoder = create_decoder("multiscale", embed_dim=16, num_levels=4, patch_size=14, num_classes=2)
-    decoder = decoder.to(memory_format=torch.channels_last)
-    cfg = Config().replace(**{"train.compile": True})
-
-    def graphs(forward) -> int:
-        torch._dynamo.reset()
-        counters.clear()
-        for batch in (8, 8, 3, 8, 3):  # full batches, then an epoch's remainder (CPU convs specialise at 16)
-            feats = [torch.randn(batch, 3, 3, 16).permute(0, 3, 1, 2) for _ in range(4)]
-            forward(feats, torch.rand(batch, 1, 42, 42)).float().sum().backward()
-        return counters["stats"]["unique_graphs"]
-
-    assert graphs(_compiled_forward(cfg, types.SimpleNamespace(decode=decoder), features=object())) == 1
-    assert graphs(torch.compile(decoder)) == 2  # unmarked: the remainder compiles a second graph
-    torch._dynamo.reset()

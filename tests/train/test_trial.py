@@ -13,17 +13,9 @@ import torch
 
 from lasegseg.config import Config
 from lasegseg.train.checkpoint import load_model
-from lasegseg.train.trial import (
-    AUTO_CHECKPOINT_FACTOR,
-    CheckpointPolicy,
-    TrialData,
-    evaluate,
-    lr_factor,
-    prepare_data,
-    run_trial,
-    strided_slices,
-    validation_stride,
-)
+from lasegseg.train.evaluation import evaluate, validation_stride
+from lasegseg.train.trial import run_trial
+from lasegseg.train.trial_data import prepare_data
 
 
 def _cfg(phantom_dir, **flat):
@@ -163,32 +155,6 @@ def test_a_resume_from_an_older_checkpoint_repeats_the_epochs_since_and_ends_ali
     assert resumed["test_dice_mean"] == pytest.approx(full["test_dice_mean"], abs=1e-6)
 
 
-def test_checkpoint_policy_by_epochs_by_seconds_and_by_cost():
-    every = CheckpointPolicy(every=3, last_at=0.0)
-    assert [e for e in range(9) if every.due(e, now=0.0)] == [2, 5, 8]
-    timed = CheckpointPolicy(interval_s=10.0, last_at=0.0)
-    assert not timed.due(0, now=9.9) and timed.due(0, now=10.0)
-    timed.record(10.0, 11.0)
-    assert not timed.due(1, now=20.9) and timed.due(1, now=21.0)  # counted from the end of the last save
-    auto = CheckpointPolicy(last_at=0.0)
-    assert auto.due(0, now=0.0)  # the first epoch saves: that measures what a save costs
-    auto.record(1.0, 3.0)  # a 2 s save (writing + hand-over)
-    budget = AUTO_CHECKPOINT_FACTOR * 2.0
-    assert not auto.due(1, now=3.0 + budget - 0.1) and auto.due(1, now=3.0 + budget)
-    assert budget / (budget + 2.0) == pytest.approx(0.95)  # training time between saves: 95 %
-
-
-@pytest.mark.parametrize("key,value", [("train.checkpoint_every", -1), ("train.checkpoint_interval_s", -1.0),
-                                       ("train.checkpoint_interval_s", float("inf")), ("train.val_budget", -0.5),
-                                       ("train.val_budget", float("nan"))])  # fmt: skip
-def test_bad_checkpoint_cadence_names_its_key(key, value):
-    from lasegseg.config import validate_config
-    from lasegseg.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(Config().replace(**{key: value}))
-
-
 @pytest.mark.parametrize("durable", [True, False])
 def test_training_state_is_fsynced_only_when_it_must_survive_alone(phantom_dir, tmp_path, monkeypatch, durable):
     """A sweep trial's state is a scratch copy that Tune copies to its storage: no fsync; the CLI's folder is the
@@ -207,23 +173,6 @@ def test_training_state_is_fsynced_only_when_it_must_survive_alone(phantom_dir, 
     assert [h["epoch"] for h in resumed["history"]] == [0]
 
 
-def test_few_shot_rows_follow_the_config(phantom_dir):
-    data = prepare_data(_cfg(phantom_dir, **{"data.patients": 2}))
-    patients = np.unique(data.cache.case_codes[data.train_rows])
-    assert patients.size == 2
-    everything = prepare_data(_cfg(phantom_dir))
-    assert set(data.train_rows) < set(everything.train_rows)
-    assert isinstance(data, TrialData)
-
-
-def test_lr_schedule_warms_up_then_decays():
-    values = [lr_factor(s, 100, 10, 0.01) for s in range(100)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
-    assert values[-1] == pytest.approx(0.01, abs=1e-3)
-    assert math.isclose(lr_factor(0, 10, 0, 0.0), 1.0)
-
-
 def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
     from lasegseg.models.segmenter import build_segmenter
 
@@ -233,19 +182,6 @@ def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
     fresh = build_segmenter(cfg.model)
     for (name, a), (_, b) in zip(model.backbone.state_dict().items(), fresh.backbone.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-
-
-def test_validation_stride_is_the_smallest_that_fits_the_budget():
-    assert validation_stride(0.25, 100, 400) == 1  # fits: every slice
-    assert validation_stride(0.0, 1000, 10) == 1  # 0: every slice, whatever it costs
-    assert validation_stride(0.25, 100, 200) == 2  # 50 allowed → every 2nd slice
-    assert validation_stride(0.25, 100, 100) == 4
-    assert validation_stride(0.25, 101, 100) == 5  # 25 allowed: every 4th would read 26
-    assert validation_stride(0.25, 50, 1) == 50  # a budget under one slice reads one slice per 50
-    assert strided_slices(10, 1).tolist() == list(range(10))
-    assert strided_slices(10, 3).tolist() == [1, 4, 7]  # centred: both ends lose alike
-    assert strided_slices(10, 4).tolist() == [1, 5, 9]
-    assert strided_slices(3, 8).tolist() == [1]  # a stride past the volume still scores its middle slice
 
 
 def test_a_budgeted_validation_picks_the_epoch_on_strided_slices_and_reports_it_on_all(phantom_dir, tmp_path):
