@@ -22,6 +22,7 @@ from typing import Any
 
 from mlflow.entities import Metric, RunTag
 
+from lasegseg import metric_table
 from lasegseg.config import config_hash
 from lasegseg.errors import LasegsegError, first_line
 from lasegseg.tracking.buffer import MetricBuffer
@@ -38,12 +39,19 @@ from lasegseg.tracking.store import CELL, CONFIG, ROLE, TRIAL_ID, log_params
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = ("train_loss", "val_dice", "val_iou", "lr")
-FINAL_METRICS = (
-    "best_epoch", "test_dice_mean", "test_dice_std", "test_iou_mean", "test_iou_std", "test_nsd_mean",
-    "test_nsd_std", "test_hd95_mean", "test_hd95_std", "test_hd95_n_undefined", "test_slice_dice_mean",
-    "test_slice_dice_std", "n_train_slices", "n_train_patients",
-)  # fmt: skip
+COUNTS = ("n_train_slices", "n_train_patients")
+"""A trial's sizes, logged with its final metrics."""
+
+
+def final_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The final values a trial logs, by MLflow name: its best epoch, the test metrics of the metric table, its
+    sizes, and each validation value of the best epoch as ``best_<name>`` (the per-epoch series already use the
+    names ``val_dice``/``val_iou``; the final ones get their own so that "latest value" readers, the UI's table
+    and the aggregation, see the final result)."""
+    names = ["best_epoch", *metric_table.trial_metrics(), *COUNTS]
+    return {k: results.get(k) for k in names} | {f"best_{k}": results.get(k) for k in metric_table.selection_metrics()}
+
+
 BATCH_LIMIT = 1000  # MLflow's log_batch accepts at most 1000 metrics per request
 _UNKNOWN = object()
 
@@ -115,11 +123,11 @@ class TrialTracker:
             log_params(c, run_id, self.flat, self.retry_seconds)
         else:
             run = retry(lambda: c.get_run(run_id), "get run", self.retry_seconds)
-            done = run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics
+            done = run.info.status == "FINISHED" and metric_table.primary().test_mean in run.data.metrics
             self._finished = dict(run.data.metrics) if done else None
             if run.info.status != "FINISHED":
                 retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run", self.retry_seconds)
-            for key in EPOCH_METRICS:
+            for key in metric_table.epoch_metrics():
                 history = retry(lambda k=key: c.get_metric_history(run_id, k), "read history", self.retry_seconds)
                 self.logged_steps.update(m.step for m in history)
         self.run_id = run_id
@@ -141,7 +149,7 @@ class TrialTracker:
         sweep must not redo it); None for a run it created."""
         if self._finished is _UNKNOWN:
             run = retry(lambda: self.client.get_run(self.run_id), "get run", self.retry_seconds)
-            done = run.info.status == "FINISHED" and "test_dice_mean" in run.data.metrics
+            done = run.info.status == "FINISHED" and metric_table.primary().test_mean in run.data.metrics
             self._finished = dict(run.data.metrics) if done else None
         return self._finished
 
@@ -197,7 +205,7 @@ class TrialTracker:
         now = int(time.time() * 1000)
         items = [
             Metric(k, float(metrics[k]), now, epoch)
-            for k in EPOCH_METRICS
+            for k in metric_table.epoch_metrics()
             if k in metrics and math.isfinite(float(metrics[k]))
         ]
         self.buffer.extend(self.run_id, items)
@@ -286,10 +294,7 @@ class TrialTracker:
     def finish(self, results: dict[str, Any], artifact_dir: Path | None = None) -> None:
         """Log the final metrics and artifacts and mark the run FINISHED, waiting (bounded) for the store."""
         now = int(time.time() * 1000)
-        # The per-epoch series already use the names val_dice/val_iou; the best epoch's values get their own
-        # names so that "latest value" readers (the UI's table, aggregation) see the final result.
-        final = {**{k: results.get(k) for k in FINAL_METRICS}, "best_val_dice": results.get("val_dice"),
-                 "best_val_iou": results.get("val_iou")}  # fmt: skip
+        final = final_metrics(results)
         items = [
             Metric(k, float(v), now, 0)
             for k, v in final.items()

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from lasegseg.errors import LasegsegError
+from lasegseg.metric_table import epoch_metrics
 from lasegseg.tracking.buffer import pending_path
 from lasegseg.tracking.store import ensure_experiment, start_parent
-from lasegseg.tracking.tracker import EPOCH_METRICS, TrialTracker
+from lasegseg.tracking.tracker import TrialTracker
 from tests.helpers import MlflowServer, postgres_test_uri
 from tests.helpers import free_port as _free_port
 
@@ -116,7 +117,7 @@ def test_epochs_logged_while_the_store_is_down_arrive_in_order_once_it_is_back(s
     flaky.down = False
     tracker.log_epoch(5, _epoch(5))
     tracker.flush(seconds=20)
-    for key in EPOCH_METRICS:
+    for key in epoch_metrics():
         assert _steps(tracker, key) == list(range(6))
     assert not (tmp_path / "pending.jsonl").exists()
     tracker.close()
@@ -130,7 +131,7 @@ def test_a_resent_batch_whose_first_attempt_arrived_is_stored_once(store_uri, tm
         tracker.log_epoch(e, _epoch(e))
     tracker.flush(seconds=30)
     assert flaky.calls["log_batch"] >= 3
-    for key in EPOCH_METRICS:
+    for key in epoch_metrics():
         history = tracker.client.real.get_metric_history(tracker.run_id, key)
         assert sorted(m.step for m in history) == [0, 1, 2]
     tracker.close()
@@ -296,7 +297,7 @@ def test_sweep_survives_a_20_s_mlflow_outage(phantom_dir, tmp_path):
     assert len(trials) == 2 and len({t.data.tags["lasegseg.trial_id"] for t in trials}) == 2
     for t in trials:
         assert t.info.status == "FINISHED" and "test_dice_mean" in t.data.metrics
-        for key in EPOCH_METRICS:
+        for key in epoch_metrics():
             steps = sorted(m.step for m in client.get_metric_history(t.info.run_id, key))
             assert steps == list(range(epochs)), (key, steps)  # no gap, no duplicate
     for t in trials:  # every buffered metric was sent

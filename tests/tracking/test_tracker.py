@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from lasegseg.config import Config, config_hash
+from lasegseg.metric_table import epoch_metrics
 from lasegseg.tracking.store import start_parent
-from lasegseg.tracking.tracker import EPOCH_METRICS, TrialTracker
+from lasegseg.tracking.tracker import TrialTracker
 
 
 def _flat(**extra) -> dict:
@@ -70,7 +71,7 @@ def test_a_trial_logs_one_child_run_with_params_epochs_and_final_metrics_once(sw
     for key in ("val_dice", "lr"):
         assert sorted(_history(sweep, run_id, key)) == [0, 1, 2]
     assert sorted(_history(sweep, run_id, "val_iou")) == [0, 2]
-    final = {k: v for k, v in run.data.metrics.items() if k not in EPOCH_METRICS}
+    final = {k: v for k, v in run.data.metrics.items() if k not in epoch_metrics()}
     assert final == {"best_val_dice": 0.8, "best_val_iou": 0.7, "test_dice_mean": 0.75, "best_epoch": 2.0}
     assert tracker.stats["metrics"] == 11 + 4  # every metric sent exactly once
     assert [a.path for a in sweep.client.list_artifacts(run_id)] == ["metrics.json"]
