@@ -33,20 +33,21 @@ def _cfg(phantom_dir, **flat):
 
 @pytest.fixture(scope="module")
 def trained(phantom_dir, tmp_path_factory):
-    """A 2-epoch trial; ``nsd_calls`` records the (tolerance, spacing) each test case's NSD was computed with."""
+    """A 2-epoch trial; ``nsd_calls`` records the (NSD tolerance, spacing) each test case's metrics were computed
+    with."""
     import lasegseg.train.metrics as metrics
 
     cfg = _cfg(phantom_dir, **{"eval.nsd_tolerance_mm": 3.0})  # not the default: the trial must pass it through
     out = tmp_path_factory.mktemp("run")
     seen, nsd_calls = [], []
 
-    def recording_surface_metrics(pred, ref, tolerance_mm, spacing=None):
-        nsd_calls.append((tolerance_mm, tuple(spacing)))
-        return real_surface_metrics(pred, ref, tolerance_mm, spacing)
+    def recording_case(pred, ref, spacing, nsd_tolerance_mm):
+        nsd_calls.append((nsd_tolerance_mm, tuple(spacing)))
+        return real_case(pred, ref, spacing, nsd_tolerance_mm)
 
-    real_surface_metrics = metrics.surface_metrics
+    real_case = metrics.Case  # every test case's metrics (NSD among them) are computed on one Case
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metrics, "surface_metrics", recording_surface_metrics)
+        mp.setattr(metrics, "Case", recording_case)
         results = run_trial(cfg, out, on_epoch=lambda e, m, s: seen.append((e, m, s)))
     return cfg, out, results, seen, nsd_calls
 
