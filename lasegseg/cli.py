@@ -240,7 +240,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     # The sweep's flags come from its driver module, which imports nothing heavy at start-up.
-    from lasegseg.sweep.runner import add_arguments  # deferred: start-up
+    from lasegseg.sweep.flags import add_arguments  # deferred: start-up
 
     add_arguments(p)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lasegseg import process  # noqa: E402
+from lasegseg.sweep.flags import build_parser  # noqa: E402
 
 if __name__ == "__main__":
     process.end_quickly()  # first: its exit handler runs after Ray's, MLflow's and torch's own
+    args = build_parser().parse_args()  # --help and a bad flag answer before the driver's imports
+    from lasegseg.sweep.runner import run_cli
 
-from lasegseg.sweep.runner import main  # noqa: E402
-
-if __name__ == "__main__":
-    process.exit_with(main())
+    process.exit_with(run_cli(args, "fewshot.py"))

@@ -25,17 +25,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lasegseg.config import from_flat
+from lasegseg.data.cache import open_cache
+from lasegseg.data.preprocess import Preprocessing
 from lasegseg.fsio import atomic_write
+from lasegseg.sweep.cluster import alive_nodes
+from lasegseg.sweep.worker import placement
+from lasegseg.train.feature_plan import distinct_frozen_backbones, feature_slot, slot_readers, uses_feature_cache
 
 log = logging.getLogger("lasegseg.sweep")
 
 
 def preprocessing_key(flat: dict[str, Any]) -> str:
     """The identity of a trial's slice cache within a sweep: its preprocessing (image size and clipping)."""
-    import json
-
-    from lasegseg.data.preprocess import Preprocessing
-
     return json.dumps(Preprocessing.from_flat(flat).as_dict(), sort_keys=True)
 
 
@@ -49,9 +51,6 @@ def open_slice_caches(trials: list[dict[str, Any]], stats: dict[str, Any] | None
         trials: flat trial configs of one dataset.
         stats: gets ``built`` True when this call built any of them.
     """
-    from lasegseg.config import from_flat
-    from lasegseg.data.cache import open_cache
-
     caches: dict[str, Any] = {}
     built_any = False
     for flat in trials:
@@ -67,8 +66,6 @@ def open_slice_caches(trials: list[dict[str, Any]], stats: dict[str, Any] | None
 
 def frozen_feature_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat config per distinct frozen backbone whose trials train on cached features."""
-    from lasegseg.train.feature_plan import distinct_frozen_backbones, uses_feature_cache
-
     return [flat for flat in distinct_frozen_backbones(trials) if uses_feature_cache(flat)]
 
 
@@ -76,8 +73,6 @@ def loads_backbone(flat: dict[str, Any]) -> bool:
     """Whether a trial with this flat config loads its backbone in its worker: it has one and does not train on
     cached features (such a trial decodes the features built here through a weightless stand-in, see
     :class:`~lasegseg.models.backbones.BackboneStub`)."""
-    from lasegseg.train.feature_plan import uses_feature_cache
-
     return flat.get("model.backbone", "tiny") != "none" and not uses_feature_cache(flat)
 
 
@@ -92,17 +87,15 @@ def build_on_node(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...
     Returns:
         The node, the device used, ``{feature slot: folder}`` and which caches this task built.
     """
-    from lasegseg.sweep.worker import placement
-
     return _build(flats, readers, placement())
 
 
 def _build(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]], where: dict[str, str]) -> dict[str, Any]:
     """:func:`build_on_node`'s work on the device ``where`` names."""
+    # deferred: heavy (torch, ~2.5 s): planning a sweep and --dry-run need none
     import torch
 
     from lasegseg.train.feature_build import build_slot_features
-    from lasegseg.train.feature_plan import feature_slot
 
     t0 = time.perf_counter()
     built: dict[str, Any] = {}
@@ -137,11 +130,9 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
         res: the sweep's :class:`~lasegseg.sweep.spec.Resources`.
         joined: the sweep runs on an existing cluster (``RAY_ADDRESS``), not on its own local one.
     """
+    # deferred: heavy (ray, ~0.6 s): the driver starts or joins Ray once it has checked the sweep
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from lasegseg.sweep.cluster import alive_nodes
-    from lasegseg.train.feature_plan import slot_readers
 
     flats = frozen_feature_trials(trials)
     if not flats:
@@ -174,6 +165,7 @@ def build_node_caches(trials: list[dict[str, Any]], res, *, joined: bool = True)
 def _build_in_driver(flats: list[dict[str, Any]], readers: dict[str, tuple[str, ...]], request: dict[str, float]):
     """:func:`build_on_node` in this process, for the sweep's own local cluster (this machine is its one node); the
     backbone is dropped afterwards (its weights and device memory go back before the trials start)."""
+    # deferred: heavy (ray, torch): the driver imports them once it has checked the sweep
     import ray
     import torch
 
@@ -191,31 +183,30 @@ def _build_in_driver(flats: list[dict[str, Any]], readers: dict[str, tuple[str, 
     return {where["node_id"]: result["paths"]}
 
 
-def _index_file(index: str | Path, flat: dict[str, Any]) -> Path:
-    from lasegseg.train.feature_plan import feature_slot
-
-    return Path(index) / f"{hashlib.sha256(feature_slot(flat).encode()).hexdigest()[:16]}.json"
+def _index_file(index: str | Path, slot: str) -> Path:
+    return Path(index) / f"{hashlib.sha256(slot.encode()).hexdigest()[:16]}.json"
 
 
-def publish_features(index: str | Path, flat: dict[str, Any], folder: str | Path) -> None:
-    """Record in a local sweep's feature index (a folder of its own) that ``flat``'s feature slot is ``folder``,
-    so the sweep's later frozen trials of that slot open it without loading their backbone to find it.
+def publish_features(index: str | Path, slot: str, folder: str | Path) -> None:
+    """Record in a local sweep's feature index (a folder of its own) that feature slot ``slot`` is ``folder``, so
+    the sweep's later frozen trials of that slot open it without loading their backbone to find it.
 
     Args:
-        index: the sweep's feature index folder (``ctx["feature_index"]``).
-        flat: the flat config of the trial that built or opened the features.
+        index: the sweep's feature index folder (:attr:`~lasegseg.sweep.context.TrialContext.feature_index`).
+        slot: the feature slot (:func:`~lasegseg.train.feature_plan.feature_slot`) of the trial that built or
+            opened the features.
         folder: the feature cache folder.
     """
-    path = _index_file(index, flat)
+    path = _index_file(index, slot)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps({"path": str(folder)}))
 
 
-def published_features(index: str | Path | None, flat: dict[str, Any]) -> str | None:
-    """The folder :func:`publish_features` recorded for ``flat``'s slot, None when there is none."""
+def published_features(index: str | Path | None, slot: str) -> str | None:
+    """The folder :func:`publish_features` recorded for feature slot ``slot``, None when there is none."""
     if not index:
         return None
     try:
-        return str(json.loads(_index_file(index, flat).read_text())["path"])
+        return str(json.loads(_index_file(index, slot).read_text())["path"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -1,4 +1,8 @@
-"""The Ray Tune function trainable: one lasegseg trial inside a Ray worker, tracked in its own MLflow run."""
+"""The Ray Tune function trainable: one lasegseg trial inside a Ray worker, tracked in its own MLflow run.
+
+Its workers import this module as they warm up (:mod:`lasegseg.sweep.worker`); the driver imports it to hand
+:func:`run_tune_trial` to Tune, which pickles the function by reference.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,23 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lasegseg.fsio import pid_alive
+import torch
+from ray import tune
+
+from lasegseg.config import Config, from_flat, merge_trial, run_name
+from lasegseg.data.cache import open_cache
+from lasegseg.data.cache_read import SliceCache
+from lasegseg.errors import DataError
+from lasegseg.fsio import atomic_write, pid_alive
+from lasegseg.paths import cache_root
+from lasegseg.sweep.caches import preprocessing_key, publish_features, published_features
+from lasegseg.sweep.context import TrialContext
 from lasegseg.sweep.worker import placement, worker_info
+from lasegseg.tracking.buffer import pending_path
+from lasegseg.tracking.tracker import TrialTracker
+from lasegseg.train.feature_plan import feature_slot
+from lasegseg.train.features import FeatureCache
+from lasegseg.train.trial_data import prepare_data
 
 RUN_FILE = "mlflow_run.json"
 SCRATCH_PREFIX = "lasegseg-trial-"
@@ -27,32 +46,21 @@ def _remove_orphaned_scratch() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _open_shared_cache(ctx: dict[str, Any], cfg, stats: dict[str, Any]):
-    """The slice cache of this trial's preprocessing in this node's own cache folder: the driver's, memory-mapped,
-    when this node shares its folder (one machine), else the node's own copy, built there once under the cache's
-    lock (``stats["built"]``)."""
-    from lasegseg.data.cache import open_cache
-    from lasegseg.data.cache_read import SliceCache
-    from lasegseg.paths import cache_root
-    from lasegseg.sweep.caches import preprocessing_key
-
-    path = (ctx.get("cache_paths") or {}).get(preprocessing_key(cfg.to_flat()))
+def _open_shared_cache(ctx: TrialContext, cfg: Config, key: str, stats: dict[str, Any]):
+    """The slice cache of this trial's preprocessing (``key``) in this node's own cache folder: the driver's,
+    memory-mapped, when this node shares its folder (one machine), else the node's own copy, built there once under
+    the cache's lock (``stats["built"]``)."""
+    path = ctx.cache_paths.get(key)
     if path and Path(path).is_dir() and Path(path).resolve().is_relative_to(cache_root(cfg.data.cache_dir).resolve()):
         # The driver verified the content hashes when it built or opened the cache; a size check suffices here.
         return SliceCache.open(Path(path), verify="size")
     return open_cache(cfg, stats)
 
 
-def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: str):
-    """The features this node's cache task (or a local sweep's driver or earlier trial) built for this trial,
+def _open_shared_features(ctx: TrialContext, slot: str, node_id: str) -> FeatureCache | None:
+    """The features of ``slot`` that this node's cache task (or a local sweep's driver or earlier trial) built,
     memory-mapped; None when there are none."""
-    from lasegseg.errors import DataError
-    from lasegseg.sweep.caches import published_features
-    from lasegseg.train.feature_plan import feature_slot
-    from lasegseg.train.features import FeatureCache
-
-    path = (ctx.get("feature_paths") or {}).get(node_id, {}).get(feature_slot(flat))
-    path = path or published_features(ctx.get("feature_index"), flat)
+    path = ctx.feature_path(node_id, slot) or published_features(ctx.feature_index, slot)
     if not path or not Path(path).is_dir():
         return None
     try:
@@ -62,47 +70,24 @@ def _open_shared_features(ctx: dict[str, Any], flat: dict[str, Any], node_id: st
         return None  # run_trial rebuilds what it needs
 
 
-def _feature_readers(ctx: dict[str, Any], flat: dict[str, Any]) -> tuple[str, ...]:
-    """The decoders of the sweep's trials that read this trial's features (all their levels are built together)."""
-    from lasegseg.train.feature_plan import feature_slot
-
-    return tuple((ctx.get("feature_readers") or {}).get(feature_slot(flat), ()))
-
-
 def _quiet_checkpoint_logs() -> None:
     # Tune logs every per-epoch checkpoint at INFO, which the driver echoes: one line per epoch per trial.
     for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _alias(ctx: dict[str, Any]):
-    """The sweep's pseudonymiser (``--pseudonymize``), else None."""
-    if not ctx.get("pseudonym_salt"):
-        return None
-    from lasegseg.data.pseudonym import Pseudonymizer
-
-    return Pseudonymizer(ctx["pseudonym_salt"].encode("utf-8"), ctx.get("case_ids", ()))
-
-
-def _tracker(ctx: dict[str, Any], cfg):
-    """This trial's MLflow tracker, keyed by the Tune trial id so that a retry finds its run again."""
-    from ray import tune
-
-    from lasegseg.config import run_name
-    from lasegseg.tracking.buffer import pending_path
-    from lasegseg.tracking.tracker import TrialTracker
-
+def _tracker(ctx: TrialContext, cfg: Config) -> TrialTracker:
+    """This trial's MLflow tracker, keyed by the Tune trial id so that a retry finds its run again; its params are
+    the config's flat view."""
     trial_id = tune.get_context().get_trial_id()
     return TrialTracker(
-        ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, run_name(cfg), cfg.to_flat(),
-        stage=ctx.get("stage", "trial"), buffer_path=pending_path(ctx["experiment_id"], trial_id),
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, run_name(cfg), cfg.to_flat(),
+        stage=ctx.stage, buffer_path=pending_path(ctx.experiment_id, trial_id),
     )  # fmt: skip
 
 
 def _restored(work: Path) -> tuple[Path | None, str | None]:
     """The folder of Tune's last checkpoint of this trial (a retry or a resumed sweep) and the MLflow run it names."""
-    from ray import tune
-
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None, None
@@ -113,11 +98,10 @@ def _restored(work: Path) -> tuple[Path | None, str | None]:
 
 def _epoch_reporter(tracker, run_id: str, first_report: dict[str, Any], timings: dict[str, Any]):
     """``on_epoch`` for :func:`run_trial`: MLflow metrics, then a Tune report with the training state."""
-    from ray import tune
 
     def on_epoch(epoch: int, metrics: dict[str, float], saved: Path | None) -> None:
         if saved is not None:
-            (saved / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+            atomic_write(saved / RUN_FILE, json.dumps({"run_id": run_id}))
         tracker.log_epoch(epoch, metrics)
         report = {**metrics, "epoch": epoch, "done": False}
         if not timings.get("reported"):
@@ -138,33 +122,38 @@ def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path)
     moments (hundreds of MB per trial with a fine-tuned ViT-S, GBs with ViT-g), and a restore of this trial finds
     its finished run instead.
     """
-    from ray import tune
-
     final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     marker = work / "finished"
     marker.mkdir()
-    (marker / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+    atomic_write(marker / RUN_FILE, json.dumps({"run_id": run_id}))
     tune.report(
         {**final, "epoch": epochs - 1, "done": True, "mlflow_run_id": run_id},
         checkpoint=tune.Checkpoint.from_directory(str(marker)),
     )
 
 
-def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_dir: Path | None, first_report, alias):
+def _train(
+    cfg: Config, ctx: TrialContext, tracker: TrialTracker, run_id: str, work: Path, resume_dir: Path | None,
+    first_report: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     """Fit, validate and test the trial (resuming from ``resume_dir``) on this node's caches and the device Ray
     assigned; returns run_trial's results."""
-    from lasegseg.train.trial import run_trial
-    from lasegseg.train.trial_data import prepare_data
+    # The driver imports this module only to hand run_tune_trial to Tune: train.trial's pandas and scipy stay off it.
+    from lasegseg.train.trial import run_trial  # deferred: start-up
 
     if resume_dir is not None:
         tracker.log_history(json.loads((resume_dir / "state.json").read_text())["scalars"].get("history", []))
     timings: dict[str, Any] = {}
     built: dict[str, Any] = {}
-    cache = _open_shared_cache(ctx, cfg, built)
+    # The driver keyed the sweep's caches on its trials' flat configs (Tune's param space): the same keys here.
+    flat = cfg.to_flat()
+    slot = feature_slot(flat)
+    cache = _open_shared_cache(ctx, cfg, preprocessing_key(flat), built)
     first_report["slice_cache_built"] = bool(built.get("built"))
     data = prepare_data(cfg, cache=cache)
-    data.features = _open_shared_features(ctx, cfg.to_flat(), first_report["node_id"])
-    data.feature_readers = _feature_readers(ctx, cfg.to_flat())
+    data.features = _open_shared_features(ctx, slot, first_report["node_id"])
+    # The decoders of the sweep's trials that read these features (all their levels are built together).
+    data.feature_readers = tuple(ctx.feature_readers.get(slot, ()))
     data.device_share = first_report.get("gpu_share") or 1.0  # packed frozen trials share one card
     # Scratch, not Tune's trial folder: these files go to MLflow's artifact store, and Tune would copy them to its
     # storage as well (a fine-tuned ViT-g's weights twice).
@@ -172,40 +161,32 @@ def _train(cfg, ctx: dict[str, Any], tracker, run_id: str, work: Path, resume_di
     results = run_trial(
         cfg, out, data=data, device=first_report["device"],
         on_epoch=_epoch_reporter(tracker, run_id, first_report, timings), checkpoint_dir=work / "state",
-        resume_from=resume_dir, timings=timings, alias=alias,
+        resume_from=resume_dir, timings=timings, alias=ctx.alias(),
         durable_checkpoints=False,  # scratch: Tune copies it to its storage
     )  # fmt: skip
-    if ctx.get("feature_index") and timings.get("features_path") and timings.get("backbone_loaded"):
-        from lasegseg.sweep.caches import publish_features
-
+    if ctx.feature_index and timings.get("features_path") and timings.get("backbone_loaded"):
         # The first frozen trial of a local sweep found or built these with its backbone: later ones need none.
-        publish_features(ctx["feature_index"], cfg.to_flat(), timings["features_path"])
+        publish_features(ctx.feature_index, slot, timings["features_path"])
     tracker.finish(results, artifact_dir=out)
     fit_s = sum(h.get("epoch_seconds", 0.0) for h in results.get("history", []))
     return {**results, "scored_at": timings.get("scored_at", 0.0), "checkpoint_s": timings.get("checkpoint_s", 0.0),
             "fit_s": fit_s}  # fmt: skip
 
 
-def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+def run_tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Train one trial; report every epoch with a checkpoint; record success or failure in MLflow.
 
     Args:
-        config: ``{"trial": flat config}`` (grid stage) plus ``"optim.lr"`` when Optuna samples the rate.
-        ctx: the sweep's context: tracking_uri, experiment_id, parent_run_id, stage, cache_paths, feature_paths,
-            feature_index (a local sweep's),
-            threads.
+        config: Tune's param space entry: ``{"trial": flat config}`` plus ``"optim.lr"`` when Optuna samples the
+            rate; it becomes the trial's :class:`~lasegseg.config.Config` here.
+        ctx: the sweep's side of the trial (where it logs, the caches of its node).
     """
-    # Before this trial's own imports: was the process warm when the trial came? And where does it run?
+    # Before this trial's own work: was the process warm when the trial came? And where does it run?
     first_report = {"trial_started_at": time.time(), **worker_info(), **placement()}
     _quiet_checkpoint_logs()
-    import torch
-    from ray import tune
-
-    from lasegseg.config import from_flat, merge_trial
-
-    alias = _alias(ctx)
-    if ctx.get("threads"):
-        torch.set_num_threads(int(ctx["threads"]))
+    alias = ctx.alias()
+    if ctx.threads:
+        torch.set_num_threads(int(ctx.threads))
     tracker = None
     _remove_orphaned_scratch()
     work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
@@ -223,7 +204,7 @@ def run_tune_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             return
         if resume_dir is not None and not (resume_dir / "state.json").is_file():
             resume_dir = None  # the final marker of a run MLflow does not hold as finished: train it again
-        results = _train(cfg, ctx, tracker, run_id, work, resume_dir, first_report, alias)
+        results = _train(cfg, ctx, tracker, run_id, work, resume_dir, first_report)
         _report_final(results, cfg.train.epochs, run_id, work)
     except Exception as exc:
         if tracker is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from lasegseg.errors import ConfigError
-from lasegseg.sweep import cluster
+from lasegseg.sweep import cluster, worker
 from lasegseg.sweep.cluster import NodeInfo, check_fits, check_tracking
 
 HEAD = NodeInfo("h", "10.0.0.1", 0.0, 0.0, True)
@@ -60,21 +62,6 @@ def test_a_driver_started_by_hand_gives_its_workers_the_env_and_warm_up(monkeypa
     assert out == {"env_vars": {"MLFLOW_TRACKING_URI": "http://x"}, "worker_process_setup_hook": cluster.PREWARM_HOOK}
 
 
-def test_results_of_a_submitted_job_land_outside_its_temporary_working_dir(monkeypatch, tmp_path):
-    from lasegseg.sweep.runner import _storage_root
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("LASEGSEG_STORAGE", raising=False)
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert _storage_root(None).path == str(tmp_path / "runs")  # by hand: ./runs
-    _job(monkeypatch, {"working_dir": "gcs://_ray_pkg_x.zip"})
-    assert _storage_root(None).path == str(tmp_path / "lasegseg" / "runs")
-    assert _storage_root("out").path == str(tmp_path / "lasegseg" / "out")
-    assert _storage_root(str(tmp_path / "abs")).path == str(tmp_path / "abs")
-    assert _storage_root("s3://bucket/runs").uri == "s3://bucket/runs"
-
-
 def test_the_sweeps_own_local_cluster_listens_on_loopback_only(monkeypatch):
     """Ray would turn a node IP of 127.0.0.1 into the machine's outward address and listen on every interface."""
     import ray
@@ -93,3 +80,47 @@ def test_the_sweeps_own_local_cluster_listens_on_loopback_only(monkeypatch):
     finally:
         ray.shutdown()
     assert ray_constants.ENABLE_RAY_CLUSTER == constant and cluster.LOCAL_ONLY_ENV not in os.environ
+
+
+def test_local_cluster_inherits_the_sweep_env_and_preloads_workers(fake_ray):
+    from ray.tune.execution import class_cache
+
+    from lasegseg.sweep import cluster
+
+    before = dict(os.environ)
+    cluster.init_ray({"MLFLOW_TRACKING_URI": "sqlite:////s/mlflow.db", "LASEGSEG_CACHE": "/c"}, 2)
+    ((kwargs, env),) = fake_ray.calls
+    assert "runtime_env" not in kwargs  # a runtime_env would keep trial actors off the workers started warm
+    assert kwargs["num_cpus"] == 2 and kwargs["include_dashboard"] is False
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:////s/mlflow.db" and env["LASEGSEG_CACHE"] == "/c"
+    assert env["RAY_preload_python_modules"] == worker.PRELOAD_MODULE
+    assert env["RAY_num_workers_soft_limit"] == "2"  # warm idle workers outlive Tune's CPU reservations
+    root = str(Path(cluster.__file__).resolve().parents[2])
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
+    assert dict(os.environ) == before  # this process's environment is as it was
+    assert "PL_DISABLE_FORK" not in class_cache.DEFAULT_ENV_VARS  # Tune's actors get an empty runtime env
+
+
+def test_existing_cluster_gets_the_env_in_the_job_runtime_env(fake_ray, monkeypatch):
+    from lasegseg.sweep import cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    before = dict(os.environ)
+    cluster.init_ray({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, None)
+    ((kwargs, env),) = fake_ray.calls
+    assert kwargs["runtime_env"] == {
+        "env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        "worker_process_setup_hook": "lasegseg.sweep.worker.prewarm_worker",
+    }
+    assert "RAY_preload_python_modules" not in env and dict(os.environ) == before
+
+
+@pytest.mark.parametrize(
+    "max_concurrent,cpus_per_trial,expected",
+    [(1, 1.0, 1), (4, 0.5, 2), (3, 0.5, 2), (0, 1.0, None), (2, 0.0, None), (10**6, 1.0, os.cpu_count())],
+)
+def test_local_cluster_cpus_follow_max_concurrent(max_concurrent, cpus_per_trial, expected):
+    from lasegseg.sweep import cluster
+
+    res = SimpleNamespace(max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial)
+    assert cluster.local_cpus(res) == expected

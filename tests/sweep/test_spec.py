@@ -148,30 +148,3 @@ def test_bad_frozen_gpu_share_is_refused_naming_the_key(value):
         _packed(gpus_per_trial=1, frozen_gpus_per_trial=value)
     message = str(info.value)
     assert "'resources.frozen_gpus_per_trial'" in message and "(0, 1]" in message and "\n" not in message
-
-
-def test_tune_asks_each_trial_for_its_own_resources():
-    from ray.tune.trainable.function_trainable import wrap_function
-
-    from lasegseg.sweep.tune_runner import _trainable
-
-    def resolved(spec):
-        # What Tune asks the cluster for when it schedules each trial.
-        cls = wrap_function(_trainable({}, spec.resources))
-        return {t["model.mode"]: cls.default_resource_request({"trial": t}).required_resources for t in spec.trials()}
-
-    packed = parse_spec(_spec(resources={"gpus_per_trial": 1, "frozen_gpus_per_trial": 0.5}))
-    assert resolved(packed) == {"frozen": {"CPU": 1.0, "GPU": 0.5}, "finetune": {"CPU": 1.0, "GPU": 1.0}}
-    cpu_only = parse_spec(_spec(resources={"frozen_gpus_per_trial": 0.5}))
-    assert resolved(cpu_only) == {"frozen": {"CPU": 1.0}, "finetune": {"CPU": 1.0}}
-
-
-def test_cli_frozen_gpu_share_is_checked_in_one_line(capsys):
-    from lasegseg.sweep.runner import main
-
-    assert main(["--config", str(ROOT / "sweeps" / "configs" / "demo.yaml"), "--frozen-gpus-per-trial", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "fewshot.py: error: --frozen-gpus-per-trial must be a GPU share in (0, 1] (e.g. 0.25 packs 4 trials per GPU), "
-        "got 2.0"
-    ]

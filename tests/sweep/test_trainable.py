@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from lasegseg.config import Config
 from lasegseg.sweep import trainable
+from lasegseg.sweep.context import TrialContext
 from lasegseg.tracking import client, store
 
 
@@ -39,7 +41,7 @@ def sweep_ctx(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = store.ensure_experiment(uri, "trainable", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = store.start_parent(uri, exp, "trainable", params={}, tags={})
-    return {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "threads": 1}
+    return TrialContext(uri, exp, parent, threads=1)
 
 
 def _run(monkeypatch, tmp_path, ctx, flat, checkpoint=None, trial_id: str = "abc_00000") -> _Tune:
@@ -77,7 +79,7 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
     assert metrics["mlflow_run_id"] == run_id
 
     # A marker whose run MLflow does not hold as finished is trained again, in the same run, from epoch 0.
-    client.client(sweep_ctx["tracking_uri"]).update_run(run_id, status="RUNNING")
+    client.client(sweep_ctx.tracking_uri).update_run(run_id, status="RUNNING")
     retried = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
     assert [m["epoch"] for m, _ in retried.reports] == [0, 1, 1] and retried.reports[-1][0]["done"]
     assert retried.reports[-1][0]["mlflow_run_id"] == run_id
@@ -92,7 +94,7 @@ def test_a_local_sweeps_first_frozen_trial_publishes_its_features_for_the_next(
     from lasegseg.models import segmenter
 
     monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path / "cache"))
-    ctx = {**sweep_ctx, "feature_index": str(tmp_path / "index")}
+    ctx = dataclasses.replace(sweep_ctx, feature_index=str(tmp_path / "index"))
     flat = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "train.epochs": 1,
                                "model.decoder": "linear", "model.mode": "frozen"}).to_flat()  # fmt: skip
     first = _run(monkeypatch, tmp_path, ctx, flat)

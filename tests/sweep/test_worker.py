@@ -1,8 +1,14 @@
-"""Where a Ray worker trains: the device follows the GPUs Ray assigned, not the GPUs the node has."""
+"""A trial's Ray worker: its warm-up, what it says about itself, and where it trains (the device follows the GPUs Ray
+assigned, not the GPUs the node has)."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
+
+from lasegseg.sweep import worker
 
 
 def _placement_with_cuda():
@@ -46,3 +52,25 @@ def test_no_gpu_share_means_the_cpu_even_on_a_gpu_node(gpu_node):
     assert without["node_id"] == shared["node_id"] == gpu_node.get_runtime_context().get_node_id()
     (node,) = gpu_node.nodes()
     assert without["node_ip"] == node["NodeManagerAddress"]
+
+
+def test_prewarm_loads_the_backbone_template(monkeypatch):
+    from lasegseg.models import segmenter
+
+    monkeypatch.setattr(segmenter, "_BACKBONE_TEMPLATE", {})
+    monkeypatch.setenv(worker.PREWARM_ENV, "tiny|False")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    worker.prewarm_worker()
+    assert [key[:2] for key in segmenter._BACKBONE_TEMPLATE] == [("tiny", False)]
+    monkeypatch.setenv(worker.PREWARM_ENV, "no-such-backbone|False")
+    worker.prewarm_worker()  # a bad name only skips the warm-up
+
+
+def test_worker_info_describes_this_process(monkeypatch):
+    monkeypatch.setattr(worker, "_PREWARMED", False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = worker.worker_info()
+    assert before["worker_pid"] == os.getpid() and before["worker_prewarmed"] is False
+    assert 0 < before["worker_started_at"] < time.time()
+    worker.prewarm_worker(full=False)
+    assert worker.worker_info()["worker_prewarmed"] is True

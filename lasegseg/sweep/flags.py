@@ -1,0 +1,47 @@
+"""The sweep's command-line flags, shared by ``sweeps/fewshot.py`` and ``lasegseg sweep``.
+
+Light on purpose: ``lasegseg --help`` builds every subcommand's parser, so this module imports argparse and
+:mod:`lasegseg.options` only; the driver (:mod:`lasegseg.sweep.runner`) is imported once a sweep runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lasegseg import options
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "sweeps" / "configs" / "demo.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep's flags, shared by ``sweeps/fewshot.py`` and ``lasegseg sweep``."""
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: sweeps/configs/demo.yaml)")
+    p.add_argument("--data", default=None, help="dataset folder (default: data.path of the YAML, else a phantom)")
+    options.add_tracking(p, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite in the sweep folder)")
+    options.add_experiment(p, required=False, help="MLflow experiment name (default: the sweep's name)")
+    p.add_argument("--storage-path", default=None, help="sweep output root, local path or URI (default: ./runs)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: only unfinished trials run")
+    options.add_set(p, help="override a config key, repeatable")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as the cluster fits)")
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed, e.g. 0.25")
+    p.add_argument(
+        "--frozen-gpus-per-trial", type=float, default=None, metavar="SHARE",
+        help="GPU share of a frozen-backbone trial in (0, 1], e.g. 0.25 packs 4 on one GPU (default: --gpus-per-trial)",
+    )  # fmt: skip
+    p.add_argument("--max-failures", type=int, default=None, help="retries of a failing trial from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="check the sweep and list its trials, run nothing")
+    options.add_pseudonymize(
+        p, help="log salted-hash aliases instead of patient ids taken from file names (key kept in the sweep folder)"
+    )
+
+
+def build_parser(prog: str = "fewshot.py") -> argparse.ArgumentParser:
+    """The parser of ``sweeps/fewshot.py``."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a few-shot / hyperparameter sweep of DINOv2 LA segmenters on Ray Tune, tracked in MLflow.",
+    )
+    add_arguments(p)
+    return p
