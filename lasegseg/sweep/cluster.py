@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import yaml
+
 from lasegseg.environ import scoped_environ
 from lasegseg.errors import ConfigError
 from lasegseg.sweep.worker import PRELOAD_MODULE, PREWARM_ENV, PREWARM_HOOK
@@ -44,7 +46,7 @@ def init_ray(env: dict[str, str], cpus: float | None) -> None:
     """
     # Per-epoch checkpoints of short trials trip Tune's "snapshotting too often" warning; it is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    import ray  # deferred: heavy (ray, ~0.6 s): planning a sweep and --dry-run need none
 
     if ray.is_initialized():
         return
@@ -71,7 +73,7 @@ def _loopback_node() -> Iterator[None]:
     node on 127.0.0.1 they bind loopback alone (checked in the sweep tests). The cluster's processes inherit the
     variable; this process's constant is put back afterwards.
     """
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # deferred: heavy (ray, ~0.6 s)
 
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -106,7 +108,7 @@ def _trial_actors_on_started_workers() -> None:
     the sweep tests show which happened.
     """
     try:
-        from ray.tune.execution import class_cache
+        from ray.tune.execution import class_cache  # deferred: heavy (ray.tune, ~2 s): imported once Ray is up
 
         class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
     except (ImportError, AttributeError):  # pragma: no cover - depends on Ray's internals
@@ -159,7 +161,7 @@ class NodeInfo:
 
 def alive_nodes() -> list[NodeInfo]:
     """The cluster's alive nodes with their CPU and GPU counts."""
-    import ray
+    import ray  # deferred: heavy (ray, ~0.6 s)
 
     out = []
     for node in ray.nodes():
@@ -173,8 +175,6 @@ def alive_nodes() -> list[NodeInfo]:
 
 def autoscaler_node_types() -> list[dict[str, float]]:
     """Resources of the node types the cluster can scale to (from the head's cluster-launcher config, if any)."""
-    import yaml
-
     path = Path.home() / "ray_bootstrap_config.yaml"
     if not path.is_file():
         return []

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lasegseg.config import Config, coerce, from_flat, frozen_backbone
 from lasegseg.errors import ConfigError, first_line
 
@@ -318,8 +320,6 @@ def _resources(value: Any) -> Resources:
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read and check a sweep YAML file."""
-    import yaml
-
     path = Path(path)
     try:
         if path.stat().st_size > MAX_SPEC_BYTES:
@@ -365,8 +365,6 @@ def _check_node_count(root: Any, path: Path) -> None:
 
     Counted on the composed graph with one size per node (no expansion), iteratively (no recursion limit).
     """
-    import yaml
-
     sizes: dict[int, int] = {}
     open_nodes: set[int] = set()
     stack: list[tuple[Any, bool]] = [(root, False)]

@@ -6,8 +6,19 @@ warm-up hook, module and variable); it imports neither of them, so the sweep mod
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 from typing import Any
+
+from lasegseg.tracking.client import client
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil comes with Ray; without it trial_timings.csv only loses a column
+    psutil = None
+
+log = logging.getLogger(__name__)
 
 PREWARM_ENV = "LASEGSEG_PREWARM_BACKBONE"
 # "0" when no trial of the sweep loads a backbone in its worker (every one is frozen on cached features, or has no
@@ -43,9 +54,6 @@ def prewarm_worker(*, full: bool = True) -> None:
     Args:
         full: also connect to the tracking store and load the backbone.
     """
-    import importlib
-    import logging
-
     global _PREWARMED
     try:
         backbone_code = os.environ.get(WARM_BACKBONE_CODE_ENV, "1") != "0"
@@ -54,20 +62,18 @@ def prewarm_worker(*, full: bool = True) -> None:
         for module in WARM_MODULES + store + (BACKBONE_MODULES if backbone_code else ()):
             importlib.import_module(module)
         if full:
-            from lasegseg.tracking.client import client
-
             uri = os.environ.get("MLFLOW_TRACKING_URI")
             if uri:
                 client(uri).search_experiments(max_results=1)
             name = os.environ.get(PREWARM_ENV, "")
             if name:
-                from lasegseg.models.segmenter import load_backbone
+                from lasegseg.models.segmenter import load_backbone  # deferred: start-up (torch, after the warm-up)
 
                 name, _, registers = name.partition("|")
                 load_backbone(name, registers=registers == "True")
         _PREWARMED = True
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop a worker from starting
-        logging.getLogger(__name__).warning("worker warm-up skipped: %s", exc)
+        log.warning("worker warm-up skipped: %s", exc)
 
 
 def _sqlite_tracking() -> bool:
@@ -78,10 +84,8 @@ def worker_info() -> dict[str, Any]:
     """This worker process as the driver's trial_timings.csv records it: pid, when the process started (wall
     clock; 0 if unknown) and whether :func:`prewarm_worker` had finished in it."""
     try:
-        import psutil
-
         started = psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - psutil comes with Ray; the row only loses a column without it
+    except Exception:  # noqa: BLE001 - the row only loses a column
         started = 0.0
     return {"worker_pid": os.getpid(), "worker_started_at": started, "worker_prewarmed": _PREWARMED}
 
@@ -95,6 +99,7 @@ def placement() -> dict[str, Any]:
     a share, Ray sets ``CUDA_VISIBLE_DEVICES`` to the assigned GPUs, so ``cuda`` is the first of them; a logical
     GPU on a machine without CUDA (a simulated cluster) trains on the CPU.
     """
+    # deferred: start-up (ray, torch): lasegseg.sweep.preload imports this module before the warm-up imports them
     import ray
     import torch
 
