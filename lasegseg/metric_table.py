@@ -48,7 +48,8 @@ class Metric:
         fmt: format of one value in tables (``.3f``).
         unit: the unit for people (``mm``), or ``""``.
         empty_both, empty_pred, empty_ref: the value when both masks are empty, when only the prediction is empty,
-            and when only the reference is empty (Metrics Reloaded's conventions; NaN = undefined, which means skip).
+            and when only the reference is empty (Metrics Reloaded's conventions; NaN = undefined, which means skip;
+            None = no rule: the metric's function is called on the empty mask too, as for a volume difference).
         count_undefined: log beside the mean how many test patients had no value (``test_<name>_n_undefined``),
             summed over a cell's seeds in the summary, so a mean over fewer patients is visible as such.
         over_seeds: how the summary shows it over a cell's seeds (see the module notes). Metrics shown ``interval``
@@ -66,9 +67,9 @@ class Metric:
     high: float = 1.0
     fmt: str = ".3f"
     unit: str = ""
-    empty_both: float = 1.0
-    empty_pred: float = 0.0
-    empty_ref: float = 0.0
+    empty_both: float | None = 1.0
+    empty_pred: float | None = 0.0
+    empty_ref: float | None = 0.0
     count_undefined: bool = False
     over_seeds: OverSeeds = "interval"
     validation: bool = False

@@ -181,8 +181,8 @@ class Case:
     """One case's masks, with the work several metrics share computed once (on first use).
 
     Args:
-        pred, ref: boolean masks of the same shape, both with foreground (:func:`case_metrics` applies the empty-mask
-            rule before any function sees a case).
+        pred, ref: boolean masks of the same shape; both have foreground unless the metric's table entry sets no
+            empty-mask rule (:func:`case_metrics` applies the rule before a function sees a case).
         spacing: voxel size along each axis (mm); None for unit voxels.
         nsd_tolerance_mm: NSD's tolerance (the config's ``eval.nsd_tolerance_mm``).
     """
@@ -208,7 +208,8 @@ _FUNCTIONS: Registry[CaseFunction] = Registry("metric function", "metric functio
 
 
 def case_metric(name: str) -> Callable[[CaseFunction], CaseFunction]:
-    """Register the function of the table's metric ``name`` (decorator); it is called on two non-empty masks."""
+    """Register the function of the table's metric ``name`` (decorator); it is called on two non-empty masks (or
+    on empty ones where the table sets no empty-mask rule)."""
     return _FUNCTIONS.register(name)
 
 
@@ -229,7 +230,10 @@ def metric_names() -> list[str]:
     return [m.name for m in metrics()]
 
 
-def _empty_value(metric: Metric, has_pred: bool, has_ref: bool) -> float:
+def _empty_value(metric: Metric, has_pred: bool, has_ref: bool) -> float | None:
+    """The table's value for a case with an empty mask; None when both have foreground or the table sets no rule."""
+    if has_pred and has_ref:
+        return None
     if not has_pred and not has_ref:
         return metric.empty_both
     return metric.empty_pred if has_ref else metric.empty_ref
@@ -250,10 +254,11 @@ def case_metrics(
     pred, ref = _pair(pred, ref)
     has_pred, has_ref = bool(pred.any()), bool(ref.any())
     case = Case(pred, ref, spacing, nsd_tolerance_mm)
-    return {
-        m.name: float(_FUNCTIONS.get(m.name)(case)) if has_pred and has_ref else _empty_value(m, has_pred, has_ref)
-        for m in metrics()
-    }
+    out = {}
+    for m in metrics():
+        value = _empty_value(m, has_pred, has_ref)
+        out[m.name] = float(_FUNCTIONS.get(m.name)(case)) if value is None else value
+    return out
 
 
 def summarize(rows: Sequence[dict[str, float]], prefix: str) -> dict[str, float]:
