@@ -24,6 +24,7 @@ from lasegseg.export.predict import predict_file, segment_canonical
 from lasegseg.paths import tracking_uri as resolve_tracking_uri
 from lasegseg.train.checkpoint import CONFIG
 from lasegseg.train.checkpoint import load_model as load_checkpoint
+from lasegseg.train.trial_data import pick_device
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -207,8 +208,6 @@ def load_model(src: str | os.PathLike, *, device: str | None = None, tracking_ur
     Raises:
         ModelError: missing, tampered or non-safetensors files, unknown registered model/alias/version.
     """
-    from lasegseg.train.trial_data import pick_device
-
     dev = pick_device(device)
     text = str(src)
     if text.startswith("models:/"):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -256,6 +257,4 @@ def recover_dir(final: Path) -> Path:
 
 def builder_stamp() -> dict[str, Any]:
     """Who wrote a cache (host and process), kept in its manifest as provenance."""
-    import socket
-
     return {"host": socket.gethostname(), "pid": os.getpid()}

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 WILCOXON_ZERO_METHOD = "wilcox"
 """Differences within the tie tolerance are set to zero and dropped from the signed-rank test (Wilcoxon's original
@@ -96,8 +97,6 @@ def wilcoxon_p(diff: np.ndarray, tie: float = DEFAULT_TIE) -> float:
         diff: paired differences.
         tie: differences with ``|d| <= tie`` count as zero (see :data:`WILCOXON_ZERO_METHOD`).
     """
-    from scipy import stats
-
     d = np.where(np.abs(diff) <= tie, 0.0, np.asarray(diff, dtype=float))
     if d.size == 0:
         return math.nan

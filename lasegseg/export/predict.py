@@ -8,13 +8,15 @@ from typing import Any
 import numpy as np
 
 from lasegseg.config import Config
+from lasegseg.data.io import read_volume, write_like
+from lasegseg.data.orientation import from_canonical, to_canonical
+from lasegseg.data.preprocess import Preprocessing, preprocess_image
 from lasegseg.errors import DataError
+from lasegseg.train.inference import largest_component, predict_slices, probabilities_to_native
 
 
 def preprocess_volume(image_canonical: np.ndarray, cfg: Config) -> np.ndarray:
     """Canonical (X, Y, Z) raw image → (Z, S, S) model input, exactly as the slice cache stores it."""
-    from lasegseg.data.preprocess import Preprocessing, preprocess_image
-
     return preprocess_image(image_canonical, Preprocessing.from_config(cfg))
 
 
@@ -29,8 +31,6 @@ def segment_canonical(
     flip_tta: bool = False,
 ) -> np.ndarray:
     """Boolean LA mask (X, Y, Z) for a canonical-orientation image."""
-    from lasegseg.train.inference import largest_component, predict_slices, probabilities_to_native
-
     slices = preprocess_volume(image_canonical, cfg)
     probs = predict_slices(model, slices, batch_size=batch_size, device=device, amp=cfg.train.amp, flip_tta=flip_tta)
     mask = probabilities_to_native(probs, image_canonical.shape[:2]) >= 0.5
@@ -56,9 +56,6 @@ def predict_file(
     flip_tta: bool = False,
 ) -> dict[str, Any]:
     """Read one volume, segment it, write the mask like the input (affine/header); returns its LA volume."""
-    from lasegseg.data.io import read_volume, write_like
-    from lasegseg.data.orientation import from_canonical, to_canonical
-
     vol = read_volume(in_path)
     if not np.isfinite(vol.data).all():
         raise DataError(f"{in_path}: contains NaN or infinite voxels")

@@ -116,3 +116,75 @@ def two_cell_trials() -> pd.DataFrame:
             rows.append({**base, "model.decoder": decoder, "seed": seed, "test_dice_mean": dice,
                          "test_iou_mean": dice - 0.1, "val_dice": dice, "test_hd95_mean": 4.0})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+PATIENTS_EXPERIMENT = "cmp"
+N_PATIENTS = 8
+PATIENT_SEEDS = (0, 1)
+# (decoder, backbone): val Dice, per-patient test Dice offset. "multiscale" has the best test Dice but not the
+# best validation Dice: the reference must still be "linear".
+PATIENT_CELLS = {
+    ("linear", "tiny"): (0.90, 0.00),
+    ("multiscale", "tiny"): (0.85, 0.08),
+    ("conv", "tiny"): (0.80, -0.05),
+    ("unet", "none"): (0.70, -0.10),
+}
+
+
+def _log_patient_trial(
+    client, exp_id, parent_id, cfg, metrics, per_patient: pd.DataFrame | None, tmp, status="FINISHED"
+):
+    from mlflow.entities import Metric, Param
+
+    flat = cfg.to_flat()
+    tags = {"lasegseg.role": "trial", "mlflow.parentRunId": parent_id, "lasegseg.cell": config_hash(flat, ("seed",))}
+    run = client.create_run(exp_id, run_name=run_name(cfg), tags=tags)
+    now = int(time.time() * 1000)
+    final = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flat.items()], metrics=final)
+    if per_patient is not None:
+        path = tmp / run.info.run_id / "per_patient.csv"
+        path.parent.mkdir(parents=True)
+        per_patient.to_csv(path, index=False)
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="package")
+def patients_store(tmp_path_factory):
+    """One sweep of 4 cells × 2 seeds on 8 test patients, a run without per_patient.csv and a FAILED run."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    exp_id = client.create_experiment(PATIENTS_EXPERIMENT, artifact_location=(root / "artifacts").as_uri(), tags=kind)
+    parent = client.create_run(exp_id, run_name="sweep", tags={"lasegseg.role": "sweep"}).info.run_id
+    rng = np.random.default_rng(0)
+    base_dice = rng.uniform(0.6, 0.85, N_PATIENTS)
+    cases = [f"la_{i:03d}" for i in range(N_PATIENTS)]
+    truth: dict[str, dict] = {}
+    base = Config().replace(**{"data.path": "/data/msd", "data.patients": 2})
+    for (decoder, backbone), (val, offset) in PATIENT_CELLS.items():
+        cfg0 = base.replace(**{"model.decoder": decoder, "model.backbone": backbone})
+        cell = config_hash(cfg0.to_flat(), exclude=("seed",))
+        per_seed = []
+        for seed in PATIENT_SEEDS:
+            dice = np.clip(base_dice + offset + rng.normal(0, 0.01, N_PATIENTS), 0, 1)
+            per_seed.append(dice)
+            table = pd.DataFrame(
+                {"case_id": cases, "split": "test", "dice": dice, "iou": dice / (2 - dice), "hd95": 10 * (1 - dice),
+                 "slice_dice": dice}
+            )  # fmt: skip
+            # A validation row must never enter the test comparison.
+            table = pd.concat([table, pd.DataFrame([{"case_id": "la_val", "split": "val", "dice": 0.0}])])
+            metrics = {"test_dice_mean": float(dice.mean()), "val_dice": val + 0.001 * seed}
+            _log_patient_trial(client, exp_id, parent, cfg0.replace(seed=seed), metrics, table, root / "src")
+        truth[cell] = {"decoder": decoder, "dice": np.mean(per_seed, axis=0), "val": val}
+    # Finished but without its file (skipped with a warning), and a failed trial (never read).
+    linear = base.replace(**{"model.decoder": "linear", "model.backbone": "tiny", "seed": 2})
+    _log_patient_trial(client, exp_id, parent, linear, {"val_dice": 0.9}, None, root / "src")
+    _log_patient_trial(client, exp_id, parent, linear.replace(seed=3), {"val_dice": 0.9}, None, root / "src", "FAILED")
+    return {"uri": uri, "parent": parent, "truth": truth, "client": client}
