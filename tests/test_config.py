@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from lasegseg.config import Config, config_hash, config_keys, from_flat, parse_overrides, run_name
+from lasegseg.config import (
+    MODES,
+    Config,
+    Mode,
+    ModelConfig,
+    config_hash,
+    config_keys,
+    from_flat,
+    frozen_backbone,
+    parse_overrides,
+    run_name,
+)
 from lasegseg.errors import ConfigError
 
 
@@ -76,3 +87,18 @@ def test_run_name_and_cell_hash_are_deterministic():
     assert config_hash(a.to_flat(), exclude=("seed",)) == config_hash(b.to_flat(), exclude=("seed",))
     assert config_hash(a.to_flat()) != config_hash(b.to_flat())
     assert run_name(Config().replace(**{"data.fraction": 0.25})).endswith("f0.25·lr0.0003·s0")
+
+
+def test_modes_equal_their_strings():
+    assert MODES == ("frozen", "finetune", "lora") and Mode("lora") is Mode.LORA
+    assert Mode.FROZEN == "frozen" and f"{Mode.FINETUNE}" == "finetune" and str(Mode.LORA) == "lora"
+
+
+@pytest.mark.parametrize(
+    "mode,backbone,frozen",
+    [("frozen", "tiny", True), ("frozen", "none", False), ("finetune", "tiny", False), ("lora", "dinov2-small", False)],
+)
+def test_frozen_backbone_is_one_definition_for_a_section_or_a_flat_view(mode, backbone, frozen):
+    assert frozen_backbone(ModelConfig(mode=mode, backbone=backbone)) is frozen
+    assert frozen_backbone({"model.mode": mode, "model.backbone": backbone}) is frozen
+    assert frozen_backbone(Config().replace(**{"model.mode": mode, "model.backbone": backbone}).to_flat()) is frozen

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from lasegseg.environ import scoped_environ
+from lasegseg.environ import env_number, scoped_environ
+from lasegseg.errors import ConfigError
 
 
 def test_override_sets_every_value_and_restores_afterwards(monkeypatch):
@@ -30,3 +31,21 @@ def test_environment_is_restored_when_the_block_raises(monkeypatch):
     with pytest.raises(RuntimeError), scoped_environ({"LASEGSEG_T_UNSET": "x"}):
         raise RuntimeError("boom")
     assert "LASEGSEG_T_UNSET" not in os.environ
+
+
+@pytest.mark.parametrize("text,kind,expected", [("", int, 3), (" ", float, 3), ("4", int, 4), ("0.5", float, 0.5)])
+def test_env_number_reads_a_number_or_gives_the_default(monkeypatch, text, kind, expected):
+    monkeypatch.setenv("LASEGSEG_T_N", text)
+    value = env_number("LASEGSEG_T_N", kind, default=3)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text,kind,words",
+    [("two", int, "a whole number of workers, got 'two'"), ("1.5", int, "a whole number of workers"),
+     ("0", int, ">= 1, got '0'"), ("nan", float, ">= 1, got 'nan'")],
+)  # fmt: skip
+def test_env_number_names_the_variable_when_it_refuses(monkeypatch, text, kind, words):
+    monkeypatch.setenv("LASEGSEG_T_N", text)
+    with pytest.raises(ConfigError, match=f"LASEGSEG_T_N must be {words}"):
+        env_number("LASEGSEG_T_N", kind, minimum=1, unit="workers")

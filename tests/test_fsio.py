@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from lasegseg.fsio import atomic_write, plain_file_mode
+from lasegseg.fsio import atomic_write, plain_file_mode, publish_dir
 
 
 def test_exclusive_write_keeps_the_first_writers_content(tmp_path):
@@ -45,3 +45,28 @@ def test_a_failing_writer_changes_nothing(tmp_path):
         with pytest.raises(RuntimeError):
             atomic_write(tmp_path / ("f" if not exclusive else "g"), fail, exclusive=exclusive)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def _built(parent, name: str, text: str):
+    folder = parent / name
+    folder.mkdir()
+    (folder / "manifest.json").write_text(text)
+    return folder
+
+
+def test_publish_dir_keeps_the_first_writer_and_removes_the_losers_copy(tmp_path):
+    final = tmp_path / "key"
+    complete = lambda folder: (folder / "manifest.json").is_file()  # noqa: E731
+    assert publish_dir(_built(tmp_path, ".tmp-a", "first"), final, complete=complete) is True
+    loser = _built(tmp_path, ".tmp-b", "second")
+    assert publish_dir(loser, final, complete=complete) is False
+    assert (final / "manifest.json").read_text() == "first" and not loser.exists()
+
+
+def test_publish_dir_over_an_incomplete_folder_raises_and_leaves_no_copy(tmp_path):
+    final = tmp_path / "key"
+    (final / "junk").mkdir(parents=True)
+    tmp = _built(tmp_path, ".tmp-a", "mine")
+    with pytest.raises(OSError):
+        publish_dir(tmp, final, complete=lambda folder: (folder / "manifest.json").is_file())
+    assert not tmp.exists() and (final / "junk").is_dir()

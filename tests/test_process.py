@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from lasegseg.errors import DataError
+from lasegseg.process import run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
@@ -42,3 +45,31 @@ def test_an_uncaught_exception_ends_as_usual(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr
     assert proc.stdout == "partial line without a newlinelibrary handler ran\n"
+
+
+def _raises(exc: BaseException):
+    def body() -> int:
+        raise exc
+
+    return body
+
+
+@pytest.mark.parametrize(
+    "body,status,err",
+    [
+        (lambda: 0, 0, ""),
+        (lambda: None, 0, ""),
+        (lambda: 1, 1, ""),
+        (_raises(DataError("a.nii.gz: not a volume")), 2, "prog: error: a.nii.gz: not a volume\n"),
+        (_raises(MemoryError()), 2, "prog: error: out of memory\n"),
+        (_raises(KeyboardInterrupt()), 130, "prog: interrupted; go on with --resume\n"),
+    ],
+)
+def test_run_command_turns_user_errors_into_one_line_and_a_status(capsys, body, status, err):
+    assert run_command(body, "prog", interrupted="interrupted; go on with --resume") == status
+    assert capsys.readouterr().err == err
+
+
+def test_run_command_does_not_hide_a_bug():
+    with pytest.raises(ZeroDivisionError):
+        run_command(lambda: 1 // 0, "prog")

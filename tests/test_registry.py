@@ -28,3 +28,11 @@ def test_a_name_is_registered_once_and_must_be_declared():
         reg.check_complete()
     reg.add("y", 4)
     reg.check_complete()
+
+
+def test_an_entry_can_be_removed_again():
+    reg: Registry[int] = Registry("thing", "things", ConfigError)
+    reg.add("a", 1)
+    assert reg.remove("a") == 1 and "a" not in reg
+    with pytest.raises(ConfigError, match="unknown thing 'a'"):
+        reg.remove("a")
