@@ -81,6 +81,8 @@ class Metric:
             raise ValueError(f"metric name '{self.name}' must be a lower-case identifier")
         if self.over_seeds not in ("interval", "mean", "none"):
             raise ValueError(f"metric '{self.name}': over_seeds must be interval, mean or none, got {self.over_seeds}")
+        if self.validation and not self.higher_is_better:
+            raise ValueError(f"metric '{self.name}': validation ranks cells best first, so higher must be better")
         if not self.low < self.high:
             raise ValueError(f"metric '{self.name}': low {self.low} must be below high {self.high}")
 

@@ -58,6 +58,8 @@ def test_unknown_names_and_bad_entries_are_refused():
         metric_table.metric("dsc")
     with pytest.raises(ValueError, match="lower-case identifier"):
         Metric("Vol-Err", "x")
+    with pytest.raises(ValueError, match="higher must be better"):
+        Metric("hd", "HD", higher_is_better=False, validation=True)
     with pytest.raises(ValueError, match="over_seeds"):
         Metric("x", "x", over_seeds="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already registered"):

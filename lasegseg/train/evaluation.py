@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lasegseg import metric_table
 from lasegseg.config import EvalConfig
 from lasegseg.train.features import FeatureCache
 from lasegseg.train.inference import autocast_context, predict_slices, probabilities_to_native, to_device
-from lasegseg.train.metrics import case_metrics, dice_iou
+from lasegseg.train.metrics import case_metrics
 
 
 @torch.inference_mode()
@@ -76,14 +77,16 @@ def evaluate(
     model, cache, case_ids: Sequence[str], *, device, amp: str, batch_size: int, full: bool = False,
     features: FeatureCache | None = None, nsd_tolerance_mm: float = EvalConfig.nsd_tolerance_mm, stride: int = 1,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Per-patient 3D metrics at native resolution; ``full`` adds NSD, HD95 and per-slice Dice (test).
+    """Per-patient 3D metrics at native resolution: the table's validation metrics (Dice, IoU), or with ``full``
+    every metric of the table (test).
 
     Args:
         features: cached backbone features (frozen mode) to decode from instead of running the backbone.
         nsd_tolerance_mm: NSD's tolerance with ``full`` (``eval.nsd_tolerance_mm``); distances use each case's
             voxel spacing.
         stride: score every ``stride``-th axial slice of each volume (:func:`strided_slices`), prediction and
-            reference alike: Dice and IoU over that slab set (per-epoch validation within ``train.val_budget``).
+            reference alike: the validation metrics over that slab set (per-epoch validation within
+            ``train.val_budget``).
             Not with ``full``, whose surface distances need whole volumes.
     """
     if full and stride != 1:
@@ -99,11 +102,8 @@ def evaluate(
         ref = cache.native_label(cid)
         if slices is not None:
             ref = ref[..., slices]
-        if full:
-            metrics = case_metrics(pred, ref, cache.spacing(cid), nsd_tolerance_mm=nsd_tolerance_mm)
-            rows.append({"case_id": cid, **metrics})
-        else:
-            dice, iou = dice_iou(pred, ref)
-            rows.append({"case_id": cid, "dice": dice, "iou": iou})
+        only = None if full else metric_table.validation()
+        metrics = case_metrics(pred, ref, cache.spacing(cid), nsd_tolerance_mm=nsd_tolerance_mm, only=only)
+        rows.append({"case_id": cid, **metrics})
     model.train(was_training)
     return rows

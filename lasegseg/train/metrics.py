@@ -34,7 +34,7 @@ from functools import cached_property
 import numpy as np
 
 from lasegseg.errors import ConfigError
-from lasegseg.metric_table import METRICS, Metric, metrics
+from lasegseg.metric_table import METRICS, Metric, metrics, validation
 from lasegseg.registry import Registry
 
 
@@ -240,14 +240,16 @@ def _empty_value(metric: Metric, has_pred: bool, has_ref: bool) -> float | None:
 
 
 def case_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None = None, *, nsd_tolerance_mm: float
-) -> dict[str, float]:
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None = None, *, nsd_tolerance_mm: float,
+    only: Sequence[Metric] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Every metric of the table for one 3D case (Dice, IoU, NSD, HD95, mean per-slice Dice …).
 
     Args:
         pred, ref: boolean masks of the same shape.
         spacing: voxel size along each axis (mm), for NSD and HD95; None for unit voxels.
         nsd_tolerance_mm: NSD's tolerance (the config's ``eval.nsd_tolerance_mm``).
+        only: these metrics instead of all (``metric_table.validation()`` for a validation pass).
     """
     if not math.isfinite(nsd_tolerance_mm) or nsd_tolerance_mm < 0:
         raise ValueError(f"NSD tolerance must be a finite distance >= 0, got {nsd_tolerance_mm}")
@@ -255,10 +257,15 @@ def case_metrics(
     has_pred, has_ref = bool(pred.any()), bool(ref.any())
     case = Case(pred, ref, spacing, nsd_tolerance_mm)
     out = {}
-    for m in metrics():
+    for m in metrics() if only is None else only:
         value = _empty_value(m, has_pred, has_ref)
         out[m.name] = float(_FUNCTIONS.get(m.name)(case)) if value is None else value
     return out
+
+
+def validation_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """An epoch's validation values: each validation metric's mean over the validation patients (``val_dice`` …)."""
+    return {m.val: float(np.mean([r[m.name] for r in rows])) for m in validation()}
 
 
 def summarize(rows: Sequence[dict[str, float]], prefix: str) -> dict[str, float]:

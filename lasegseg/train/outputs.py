@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from lasegseg import metric_table
 from lasegseg.config import Config
 from lasegseg.fsio import atomic_write, write_json_atomic
 from lasegseg.train.checkpoint import save_model
@@ -84,7 +85,8 @@ def write_outputs(
             alias=alias, features=features,
         )  # fmt: skip
     results = pseudonymize_results(results, alias)
-    save_model(model, cfg, out_dir / "model", extra={"val_dice": results["val_dice"]})
+    primary = metric_table.primary().val
+    save_model(model, cfg, out_dir / "model", extra={primary: results[primary]})
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=["case_id", "split", *metric_names()], extrasaction="ignore")
     writer.writeheader()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lasegseg import metric_table
 from lasegseg.config import Config, run_name
 from lasegseg.models.segmenter import build_segmenter, load_checkpoint_state, state_for_checkpoint
 from lasegseg.train import checkpoint as ckpt
@@ -29,11 +30,16 @@ from lasegseg.train.evaluation import evaluate, validation_stride
 from lasegseg.train.features import FeatureCache
 from lasegseg.train.fit import build_optimizer, compiled_forward, train_one_epoch
 from lasegseg.train.losses import build_loss
-from lasegseg.train.metrics import summarize
+from lasegseg.train.metrics import summarize, validation_scores
 from lasegseg.train.outputs import pseudonymize_results, write_outputs
 from lasegseg.train.trial_data import TrialData, backbone_stub, pick_device, prepare_data, trial_features
 
 EpochCallback = Callable[[int, dict[str, float], "Path | None"], None]
+
+
+def _best(name: str) -> str:
+    """The training state's key of the best epoch's value of ``name`` (``best_val_dice``)."""
+    return f"best_{name}"
 
 
 @dataclass
@@ -46,7 +52,7 @@ class _Progress:
     @classmethod
     def start(cls, resume_from: Path | None, model, optimizer, scheduler) -> _Progress:
         """A fresh start, or the state a previous attempt saved (weights, optimizer, schedule step, RNG)."""
-        state = {"epoch": 0, "step": 0, "best_val_dice": -1.0, "best_epoch": -1, "history": []}
+        state = {"epoch": 0, "step": 0, _best(metric_table.primary().val): -1.0, "best_epoch": -1, "history": []}
         if resume_from is None:
             return cls(state)
         state, best = ckpt.load_train_state(Path(resume_from), model, optimizer)
@@ -55,10 +61,11 @@ class _Progress:
         return cls(state, best)
 
     def record(self, epoch: int, metrics: dict[str, float], model) -> None:
-        """Count the epoch; keep a CPU copy of the weights when validation Dice improved."""
-        s = self.state
-        if "val_dice" in metrics and metrics["val_dice"] > s["best_val_dice"]:
-            s["best_val_dice"], s["best_epoch"], s["best_val_iou"] = metrics["val_dice"], epoch, metrics["val_iou"]
+        """Count the epoch; keep a CPU copy of the weights when the primary validation metric (Dice) improved."""
+        s, key = self.state, metric_table.primary().val
+        if key in metrics and metrics[key] > s[_best(key)]:
+            s["best_epoch"] = epoch
+            s.update({_best(name): metrics[name] for name in metric_table.selection_metrics()})
             self.best_weights = {k: v.detach().cpu().clone() for k, v in state_for_checkpoint(model).items()}
         s["epoch"] = epoch + 1
         s["history"].append({"epoch": epoch, **metrics})
@@ -94,8 +101,7 @@ class _Fit:
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             t_val = time.perf_counter()
             val = self.evaluate(self.data.split.val, stride=self.val_stride)
-            metrics["val_dice"] = float(np.mean([r["dice"] for r in val]))
-            metrics["val_iou"] = float(np.mean([r["iou"] for r in val]))
+            metrics.update(validation_scores(val))
             metrics["val_seconds"] = time.perf_counter() - t_val
         metrics["epoch_seconds"] = time.perf_counter() - t0
         return metrics
@@ -138,20 +144,19 @@ def _test(fit: _Fit, progress: _Progress) -> dict[str, Any]:
     if progress.best_weights is not None:
         load_checkpoint_state(fit.model, {k: v.to(fit.device) for k, v in progress.best_weights.items()})
     state, cache, split, train_rows = progress.state, fit.data.cache, fit.data.split, fit.data.train_rows
-    val_dice, val_iou, val_s, stride = state["best_val_dice"], state.get("best_val_iou", math.nan), 0.0, fit.val_stride
+    best = {name: state.get(_best(name), math.nan) for name in metric_table.selection_metrics()}
+    val_s, stride = 0.0, fit.val_stride
     if stride > 1 and state["best_epoch"] >= 0:
         # The epochs were compared on every k-th slice; the one chosen is scored on every slice.
         t_val = time.perf_counter()
-        val = fit.evaluate(split.val)
-        val_dice, val_iou = float(np.mean([r["dice"] for r in val])), float(np.mean([r["iou"] for r in val]))
+        best = validation_scores(fit.evaluate(split.val))
         val_s = time.perf_counter() - t_val
     test_rows = fit.evaluate(split.test, full=True)
     for row in test_rows:
         row["split"] = "test"
     return {
         "run_name": run_name(fit.cfg),
-        "val_dice": val_dice,
-        "val_iou": val_iou,
+        **best,
         "val_slice_stride": stride,
         "val_full_seconds": val_s,
         "best_epoch": state["best_epoch"],

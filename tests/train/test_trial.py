@@ -45,7 +45,7 @@ def trained(phantom_dir, tmp_path_factory):
         nsd_calls.append((nsd_tolerance_mm, tuple(spacing)))
         return real_case(pred, ref, spacing, nsd_tolerance_mm)
 
-    real_case = metrics.Case  # every test case's metrics (NSD among them) are computed on one Case
+    real_case = metrics.Case  # every case's metrics (NSD among them for the test cases) are computed on one Case
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(metrics, "Case", recording_case)
         results = run_trial(cfg, out, on_epoch=lambda e, m, s: seen.append((e, m, s)))
@@ -65,7 +65,10 @@ def test_outputs_and_metrics_file(trained):
     assert [row["case_id"] for row in rows] == metrics["split"]["test"]
     assert metrics["test_nsd_mean"] == pytest.approx(np.mean([row["nsd"] for row in rows]))
     assert metrics["test_hd95_n_undefined"] == sum(math.isnan(row["hd95"]) for row in rows)
-    assert nsd_calls == [(3.0, (1.25, 1.25, 2.5))] * len(rows)  # the config's tolerance, the phantom's spacing
+    # Every case scored (the validation patients each epoch and, when epochs read every k-th slice, once more in
+    # full; then the test patients) with the config's tolerance and the phantom's spacing.
+    n_validated = (len(seen) + (results["val_slice_stride"] > 1)) * len(metrics["split"]["val"])
+    assert nsd_calls == [(3.0, (1.25, 1.25, 2.5))] * (n_validated + len(rows))
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
     with (out / "per_patient.csv").open(newline="") as f:
         table = list(csv.DictReader(f))
