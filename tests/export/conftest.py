@@ -39,3 +39,37 @@ def log_trial(client, exp_id: str, parent_id: str, cfg: Config, metrics: dict, m
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+EXPERIMENT = "fake-sweep"
+# (decoder, patients) → per-seed (val_dice, val_iou, test_dice). Cell A is best on validation, B best on test,
+# C has the single best validation seed but a worse mean; D is best by val IoU.
+CELLS = {
+    ("linear", 2): [(0.80, 0.60, 0.50), (0.84, 0.62, 0.52)],  # A
+    ("linear", 4): [(0.70, 0.55, 0.90), (0.72, 0.56, 0.92)],  # B
+    ("conv", 2): [(0.95, 0.50, 0.60), (0.40, 0.50, 0.61)],  # C
+    ("conv", 4): [(0.78, 0.80, 0.70), (0.79, 0.81, 0.71)],  # D
+}
+
+
+def fake_sweep(root: Path, model_dir: Path | None = None) -> dict:
+    """A sweep of the four :data:`CELLS` × two seeds in a sqlite store under ``root`` (each run with ``model_dir`` as
+    its model artifact when given), an experiment without trials and one whose trial logged no validation metric."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(exp_id, run_name="sweep", tags={"lasegseg.role": "sweep"}).info.run_id
+    runs = {}
+    for (decoder, patients), seeds in CELLS.items():
+        for seed, (val, iou, test) in enumerate(seeds):
+            cfg = tiny_config(**{"model.decoder": decoder, "data.patients": patients, "seed": seed})
+            metrics = {"best_val_dice": val, "best_val_iou": iou, "test_dice_mean": test, "test_iou_mean": test - 0.1}
+            runs[(decoder, patients, seed)] = log_trial(client, exp_id, parent, cfg, metrics, model_dir)
+    for name in ("empty", "no-val"):
+        other = client.create_experiment(name, artifact_location=(root / name).as_uri())
+        other_parent = client.create_run(other, tags={"lasegseg.role": "sweep"}).info.run_id
+        if name == "no-val":
+            log_trial(client, other, other_parent, tiny_config(), {"test_dice_mean": 0.9})
+    return {"uri": uri, "runs": runs, "root": root}
