@@ -23,8 +23,8 @@ def _measure_one(b: Bench, decoder: str, mode: str, size: int) -> None:
 
     from lasegseg.config import Config
     from lasegseg.models.segmenter import build_segmenter, param_groups
-    from lasegseg.train.losses import build_loss
     from lasegseg.train.fit import lr_factor, train_one_epoch
+    from lasegseg.train.losses import build_loss
     from lasegseg.train.trial_data import prepare_data
 
     cfg = Config().replace(**{"data.path": str(b.phantom), "data.image_size": size, "model.decoder": decoder,
