@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 
 from lasegseg import metric_table
+from lasegseg.config import Mode
 from lasegseg.fsio import save_figure
 from lasegseg.metric_table import Metric
 from lasegseg.results.trials import ranking_column
 
 AXES = {"data.fraction": "fraction", "data.patients": "patients"}
 SERIES = ("model.backbone", "model.decoder", "model.mode")
-_LINESTYLES = {"finetune": "-", "frozen": "--", "lora": ":"}
+_LINESTYLES = {Mode.FINETUNE: "-", Mode.FROZEN: "--", Mode.LORA: ":"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
