@@ -16,6 +16,7 @@ from pathlib import Path
 from lasegseg import metric_table, options, process
 from lasegseg.errors import DataError, LasegsegError
 from lasegseg.paths import tracking_uri
+from lasegseg.sweep.flags import add_arguments as add_sweep_arguments
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
@@ -238,13 +239,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    # The sweep's flags come from its driver module, which imports nothing heavy at start-up.
-    from lasegseg.sweep.flags import add_arguments  # deferred: start-up
-
-    add_arguments(p)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lasegseg.sweep.runner import run_cli  # deferred: start-up
 
@@ -300,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run a few-shot / hyperparameter sweep on Ray Tune (as sweeps/fewshot.py)")
-    _add_sweep_arguments(p)
+    add_sweep_arguments(p)  # the flags module is as light as this one; the driver loads when a sweep runs
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("predict", help="segment volumes with a model folder, an export or a registered model")
