@@ -64,14 +64,24 @@ def discard_dir(path: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (another user's counts as alive)."""
+    """Whether a process with this id runs on this machine (another user's counts as alive; a zombie, killed but not
+    yet reaped by its parent, does not: a SIGKILLed Ray worker stays one for a while, and its folders are orphans)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
+    except (OSError, IndexError):
+        return False  # no /proc (macOS): only a missing process counts as dead
+    return state == "Z"
 
 
 def atomic_write(

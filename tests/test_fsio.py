@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
-from lasegseg.fsio import atomic_write, plain_file_mode, publish_dir
+from lasegseg.fsio import atomic_write, pid_alive, plain_file_mode, publish_dir
 
 
 def test_exclusive_write_keeps_the_first_writers_content(tmp_path):
@@ -70,3 +73,19 @@ def test_publish_dir_over_an_incomplete_folder_raises_and_leaves_no_copy(tmp_pat
     with pytest.raises(OSError):
         publish_dir(tmp, final, complete=lambda folder: (folder / "manifest.json").is_file())
     assert not tmp.exists() and (final / "junk").is_dir()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="zombies are read from /proc")
+def test_a_killed_process_not_yet_reaped_is_not_alive():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(child.pid) and pid_alive(os.getpid())
+        child.kill()
+        deadline = time.monotonic() + 10
+        while pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie until waited for
+            time.sleep(0.01)
+        assert not pid_alive(child.pid) and child.poll() is not None
+    finally:
+        child.kill()
+        child.wait()
+    assert not pid_alive(child.pid)
