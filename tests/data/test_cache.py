@@ -82,14 +82,8 @@ def test_cache_root(monkeypatch, tmp_path):
 
 
 def test_default_readers_build_from_a_nifti_dataset(tmp_path, cases, monkeypatch):
-    nib = pytest.importorskip("nibabel")
     layouts = pytest.importorskip("lasegseg.data.layouts")
-    root = tmp_path / "generic"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for c in cases:
-        nib.save(nib.Nifti1Image(c.image, c.affine), root / "images" / f"{c.case_id}.nii.gz")
-        nib.save(nib.Nifti1Image(c.label.astype(np.uint8), c.affine), root / "labels" / f"{c.case_id}.nii.gz")
+    root = write_generic(tmp_path, cases)
     loads = []
     real = layouts.load_case
     monkeypatch.setattr(layouts, "load_case", lambda case: loads.append(case.case_id) or real(case))

@@ -1,4 +1,5 @@
-"""An S3 API server on loopback for the storage tests, and a ``ray.init`` that only records what it was given."""
+"""An S3 API server on loopback for the storage tests, a ``ray.init`` that only records what it was given, and a
+small sweep definition."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import os
 import pytest
 
 from tests.object_store import S3Server
+
+
+def sweep_spec(**extra) -> dict:
+    """A small sweep YAML's content (2 decoders × 2 modes × 2 few-shot sizes × 2 seeds); ``extra`` replaces keys."""
+    raw = {
+        "name": "t",
+        "base": {"train.epochs": 2, "data.image_size": 56},
+        "grid": {"model.decoder": ["linear", "multiscale"], "model.mode": ["frozen", "finetune"]},
+        "fewshot": [{"data.patients": 2}, {"data.fraction": 0.5}],
+        "seeds": [0, 1],
+    }
+    raw.update(extra)
+    return raw
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,13 @@ import pytest
 
 from lasegseg.errors import ConfigError
 from lasegseg.sweep.spec import MAX_TRIALS, load_spec, parse_spec
+from tests.sweep.conftest import sweep_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _spec(**extra):
-    raw = {
-        "name": "t",
-        "base": {"train.epochs": 2, "data.image_size": 56},
-        "grid": {"model.decoder": ["linear", "multiscale"], "model.mode": ["frozen", "finetune"]},
-        "fewshot": [{"data.patients": 2}, {"data.fraction": 0.5}],
-        "seeds": [0, 1],
-    }
-    raw.update(extra)
-    return raw
-
-
 def test_grid_expands_to_full_cross_product_with_seeds():
-    spec = parse_spec(_spec())
+    spec = parse_spec(sweep_spec())
     trials = spec.trials()
     assert len(trials) == 2 * 2 * 2 * 2
     combos = {(t["model.decoder"], t["model.mode"], t["data.patients"], t["data.fraction"], t["seed"]) for t in trials}
@@ -37,7 +26,7 @@ def test_grid_expands_to_full_cross_product_with_seeds():
 
 def test_baselines_join_the_grid_and_overrides_win():
     spec = parse_spec(
-        _spec(baselines=[{"model.backbone": "none", "model.decoder": "unet"}]),
+        sweep_spec(baselines=[{"model.backbone": "none", "model.decoder": "unet"}]),
         overrides={"train.epochs": 1, "model.mode": "frozen"},
     )
     trials = spec.trials()
@@ -48,7 +37,7 @@ def test_baselines_join_the_grid_and_overrides_win():
 
 
 def test_screening_cells_are_one_per_backbone_decoder_mode_on_all_data():
-    spec = parse_spec(_spec(screen={"low": 1e-5, "high": 1e-2, "trials": 3, "set": {"train.epochs": 3}}))
+    spec = parse_spec(sweep_spec(screen={"low": 1e-5, "high": 1e-2, "trials": 3, "set": {"train.epochs": 3}}))
     cells = spec.screening_cells()
     assert len(cells) == 4
     assert all(c["data.patients"] == 0 and c["data.fraction"] == 1.0 and c["train.epochs"] == 3 for c in cells)
@@ -82,7 +71,7 @@ def test_screening_cells_are_one_per_backbone_decoder_mode_on_all_data():
 )
 def test_bad_sweeps_are_refused_naming_the_key(change, needle):
     with pytest.raises(ConfigError) as info:
-        parse_spec(_spec(**change))
+        parse_spec(sweep_spec(**change))
     assert needle in str(info.value)
 
 
@@ -123,7 +112,7 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 
 def _packed(**resources):
-    raw = _spec(baselines=[{"model.backbone": "none", "model.decoder": "unet"}], resources=resources)
+    raw = sweep_spec(baselines=[{"model.backbone": "none", "model.decoder": "unet"}], resources=resources)
     raw["base"] = {**raw["base"], "model.mode": "frozen"}  # the baseline ignores the mode: it has no backbone
     return parse_spec(raw)
 

@@ -13,18 +13,7 @@ from lasegseg.sweep.context import TrialContext
 from lasegseg.sweep.spec import cell_key, parse_spec
 from lasegseg.sweep.state import save_screening
 from lasegseg.sweep.tune_runner import _result_name, _trainable, _trial_name, screen_learning_rates
-
-
-def _spec(**extra):
-    raw = {
-        "name": "t",
-        "base": {"train.epochs": 2, "data.image_size": 56},
-        "grid": {"model.decoder": ["linear", "multiscale"], "model.mode": ["frozen", "finetune"]},
-        "fewshot": [{"data.patients": 2}, {"data.fraction": 0.5}],
-        "seeds": [0, 1],
-    }
-    raw.update(extra)
-    return raw
+from tests.sweep.conftest import sweep_spec
 
 
 def test_tune_asks_each_trial_for_its_own_resources():
@@ -33,9 +22,9 @@ def test_tune_asks_each_trial_for_its_own_resources():
         cls = wrap_function(_trainable(TrialContext("", "", ""), spec.resources))
         return {t["model.mode"]: cls.default_resource_request({"trial": t}).required_resources for t in spec.trials()}
 
-    packed = parse_spec(_spec(resources={"gpus_per_trial": 1, "frozen_gpus_per_trial": 0.5}))
+    packed = parse_spec(sweep_spec(resources={"gpus_per_trial": 1, "frozen_gpus_per_trial": 0.5}))
     assert resolved(packed) == {"frozen": {"CPU": 1.0, "GPU": 0.5}, "finetune": {"CPU": 1.0, "GPU": 1.0}}
-    cpu_only = parse_spec(_spec(resources={"frozen_gpus_per_trial": 0.5}))
+    cpu_only = parse_spec(sweep_spec(resources={"frozen_gpus_per_trial": 0.5}))
     assert resolved(cpu_only) == {"frozen": {"CPU": 1.0}, "finetune": {"CPU": 1.0}}
 
 
@@ -49,7 +38,7 @@ def test_trials_are_named_by_their_config_and_tune_id():
 
 def test_a_resumed_screening_reuses_the_rates_it_recorded(tmp_path):
     """Every cell screened before the driver died: no search runs again (none could, without Ray)."""
-    spec = parse_spec(_spec(screen={"trials": 4, "low": 1e-5, "high": 1e-2}))
+    spec = parse_spec(sweep_spec(screen={"trials": 4, "low": 1e-5, "high": 1e-2}))
     cells = spec.screening_cells()
     chosen = {json.dumps(cell_key(c)): 1e-3 * (i + 1) for i, c in enumerate(cells)}
     save_screening(tmp_path, chosen)

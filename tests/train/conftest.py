@@ -16,6 +16,20 @@ ALL = (0, 1, 2, 3)  # the tiny backbone taps four blocks
 LAST = (3,)
 
 
+def trial_cfg(phantom_dir, **flat) -> Config:
+    """A 2-epoch frozen linear trial on the phantom at 42 px; ``flat`` overrides."""
+    base = {
+        "data.path": str(phantom_dir),
+        "data.image_size": 42,
+        "train.epochs": 2,
+        "train.batch_size": 16,
+        "model.decoder": "linear",
+        "model.mode": "frozen",
+        "optim.lr": 1e-3,
+    }
+    return Config().replace(**{**base, **flat})
+
+
 def features_cfg(phantom_dir, **flat) -> Config:
     """A frozen multiscale trial on the phantom, small enough for the CPU; ``flat`` overrides."""
     base = {

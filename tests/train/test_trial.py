@@ -11,24 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lasegseg.config import Config
 from lasegseg.train.checkpoint import load_model
 from lasegseg.train.evaluation import evaluate, validation_stride
 from lasegseg.train.trial import run_trial
 from lasegseg.train.trial_data import prepare_data
-
-
-def _cfg(phantom_dir, **flat):
-    base = {
-        "data.path": str(phantom_dir),
-        "data.image_size": 42,
-        "train.epochs": 2,
-        "train.batch_size": 16,
-        "model.decoder": "linear",
-        "model.mode": "frozen",
-        "optim.lr": 1e-3,
-    }
-    return Config().replace(**{**base, **flat})
+from tests.train.conftest import trial_cfg
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +24,7 @@ def trained(phantom_dir, tmp_path_factory):
     with."""
     import lasegseg.train.metrics as metrics
 
-    cfg = _cfg(phantom_dir, **{"eval.nsd_tolerance_mm": 3.0})  # not the default: the trial must pass it through
+    cfg = trial_cfg(phantom_dir, **{"eval.nsd_tolerance_mm": 3.0})  # not the default: the trial must pass it through
     out = tmp_path_factory.mktemp("run")
     seen, nsd_calls = [], []
 
@@ -102,7 +89,7 @@ def test_reloaded_model_reproduces_the_reported_test_metrics(trained):
 
 
 def test_training_is_deterministic_on_cpu(phantom_dir):
-    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "conv", "model.mode": "finetune"})
+    cfg = trial_cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "conv", "model.mode": "finetune"})
     a = run_trial(cfg)
     b = run_trial(cfg)
     assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
@@ -112,7 +99,7 @@ def test_training_is_deterministic_on_cpu(phantom_dir):
 
 
 def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
-    cfg = _cfg(phantom_dir, **{"train.epochs": 3, "model.decoder": "conv", "model.mode": "finetune"})
+    cfg = trial_cfg(phantom_dir, **{"train.epochs": 3, "model.decoder": "conv", "model.mode": "finetune"})
     full = run_trial(cfg)
     states = tmp_path / "state"
 
@@ -134,7 +121,7 @@ def test_resume_from_training_state_equals_uninterrupted(phantom_dir, tmp_path):
 
 def test_a_resume_from_an_older_checkpoint_repeats_the_epochs_since_and_ends_alike(phantom_dir, tmp_path):
     """``train.checkpoint_every=2``: states after epochs 1 and 3 only; a crash after epoch 2 resumes at epoch 2."""
-    cfg = _cfg(phantom_dir, **{"train.epochs": 5, "model.mode": "finetune", "train.checkpoint_every": 2})
+    cfg = trial_cfg(phantom_dir, **{"train.epochs": 5, "model.mode": "finetune", "train.checkpoint_every": 2})
     full = run_trial(cfg)
     states, saved_on = tmp_path / "state", []
 
@@ -168,7 +155,7 @@ def test_training_state_is_fsynced_only_when_it_must_survive_alone(phantom_dir, 
     synced = []
     monkeypatch.setattr(fsio, "fsync_file", lambda path: synced.append(Path(path).name))
     monkeypatch.setattr(fsio, "fsync_dir", lambda path: synced.append(Path(path).name + "/"))
-    cfg = _cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
+    cfg = trial_cfg(phantom_dir, **{"train.epochs": 1, "model.decoder": "linear"})
     run_trial(cfg, checkpoint_dir=tmp_path / "state", durable_checkpoints=durable)
     files = {"current.safetensors", "best.safetensors", "optimizer.safetensors", "rng.safetensors"}
     assert {n for n in synced if n.endswith(".safetensors")} == (files if durable else set())
@@ -180,7 +167,7 @@ def test_training_state_is_fsynced_only_when_it_must_survive_alone(phantom_dir, 
 def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
     from lasegseg.models.segmenter import build_segmenter
 
-    cfg = _cfg(phantom_dir, **{"train.epochs": 1})
+    cfg = trial_cfg(phantom_dir, **{"train.epochs": 1})
     run_trial(cfg, tmp_path)
     model, _, _ = load_model(tmp_path / "model")
     fresh = build_segmenter(cfg.model)
@@ -191,7 +178,7 @@ def test_frozen_trial_leaves_backbone_weights_untouched(phantom_dir, tmp_path):
 def test_a_budgeted_validation_picks_the_epoch_on_strided_slices_and_reports_it_on_all(phantom_dir, tmp_path):
     """One training patient against one validation patient: validation would read as many slices as the epoch
     trains on. Each epoch is scored on every k-th slice; the trial's val_dice is the chosen epoch on every slice."""
-    cfg = _cfg(phantom_dir, **{"data.patients": 1, "train.epochs": 3, "model.decoder": "conv"})
+    cfg = trial_cfg(phantom_dir, **{"data.patients": 1, "train.epochs": 3, "model.decoder": "conv"})
     out = tmp_path / "run"
     results = run_trial(cfg, out)
     data = prepare_data(cfg)

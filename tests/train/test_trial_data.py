@@ -8,32 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from lasegseg.config import Config
 from lasegseg.train.checkpoint import load_model
 from lasegseg.train.evaluation import evaluate
 from lasegseg.train.trial import run_trial
 from lasegseg.train.trial_data import TrialData, pick_device, prepare_data
-from tests.train.conftest import features_cfg
-
-
-def _cfg(phantom_dir, **flat):
-    base = {
-        "data.path": str(phantom_dir),
-        "data.image_size": 42,
-        "train.epochs": 2,
-        "train.batch_size": 16,
-        "model.decoder": "linear",
-        "model.mode": "frozen",
-        "optim.lr": 1e-3,
-    }
-    return Config().replace(**{**base, **flat})
+from tests.train.conftest import features_cfg, trial_cfg
 
 
 def test_few_shot_rows_follow_the_config(phantom_dir):
-    data = prepare_data(_cfg(phantom_dir, **{"data.patients": 2}))
+    data = prepare_data(trial_cfg(phantom_dir, **{"data.patients": 2}))
     patients = np.unique(data.cache.case_codes[data.train_rows])
     assert patients.size == 2
-    everything = prepare_data(_cfg(phantom_dir))
+    everything = prepare_data(trial_cfg(phantom_dir))
     assert set(data.train_rows) < set(everything.train_rows)
     assert isinstance(data, TrialData)
 
@@ -78,6 +64,6 @@ def test_pick_device_takes_the_one_asked_for_else_cuda_when_there_is_one(monkeyp
 
 
 def test_a_cache_of_another_image_size_is_refused(phantom_dir):
-    cache = prepare_data(_cfg(phantom_dir)).cache
+    cache = prepare_data(trial_cfg(phantom_dir)).cache
     with pytest.raises(ValueError, match="cache image size 42 != data.image_size 28"):
-        prepare_data(_cfg(phantom_dir, **{"data.image_size": 28}), cache=cache)
+        prepare_data(trial_cfg(phantom_dir, **{"data.image_size": 28}), cache=cache)
