@@ -22,6 +22,7 @@ from lasegseg.models.segmenter import (
     param_groups,
     state_for_checkpoint,
 )
+from lasegseg.models.sources import STAND_IN_ENV
 
 BACKBONE_DECODERS = [name for name in list_decoders() if decoder_spec(name).needs_backbone]
 # Registry × modes; decoders without backbone ignore the mode, so they run once.
@@ -281,3 +282,23 @@ def test_tiny_dinov3_trains_and_checkpoints_in_every_mode(mode: str, tmp_path: P
     load_checkpoint_state(fresh, load_file(tmp_path / "model.safetensors"), checkpoint_metadata(seg))
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), seg.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("backbone", "mode"), [("dinov2-giant", "lora"), ("dinov3-large", "finetune")])
+def test_a_stand_in_takes_the_real_size_paths_checkpointing_and_lora(monkeypatch, backbone: str, mode: str) -> None:
+    """What depends on the real size works on its stand-in: deep enough for the size's taps and for gradient
+    checkpointing to switch itself on (24+ blocks), with the family's LoRA targets; a step trains what it should."""
+    monkeypatch.setenv(STAND_IN_ENV, "1")
+    torch.manual_seed(0)
+    seg = build_segmenter(ModelConfig(backbone=backbone, decoder="unetr", mode=mode, decoder_width=16))
+    config = seg.backbone.model.config
+    assert seg.backbone.source.endswith(f"stand-in-{backbone}")
+    assert seg.levels == (0, 1, 2, 3) and seg.backbone.layer_indices[-1] == config.num_hidden_layers - 1
+    assert seg.backbone.model.is_activation_checkpointing
+    trained = {n for n, p in seg.backbone.named_parameters() if p.requires_grad}
+    assert trained and all(("lora_" in n) == (mode == "lora") for n in trained)
+    side = 2 * config.patch_size
+    seg(torch.rand(2, 1, side, side)).logsumexp(1).mean().backward()
+    # lora_B starts at zero, so lora_A's first gradient is zero: B is the one that moves first.
+    moved = [p for n, p in seg.backbone.named_parameters() if n in trained and "lora_A" not in n]
+    assert moved and all(p.grad is not None and p.grad.abs().sum() > 0 for p in moved)

@@ -1,4 +1,5 @@
-"""The tiny random backbones: seeded, saved as safetensors once per cache folder, the first of racing writers kept."""
+"""The tiny random backbones and the named sizes' stand-ins: seeded, saved as safetensors once per cache folder, the
+first of racing writers kept."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lasegseg.errors import ModelError
 from lasegseg.models import tiny
 from lasegseg.models.backbones import Backbone, build_backbone, fingerprint
 from lasegseg.models.families import backbone_family
-from lasegseg.models.tiny import tiny_backbone_dir
+from lasegseg.models.tiny import TINY_SEED, stand_in_dir, stand_in_seed, tiny_backbone_dir
 
 DINOV2 = backbone_family("dinov2")
 
@@ -94,3 +95,49 @@ def test_a_folder_in_the_way_that_is_not_a_tiny_model_is_a_model_error(tmp_path:
         tiny_backbone_dir()
     assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+
+
+STAND_INS = [("dinov2", "giant"), ("dinov2", "large"), ("dinov3", "large"), ("dinov2", "small")]
+
+
+@pytest.mark.parametrize(("family", "size"), STAND_INS)
+def test_a_stand_in_is_its_family_tiny_model_as_deep_as_the_size_table_reaches(family: str, size: str) -> None:
+    fam = backbone_family(family)
+    folder = stand_in_dir(family, size)
+    assert folder.name == f"stand-in-{family}-{size}" and (folder / "model.safetensors").is_file()
+    backbone = build_backbone(str(folder))
+    config = backbone.model.config
+    assert config.num_hidden_layers == fam.layer_indices[size][-1] + 1  # 40 for giant, 24 for large, 12 for small
+    assert (config.patch_size, config.hidden_size) == (fam.patch_size, fam.tiny_config["hidden_size"])
+    assert backbone.num_prefix_tokens == (1 + fam.tiny_num_registers if fam.single_variant else 1)
+
+
+def test_stand_in_weights_are_seeded_by_name_the_same_on_every_machine(tmp_path: Path, monkeypatch) -> None:
+    first = fingerprint(build_backbone(str(stand_in_dir("dinov2", "giant"))))
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    torch.manual_seed(99)
+    again = build_backbone(str(stand_in_dir("dinov2", "giant")))
+    assert again.source == str(tmp_path / "backbones" / "stand-in-dinov2-giant")
+    assert fingerprint(again) == first
+    assert stand_in_seed("stand-in-dinov2-giant") == stand_in_seed("stand-in-dinov2-giant") != TINY_SEED
+
+
+def test_stand_ins_of_different_names_have_different_weights() -> None:
+    """Their frozen features then never share a cache: a feature cache's key starts with the weights' fingerprint."""
+    # dinov2-small and -base share depth and width: only the seed tells them apart.
+    small, base = (build_backbone(str(stand_in_dir("dinov2", s))) for s in ("small", "base"))
+    a, b = _weights(small), _weights(base)
+    assert a.keys() == b.keys()
+    assert not torch.equal(
+        a["embeddings.patch_embeddings.projection.weight"], b["embeddings.patch_embeddings.projection.weight"]
+    )
+    names = [f"{f}-{s}" for f, s in STAND_INS] + ["dinov2-base"]
+    prints = {fingerprint(build_backbone(str(stand_in_dir(*n.split("-", 1))))) for n in names}
+    prints |= {fingerprint(build_backbone(str(stand_in_dir("dinov2", "large", registers=True))))}
+    assert len(prints) == len(names) + 1
+    assert fingerprint(build_backbone("tiny")) not in prints
+
+
+def test_a_stand_in_of_an_unknown_size_is_refused() -> None:
+    with pytest.raises(ModelError, match="backbone family 'dinov2' has no size 'huge' .*giant"):
+        stand_in_dir("dinov2", "huge")
