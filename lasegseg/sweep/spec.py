@@ -150,10 +150,12 @@ def cell_key(flat: dict[str, Any]) -> tuple:
 
 
 def _checked(flat: dict[str, Any], where: str) -> dict[str, Any]:
+    """``flat`` through every check a trial's config passes (the model's rules included), else one line naming the
+    trial at fault and why a value it never set can reach it."""
     try:
         return from_flat(flat).to_flat()
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc} (base and --set values apply to every cell, baselines included)") from None
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
