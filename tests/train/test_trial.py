@@ -1,4 +1,4 @@
-"""One trial end to end on a tiny phantom: outputs, determinism, reload, resume."""
+"""One trial end to end on a tiny phantom: outputs, determinism, reload, resume; the named backbones' stand-ins."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from lasegseg.models.sources import STAND_IN_ENV
 from lasegseg.train.checkpoint import load_model
 from lasegseg.train.evaluation import evaluate, validation_stride
+from lasegseg.train.features import features_root
 from lasegseg.train.trial import run_trial
 from lasegseg.train.trial_data import prepare_data
 from tests.train.conftest import trial_cfg
@@ -200,3 +202,42 @@ def test_a_budgeted_validation_picks_the_epoch_on_strided_slices_and_reports_it_
     assert exact["val_dice"] == max(h["val_dice"] for h in exact["history"])
     with pytest.raises(ValueError, match="every slice"):
         evaluate(model, data.cache, data.split.test, full=True, stride=2, **kwargs)
+
+
+# Each decoder once per stand-in, the modes spread so that each stand-in is frozen (last level and all levels), fine-
+# tuned with gradient checkpointing and adapted with LoRA.
+STAND_IN_TRIALS = [("linear", "frozen"), ("conv", "lora"), ("multiscale", "frozen"), ("unetr", "finetune")]
+
+
+@pytest.mark.parametrize("backbone", ["dinov2-giant", "dinov3-large"])
+@pytest.mark.parametrize(("decoder", "mode"), STAND_IN_TRIALS)
+def test_a_trial_runs_on_the_stand_in_of_a_named_backbone(phantom_dir, tmp_path, monkeypatch, backbone, decoder, mode):
+    """The paper grid's backbones, shrunk by the stand-in switch alone: the real size's taps and code paths."""
+    from lasegseg.models.families import backbone_family
+
+    monkeypatch.setenv(STAND_IN_ENV, "1")
+    family = backbone_family(backbone.split("-")[0])
+    flat = {"model.backbone": backbone, "model.decoder": decoder, "model.mode": mode, "model.decoder_width": 16}
+    cfg = trial_cfg(phantom_dir, **flat, **{"data.image_size": 2 * family.patch_size, "train.epochs": 1})
+    results = run_trial(cfg, tmp_path)
+    assert 0.0 <= results["test_dice_mean"] <= 1.0 and math.isfinite(results["history"][0]["train_loss"])
+    model, saved, _ = load_model(tmp_path / "model")
+    assert saved.model.backbone == backbone
+    assert model.backbone.source.endswith(f"stand-in-{backbone}")
+    assert model.backbone.layer_indices == family.layer_indices[backbone.split("-", 1)[1]]
+
+
+def test_frozen_trials_of_two_stand_ins_read_feature_caches_of_their_own(phantom_dir, tmp_path, monkeypatch):
+    """Two names, two feature caches over the same slices; the same name again reads its first one."""
+    monkeypatch.setenv("LASEGSEG_CACHE", str(tmp_path))
+    monkeypatch.setenv(STAND_IN_ENV, "1")
+    for backbone in ("dinov2-giant", "dinov2-large", "dinov2-giant"):
+        cfg = trial_cfg(phantom_dir, **{"model.backbone": backbone, "data.image_size": 28, "train.epochs": 1})
+        run_trial(cfg)
+    folders = [p for p in features_root(prepare_data(cfg).cache).iterdir() if not p.name.startswith(".")]
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in folders]
+    assert sorted(Path(m["backbone_source"]).name for m in manifests) == [
+        "stand-in-dinov2-giant",
+        "stand-in-dinov2-large",
+    ]
+    assert len({m["backbone_fingerprint"] for m in manifests}) == 2
