@@ -7,11 +7,26 @@ Light on purpose: ``lasegseg --help`` builds every subcommand's parser, so this 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lasegseg import options
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "sweeps" / "configs" / "demo.yaml"
+# The stand-in switch, read by lasegseg.models.sources (the model stage, which cannot import the sweep's names).
+STAND_IN_ENV = "LASEGSEG_STAND_IN_BACKBONES"
+
+
+class _StandIns(argparse.Action):
+    """``--stand-in-backbones``: sets ``$LASEGSEG_STAND_IN_BACKBONES=1`` in this process as it is parsed, so that the
+    driver's own backbone loads see it; the driver hands it on to Ray's workers."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        os.environ[STAND_IN_ENV] = "1"
+        setattr(namespace, self.dest, True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--max-failures", type=int, default=None, help="retries of a failing trial from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and list its trials, run nothing")
+    p.add_argument(
+        "--stand-in-backbones", action=_StandIns,
+        help="rehearse the study: every named backbone (dinov2-giant, dinov3-large, ...) becomes a tiny random model "
+        "of its own family, as deep as the real one, with weights of its own (sets $LASEGSEG_STAND_IN_BACKBONES=1)",
+    )  # fmt: skip
     options.add_pseudonymize(
         p, help="log salted-hash aliases instead of patient ids taken from file names (key kept in the sweep folder)"
     )

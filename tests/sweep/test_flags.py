@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from lasegseg.sweep import flags
 from lasegseg.sweep.flags import DEFAULT_CONFIG, build_parser
 
 
@@ -25,3 +26,13 @@ def test_the_flags_import_nothing_of_the_driver():
     code = f"import sys, lasegseg.sweep.flags; print(sorted(m for m in sys.modules if m.startswith({prefixes})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['lasegseg.sweep.flags']"
+
+
+def test_stand_in_backbones_sets_the_switch_the_models_read(monkeypatch):
+    from lasegseg.models.sources import STAND_IN_ENV, stand_ins_enabled
+
+    monkeypatch.delenv(STAND_IN_ENV, raising=False)
+    assert flags.STAND_IN_ENV == STAND_IN_ENV
+    assert not build_parser().parse_args([]).stand_in_backbones and not stand_ins_enabled()
+    assert build_parser().parse_args(["--stand-in-backbones"]).stand_in_backbones
+    assert stand_ins_enabled()
