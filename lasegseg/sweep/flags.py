@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_pseudonymize(
         p, help="log salted-hash aliases instead of patient ids taken from file names (key kept in the sweep folder)"
     )
+    plan = p.add_argument_group("the study's plan (printed by --dry-run)")
+    plan.add_argument("--list", action="store_true", help="list every trial (default: the first 20 of more than 50)")
+    plan.add_argument("--plan-gpus", type=int, default=None, metavar="N", help="GPU-hours and wall time on N GPUs")
+    plan.add_argument("--plan-card", default=None, metavar="CARD", help="GPU model: h100 (default), h200, a100, …")
+    plan.add_argument("--plan-mfu", type=float, default=None, metavar="F",
+                      help="model FLOP utilisation of rows priced from FLOPs (default 0.35)")  # fmt: skip
+    plan.add_argument("--plan-cases", type=int, default=None, metavar="N", help="cases in the dataset (default 130)")
+    plan.add_argument("--plan-slices", type=int, default=None, metavar="N", help="slices per case (default 88)")
 
 
 def build_parser(prog: str = "fewshot.py") -> argparse.ArgumentParser:
