@@ -149,10 +149,19 @@ def _warm_finish() -> None:
 
 
 def _start_ray(plan: SweepPlan, tracking_uri: str) -> None:
-    """Ray first: the workers it starts import torch & co. while this process builds features and the store."""
+    """Ray first: the workers it starts import torch & co. while this process builds features and the store.
+
+    The stand-in switch (``--stand-in-backbones``) goes to every worker with the rest, and the sweep says it is on.
+    """
+    # deferred: heavy (lasegseg.models imports torch modules; --dry-run needs none)
+    from lasegseg.models.sources import STAND_IN_ENV, stand_ins_enabled
+
     env = tracking_env(tracking_uri)
     if not os.environ.get("RAY_ADDRESS"):  # the private local cluster shares this machine's cache folder
         env[CACHE_ENV] = os.environ.get(CACHE_ENV, "")
+    if stand_ins_enabled():
+        env[STAND_IN_ENV] = "1"
+        print(f"backbones: tiny random stand-ins of their own family (${STAND_IN_ENV}=1), not the named models")
     first = next((t for t in plan.trials if loads_backbone(t)), None)
     if first is not None:
         env[PREWARM_ENV] = f"{first['model.backbone']}|{first.get('model.registers', False)}"

@@ -32,3 +32,20 @@ def test_workers_warm_the_backbone_only_when_a_trial_loads_one(fake_ray, tmp_pat
         runner._start_ray(SimpleNamespace(trials=trials, spec=SimpleNamespace(resources=res)), "sqlite:////s/m.db")
         ((_, env),) = fake_ray.calls
         assert env.get(worker.WARM_BACKBONE_CODE_ENV) == warm and env.get(worker.PREWARM_ENV) == prewarm
+
+
+def test_the_stand_in_switch_goes_to_the_workers_and_is_announced(fake_ray, monkeypatch, capsys):
+    """On a cluster the workers get it in the runtime env (a local cluster's inherit this process's environment)."""
+    from lasegseg.models.sources import STAND_IN_ENV
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    res = SimpleNamespace(max_concurrent=1, cpus_per_trial=1.0)
+    plan = SimpleNamespace(trials=[], spec=SimpleNamespace(resources=res))
+    for value, sent in (("0", None), ("1", "1")):
+        monkeypatch.setenv(STAND_IN_ENV, value)
+        fake_ray.calls.clear()
+        runner._start_ray(plan, "sqlite:////s/m.db")
+        ((kwargs, _),) = fake_ray.calls
+        assert kwargs["runtime_env"]["env_vars"].get(STAND_IN_ENV) == sent
+        assert ("stand-ins" in capsys.readouterr().out) == (sent == "1")
