@@ -2,7 +2,8 @@
 
 The same flat dict (``model.decoder=multiscale``, ``optim.lr=3e-4``, ``seed=2`` …) is what a sweep searches,
 what MLflow logs as params, what a checkpoint's ``config.json`` stores and what an export reloads. Unknown keys
-and wrong types are errors, never ignored.
+and wrong types are errors, never ignored; :func:`from_flat` then checks the values with
+:func:`lasegseg.config_checks.validate_config` (where the values a key may take are declared).
 """
 
 from __future__ import annotations
@@ -13,37 +14,10 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
 from typing import Any
 
+from lasegseg.config_checks import Mode, validate_config
 from lasegseg.errors import ConfigError
-
-# Patch size and display name of each backbone family of lasegseg.models.backbones (by the prefix of its named sizes)
-# and the family of each tiny model, declared here so that data.image_size is checked without importing torch; the
-# family registry refuses a family these do not declare.
-BACKBONE_PATCH_SIZES = {"dinov2": (14, "DINOv2"), "dinov3": (16, "DINOv3")}
-TINY_BACKBONES = {"tiny": "dinov2", "tiny-dinov3": "dinov3"}
-
-
-class Mode(str, Enum):
-    """How a trial trains its backbone (``model.mode``); equal to its string, which is what the flat view holds."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    FROZEN = "frozen"
-    FINETUNE = "finetune"
-    LORA = "lora"
-
-
-MODES = tuple(m.value for m in Mode)
-LAYOUTS = ("auto", "msd", "lasc2018", "lascarqs", "generic")
-AMP_CHOICES = ("auto", "bf16", "off")
-# Names of the augmentation and loss registries (lasegseg.train.augment, lasegseg.train.losses), declared here so
-# the config checks them without importing torch; each registry fails at import when it disagrees with its list.
-AUGMENT_CHOICES = ("none", "flip", "spatial")
-LOSS_CHOICES = ("dicece", "dicefocal")
 
 
 @dataclass
@@ -271,7 +245,7 @@ def from_flat(flat: dict[str, Any], *, validate: bool = True) -> Config:
             obj = getattr(obj, part)
         setattr(obj, leaf, value)
     if validate:
-        validate_config(cfg)
+        validate_config(to_flat(cfg))
     return cfg
 
 
@@ -284,124 +258,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         out[key.strip()] = coerce(key.strip(), value)
     return out
-
-
-def validate_config(cfg: Config) -> None:
-    """Value checks that need no heavy imports; names of backbones/decoders are checked by their registries."""
-    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
-    checks = [
-        (d.layout in LAYOUTS, "data.layout", f"must be one of {', '.join(LAYOUTS)}, got '{d.layout}'"),
-        (d.image_size > 0, "data.image_size", f"must be a positive number of pixels, got {d.image_size}"),
-        _image_size_check(d.image_size, m.backbone),
-        (0 <= d.clip_low < d.clip_high <= 100, "data.clip_low/clip_high", "must satisfy 0 <= low < high <= 100"),
-        (0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}"),
-        (0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}"),
-        (
-            d.val_fraction + d.test_fraction < 1,
-            "data.val_fraction + data.test_fraction",
-            "must leave patients for training",
-        ),
-        (d.patients >= 0, "data.patients", f"must be >= 0 (0 = all), got {d.patients}"),
-        (0 < d.fraction <= 1, "data.fraction", f"must be in (0, 1], got {d.fraction}"),
-        (
-            d.patients == 0 or d.fraction == 1.0,
-            "data.patients/data.fraction",
-            "choose a few-shot subset by patient count or by fraction, not both",
-        ),
-        (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
-        (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
-        (o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}"),
-        (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}"),
-        (t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}"),
-        (t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}"),
-        (t.amp in AMP_CHOICES, "train.amp", f"must be one of {', '.join(AMP_CHOICES)}, got '{t.amp}'"),
-        (t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}"),
-        (
-            t.val_budget >= 0 and math.isfinite(t.val_budget),
-            "train.val_budget",
-            f"must be a finite number >= 0 (0 = every slice), got {t.val_budget}",
-        ),
-        (t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}"),
-        (
-            t.checkpoint_interval_s >= 0 and math.isfinite(t.checkpoint_interval_s),
-            "train.checkpoint_interval_s",
-            f"must be a finite number >= 0, got {t.checkpoint_interval_s}",
-        ),
-        (
-            t.augment in AUGMENT_CHOICES,
-            "train.augment",
-            f"must be one of {', '.join(AUGMENT_CHOICES)}, got '{t.augment}'",
-        ),
-        (t.loss in LOSS_CHOICES, "train.loss", f"must be one of {', '.join(LOSS_CHOICES)}, got '{t.loss}'"),
-        (
-            e.nsd_tolerance_mm > 0 and math.isfinite(e.nsd_tolerance_mm),
-            "eval.nsd_tolerance_mm",
-            f"must be a finite distance > 0 (mm), got {e.nsd_tolerance_mm}",
-        ),
-    ]
-    _raise_first(checks)
-    validate_model(m)
-
-
-def validate_model(m: ModelConfig) -> None:
-    """The ``model.*`` value checks (mode included), also run by the segmenter builder on a model section alone."""
-    _raise_first([
-        (m.mode in MODES, "model.mode", f"must be one of {', '.join(MODES)}, got '{m.mode}'"),
-        (m.backbone_lr_mult > 0, "model.backbone_lr_mult", f"must be > 0, got {m.backbone_lr_mult}"),
-        (m.lora_rank >= 1, "model.lora_rank", f"must be >= 1, got {m.lora_rank}"),
-        (0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"),
-        (m.decoder_width >= 4, "model.decoder_width", f"must be >= 4, got {m.decoder_width}"),
-    ])  # fmt: skip
-
-
-def backbone_patch_size(backbone: str) -> tuple[int, str] | None:
-    """The patch size of a ``model.backbone`` value and where it comes from, without loading or importing anything.
-
-    Args:
-        backbone: a named or tiny backbone (its family's patch size), a local folder (the ``patch_size`` of its
-            ``config.json``), a hub id or ``none``. None when the size is not known without loading: ``none``, a hub
-            id, a folder without a readable config (the backbone loader reports that one).
-    """
-    family = TINY_BACKBONES.get(backbone) or next(
-        (f for f in BACKBONE_PATCH_SIZES if backbone.startswith(f"{f}-")), None
-    )
-    if family is not None:
-        patch, display = BACKBONE_PATCH_SIZES[family]
-        return patch, display
-    if backbone == "none":
-        return None
-    config = Path(backbone).expanduser() / "config.json"
-    try:
-        patch = json.loads(config.read_text()).get("patch_size")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(patch, list) and len(set(patch)) == 1:
-        patch = patch[0]
-    if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0:
-        return patch, f"patch_size in {config}"
-    return None
-
-
-def _image_size_check(image_size: int, backbone: str) -> tuple[bool, str, str]:
-    """``data.image_size`` against the backbone's patch size: an entry for :func:`_raise_first`."""
-    known = backbone_patch_size(backbone) if image_size > 0 else None
-    if known is None or image_size % known[0] == 0:
-        return True, "data.image_size", ""
-    patch, why = known
-    below = image_size // patch * patch
-    fits = f"{below} or {below + patch}" if below else str(patch)
-    return (
-        False,
-        "data.image_size",
-        f"must be a positive multiple of the patch size {patch} of backbone '{backbone}' ({why}), got {image_size}; "
-        f"{fits} would do",
-    )
-
-
-def _raise_first(checks: list[tuple[bool, str, str]]) -> None:
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {message}")
 
 
 def frozen_backbone(model: ModelConfig | Mapping[str, Any]) -> bool:

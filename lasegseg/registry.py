@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -15,12 +15,12 @@ class Registry(Generic[T]):
         kind: what an entry is, for messages (``decoder``, ``backbone family``).
         plural: its plural in the "valid …" list of an unknown-name error (``decoders``, ``families``).
         error: the exception an unknown name raises (a ConfigError for config values, a ModelError for models).
-        declared: where the names are also listed for cheap checks (``config.LOSS_CHOICES``): every registered
+        declared: where the names are also listed for cheap checks (``config_checks.LOSS_CHOICES``): every registered
             name must be there, and :meth:`check_complete` that every listed one was registered.
         declared_in: that list's dotted name, for messages.
     """
 
-    def __init__(self, kind: str, plural: str, error: type[Exception], declared: Sequence[str] | None = None,
+    def __init__(self, kind: str, plural: str, error: type[Exception], declared: Collection[str] | None = None,
                  declared_in: str = "") -> None:  # fmt: skip
         self.kind, self.plural, self.error = kind, plural, error
         self.declared, self.declared_in = declared, declared_in

@@ -5,6 +5,11 @@ maps of the backbone levels the decoder reads (its registry entry's ``levels``, 
 shallow to deep) on a grid of ``h × w`` patches that covers the image padded right/bottom to a multiple of the patch
 size, ``image`` the ``(B, 1, H, W)`` input, and the logits are ``(B, num_classes, H, W)``. Decoders work on the padded
 canvas ``(h·p, w·p)`` and crop to ``H × W`` at the end, so padding never shifts them.
+
+The names, and whether each decoder reads a backbone, are declared in
+:data:`lasegseg.config_checks.DECODER_NEEDS_BACKBONE` as well, so that the config checks ``model.decoder`` and its
+backbone without importing torch; registering a decoder that disagrees with it, or declaring one that is never
+registered, fails when this module is imported.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lasegseg.config_checks import DECODER_NEEDS_BACKBONE
 from lasegseg.errors import ModelError
 from lasegseg.registry import Registry
 
@@ -41,7 +47,10 @@ class DecoderSpec:
 
 
 LEVEL_CHOICES = ("all", "last")
-DECODERS: Registry[DecoderSpec] = Registry("decoder", "decoders", ModelError)
+DECODERS: Registry[DecoderSpec] = Registry(
+    "decoder", "decoders", ModelError, declared=DECODER_NEEDS_BACKBONE,
+    declared_in="lasegseg.config_checks.DECODER_NEEDS_BACKBONE",
+)  # fmt: skip
 
 
 def register_decoder(
@@ -50,12 +59,18 @@ def register_decoder(
     """Register a decoder builder under ``name``.
 
     Args:
-        name: the ``model.decoder`` value; registering a name twice is an error.
-        needs_backbone: whether the decoder reads backbone features.
+        name: the ``model.decoder`` value, declared in :data:`lasegseg.config_checks.DECODER_NEEDS_BACKBONE`;
+            registering a name twice is an error.
+        needs_backbone: whether the decoder reads backbone features, as declared there.
         levels: the backbone levels its ``forward`` reads: ``all`` or only the ``last``.
     """
     if levels not in LEVEL_CHOICES:
         raise ValueError(f"decoder '{name}': levels must be one of {', '.join(LEVEL_CHOICES)}, got '{levels}'")
+    if DECODER_NEEDS_BACKBONE.get(name, needs_backbone) != needs_backbone:
+        raise ValueError(
+            f"decoder '{name}': needs_backbone={needs_backbone} disagrees with "
+            f"lasegseg.config_checks.DECODER_NEEDS_BACKBONE, which the config checks without torch"
+        )
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         DECODERS.add(name, DecoderSpec(name, builder, needs_backbone, levels))
@@ -408,3 +423,6 @@ def unetr(*, embed_dim: int, num_levels: int, patch_size: int, width: int, num_c
 def unet(*, embed_dim: int, num_levels: int, patch_size: int, width: int, num_classes: int) -> nn.Module:
     """MONAI UNet baseline on the image alone (``model.backbone=none``)."""
     return UNetBaseline(width=width, num_classes=num_classes)
+
+
+DECODERS.check_complete()

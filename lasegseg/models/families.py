@@ -1,10 +1,11 @@
 """The backbone family registry: one entry per family of ViT backbones in transformers (DINOv2, DINOv3).
 
 A family is one registry entry (:class:`BackboneFamily`): its patch size, named sizes and their layer tables, hub
-ids, transformers model classes, LoRA target modules and tiny random config. Each family's patch size is declared in
-:data:`lasegseg.config.BACKBONE_PATCH_SIZES` as well, so that the config checks ``data.image_size`` without
-importing torch; registering a family that disagrees with it fails. Adding a family is one
-:func:`register_backbone_family` call here.
+ids, transformers model classes, LoRA target modules and tiny random config. Its names, patch size and variants are
+declared in :data:`lasegseg.config_checks.BACKBONE_FAMILIES` as well, so that the config checks ``model.backbone``,
+``model.registers`` and ``data.image_size`` without importing torch; registering a family that disagrees with it,
+or declaring one that is never registered, fails. Adding a family is one :func:`register_backbone_family` call here
+and its line there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lasegseg.config import BACKBONE_PATCH_SIZES, TINY_BACKBONES
+from lasegseg.config_checks import BACKBONE_FAMILIES, FamilyDeclaration
 from lasegseg.errors import ModelError
 from lasegseg.registry import Registry
 
@@ -70,22 +71,26 @@ class BackboneFamily:
         return not self.registers_model_types
 
 
-FAMILIES: Registry[BackboneFamily] = Registry("backbone family", "families", ModelError)
+FAMILIES: Registry[BackboneFamily] = Registry(
+    "backbone family", "families", ModelError, declared=BACKBONE_FAMILIES,
+    declared_in="lasegseg.config_checks.BACKBONE_FAMILIES",
+)  # fmt: skip
 
 
 def register_backbone_family(family: BackboneFamily) -> BackboneFamily:
     """Register a backbone family; its tiny name and named sizes become backbone names.
 
     Args:
-        family: the entry; registering a name twice, or a family whose patch size or tiny name
-            :data:`lasegseg.config.BACKBONE_PATCH_SIZES` / :data:`~lasegseg.config.TINY_BACKBONES` do not declare, is an
-            error.
+        family: the entry; registering a name twice, or a family that
+            :data:`lasegseg.config_checks.BACKBONE_FAMILIES` does not declare as it is, is an error.
     """
-    declared = BACKBONE_PATCH_SIZES.get(family.name)
-    if declared != (family.patch_size, family.display_name) or TINY_BACKBONES.get(family.tiny_name) != family.name:
+    declared = FamilyDeclaration(
+        family.display_name, family.patch_size, family.tiny_name, family.sizes, family.single_variant
+    )
+    if BACKBONE_FAMILIES.get(family.name) != declared:
         raise ValueError(
-            f"backbone family '{family.name}' (patch {family.patch_size}, tiny '{family.tiny_name}') must be declared "
-            f"in lasegseg.config.BACKBONE_PATCH_SIZES and TINY_BACKBONES, which the config checks without torch"
+            f"backbone family '{family.name}' must be declared as {declared} in "
+            f"lasegseg.config_checks.BACKBONE_FAMILIES, which the config checks without torch"
         )
     return FAMILIES.add(family.name, family)
 
@@ -240,3 +245,5 @@ register_backbone_family(
         load_config={"pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": None},
     )
 )
+
+FAMILIES.check_complete()

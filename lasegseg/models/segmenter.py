@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lasegseg.config import Mode, ModelConfig, frozen_backbone, validate_model
-from lasegseg.errors import ConfigError, ModelError
+from lasegseg.config import Config, ModelConfig, frozen_backbone
+from lasegseg.config_checks import Mode, validate_model
+from lasegseg.errors import ModelError
 from lasegseg.models.backbones import Backbone, BackboneStub, build_backbone, fingerprint, lora_target_modules
-from lasegseg.models.decoders import create_decoder, decoder_levels, decoder_spec
+from lasegseg.models.decoders import create_decoder, decoder_levels
 from lasegseg.models.sources import NONE, check_backbone_name
 from lasegseg.paths import cache_root
 
@@ -107,27 +108,20 @@ class Segmenter(nn.Module):
 def check_model_config(model_cfg: ModelConfig) -> None:
     """Check names and their combination before any data or weights are loaded.
 
+    Every rule the config alone tells is :func:`~lasegseg.config_checks.validate_model`'s, the check every config
+    passes when it is built (a sweep's trials before the first starts); here only what depends on this machine is
+    added: that a backbone folder exists.
+
     Args:
         model_cfg: the model section of a trial config.
 
     Raises:
-        ModelError: unknown decoder or backbone name, or a backbone folder that does not exist.
-        ConfigError: an invalid mode, or a backbone/decoder pair that cannot work together.
+        ConfigError: a value, name or backbone/decoder pair that cannot work (see
+            :func:`~lasegseg.config_checks.validate_model`).
+        ModelError: a backbone folder that does not exist.
     """
-    validate_model(model_cfg)
-    spec = decoder_spec(model_cfg.decoder)
-    no_backbone = model_cfg.backbone == NONE
-    if no_backbone and spec.needs_backbone:
-        raise ConfigError(
-            f"config key 'model.decoder' must be a decoder without backbone (unet) when model.backbone=none, "
-            f"got '{model_cfg.decoder}'"
-        )
-    if not no_backbone and not spec.needs_backbone:
-        raise ConfigError(
-            f"config key 'model.backbone' must be 'none' for model.decoder={model_cfg.decoder} (it reads only the "
-            f"image), got '{model_cfg.backbone}'"
-        )
-    if not no_backbone:
+    validate_model(Config(model=model_cfg).to_flat())
+    if model_cfg.backbone != NONE:
         check_backbone_name(model_cfg.backbone, registers=model_cfg.registers)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from lasegseg import metric_table
-from lasegseg.config import Mode
+from lasegseg.config_checks import Mode
 from lasegseg.fsio import save_figure
 from lasegseg.metric_table import Metric
 from lasegseg.results.trials import ranking_column

@@ -5,7 +5,7 @@ images, ``y`` the ``(B, 1, H, W)`` integer labels, both on any device, and ``gen
 the trial seed and epoch, so the draw is the same on any device. Images and labels move together; labels stay
 integer class indices.
 
-The registered names are declared in :data:`lasegseg.config.AUGMENT_CHOICES` as well, so that the config checks
+The registered names are declared in :data:`lasegseg.config_checks.AUGMENT_CHOICES` as well, so that the config checks
 ``train.augment`` without importing torch; registering an undeclared name, or declaring one that is never
 registered, fails when this module is imported.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lasegseg.config import AUGMENT_CHOICES
+from lasegseg.config_checks import AUGMENT_CHOICES
 from lasegseg.errors import ConfigError
 from lasegseg.registry import Registry
 
@@ -30,13 +30,13 @@ MAX_SCALE_STEP = 0.1
 
 AUGMENTATIONS: Registry[Augmentation] = Registry(
     "augmentation", "augmentations", ConfigError, declared=AUGMENT_CHOICES,
-    declared_in="lasegseg.config.AUGMENT_CHOICES",
+    declared_in="lasegseg.config_checks.AUGMENT_CHOICES",
 )  # fmt: skip
 
 
 def register_augmentation(name: str) -> Callable[[Augmentation], Augmentation]:
     """Register an augmentation under ``name`` (the ``train.augment`` value; declared in
-    ``lasegseg.config.AUGMENT_CHOICES`` and registered once)."""
+    ``lasegseg.config_checks.AUGMENT_CHOICES`` and registered once)."""
     return AUGMENTATIONS.register(name)
 
 

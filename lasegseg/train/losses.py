@@ -5,7 +5,7 @@ Every loss is a module with ``forward(logits, target) -> scalar``: ``logits`` ar
 (``to_onehot_y=True, softmax=True, batch=True``), so that a trial never imports MONAI (about 8 s per fresh worker
 process); the tests compare value and gradients with MONAI.
 
-The registered names are declared in :data:`lasegseg.config.LOSS_CHOICES` as well, so that the config checks
+The registered names are declared in :data:`lasegseg.config_checks.LOSS_CHOICES` as well, so that the config checks
 ``train.loss`` without importing torch; registering an undeclared name, or declaring one that is never registered,
 fails when this module is imported.
 """
@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lasegseg.config import LOSS_CHOICES
+from lasegseg.config_checks import LOSS_CHOICES
 from lasegseg.errors import ConfigError
 from lasegseg.registry import Registry
 
 LOSSES: Registry[Callable[[], nn.Module]] = Registry(
-    "loss", "losses", ConfigError, declared=LOSS_CHOICES, declared_in="lasegseg.config.LOSS_CHOICES"
+    "loss", "losses", ConfigError, declared=LOSS_CHOICES, declared_in="lasegseg.config_checks.LOSS_CHOICES"
 )
 
 
 def register_loss(name: str) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
     """Register a loss builder (a module class or a function without arguments) under ``name`` (the ``train.loss``
-    value; declared in ``lasegseg.config.LOSS_CHOICES`` and registered once)."""
+    value; declared in ``lasegseg.config_checks.LOSS_CHOICES`` and registered once)."""
     return LOSSES.register(name)
 
 

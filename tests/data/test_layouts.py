@@ -40,7 +40,7 @@ def test_each_layout_is_detected_listed_and_loaded(datasets, layout):
 
 
 def test_layout_registry_matches_the_config_choices():
-    from lasegseg.config import LAYOUTS as CONFIG_LAYOUTS
+    from lasegseg.config_checks import LAYOUTS as CONFIG_LAYOUTS
 
     assert set(CONFIG_LAYOUTS) == {"auto", *LAYOUTS}
 

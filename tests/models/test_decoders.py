@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lasegseg.config import ModelConfig
-from lasegseg.errors import ModelError
+from lasegseg.config_checks import DECODER_NEEDS_BACKBONE
+from lasegseg.errors import ConfigError, ModelError
 from lasegseg.models.decoders import create_decoder, decoder_levels, decoder_spec, list_decoders, register_decoder
 from lasegseg.models.segmenter import build_segmenter
 
@@ -17,6 +18,16 @@ def test_registry_has_the_documented_decoders() -> None:
     assert set(list_decoders()) >= {"linear", "conv", "multiscale", "unetr", "unet"}
     assert not decoder_spec("unet").needs_backbone
     assert all(decoder_spec(n).needs_backbone for n in ("linear", "conv", "multiscale", "unetr"))
+
+
+def test_the_registry_agrees_with_the_torch_free_declaration() -> None:
+    """The config checks model.decoder and its backbone from config_checks.DECODER_NEEDS_BACKBONE, without torch."""
+    assert {name: decoder_spec(name).needs_backbone for name in list_decoders()} == DECODER_NEEDS_BACKBONE
+    with pytest.raises(ValueError, match="'segformer' is not declared in lasegseg.config_checks"):
+        register_decoder("segformer")(lambda **kw: torch.nn.Identity())
+    with pytest.raises(ValueError, match="decoder 'unet': needs_backbone=True disagrees with"):
+        register_decoder("unet")(lambda **kw: torch.nn.Identity())
+    assert "segformer" not in list_decoders() and not decoder_spec("unet").needs_backbone
 
 
 def test_decoder_levels_come_from_the_registry() -> None:
@@ -59,7 +70,7 @@ def test_unknown_decoder_lists_the_registry() -> None:
     with pytest.raises(ModelError, match="unknown decoder 'segformer'") as err:
         create_decoder("segformer", embed_dim=8, num_levels=4, patch_size=14)
     assert all(name in str(err.value) for name in list_decoders())
-    with pytest.raises(ModelError, match="unknown decoder 'segformer'"):
+    with pytest.raises(ConfigError, match="config key 'model.decoder' must be one of linear, conv, multiscale"):
         build_segmenter(ModelConfig(decoder="segformer"))
 
 

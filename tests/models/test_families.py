@@ -91,11 +91,16 @@ def test_registering_a_family_twice_fails() -> None:
 
 
 def test_a_family_missing_from_the_config_declarations_is_refused() -> None:
-    """The config checks data.image_size from lasegseg.config's declarations: the registry must agree with them."""
-    with pytest.raises(ValueError, match="BACKBONE_PATCH_SIZES"):
+    """The config checks backbone names, registers and data.image_size from lasegseg.config_checks' declarations: the
+    registry must agree with them."""
+    with pytest.raises(ValueError, match="BACKBONE_FAMILIES"):
         register_backbone_family(dataclasses.replace(DINOV3, name="dinov4", tiny_name="tiny-dinov4"))
-    with pytest.raises(ValueError, match="BACKBONE_PATCH_SIZES"):
+    with pytest.raises(ValueError, match="BACKBONE_FAMILIES"):
         register_backbone_family(dataclasses.replace(DINOV3, patch_size=14))
+    with pytest.raises(ValueError, match="BACKBONE_FAMILIES"):
+        register_backbone_family(dataclasses.replace(DINOV3, sizes=(*DINOV3.sizes, "huge")))
+    with pytest.raises(ValueError, match="BACKBONE_FAMILIES"):
+        register_backbone_family(dataclasses.replace(DINOV3, registers_model_types=("dinov3_vit",)))
     assert list_backbone_families() == ["dinov2", "dinov3"]
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lasegseg.config import backbone_patch_size, from_flat
+from lasegseg.config import from_flat
+from lasegseg.config_checks import backbone_patch_size
 from lasegseg.errors import ConfigError
 
 D3_56 = (
@@ -33,7 +34,8 @@ D3_56 = (
     ],
 )
 def test_image_size_must_fit_the_backbone_patch(backbone: str, size: int, ok: bool) -> None:
-    flat = {"model.backbone": backbone, "data.image_size": size}
+    decoder = "unet" if backbone == "none" else "conv"  # the UNet baseline is the one decoder without backbone
+    flat = {"model.backbone": backbone, "data.image_size": size, "model.decoder": decoder}
     if ok:
         assert from_flat(flat).data.image_size == size
     else:

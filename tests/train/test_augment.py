@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lasegseg.config import AUGMENT_CHOICES, from_flat
+from lasegseg.config import from_flat
+from lasegseg.config_checks import AUGMENT_CHOICES
 from lasegseg.errors import ConfigError
 from lasegseg.train.augment import (
     augment_batch,

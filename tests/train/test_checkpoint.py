@@ -34,11 +34,11 @@ def test_checkpoint_policy_by_epochs_by_seconds_and_by_cost():
                                        ("train.checkpoint_interval_s", float("inf")), ("train.val_budget", -0.5),
                                        ("train.val_budget", float("nan"))])  # fmt: skip
 def test_bad_checkpoint_cadence_names_its_key(key, value):
-    from lasegseg.config import validate_config
+    from lasegseg.config_checks import validate_config
     from lasegseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(Config().replace(**{key: value}))
+        validate_config({**Config().to_flat(), key: value})
 
 
 def test_the_policy_reads_the_trials_cadence_keys():

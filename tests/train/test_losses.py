@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lasegseg.config import LOSS_CHOICES, from_flat
+from lasegseg.config import from_flat
+from lasegseg.config_checks import LOSS_CHOICES
 from lasegseg.errors import ConfigError
 from lasegseg.train.losses import DiceCELoss, DiceFocalLoss, build_loss, dice_ce_loss, list_losses, register_loss
 
