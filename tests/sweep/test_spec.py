@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,38 @@ def test_shipped_sweep_files_parse():
             }
         )
     } == {448}
+
+
+UNET_NEEDS_NONE = (
+    "config key 'model.backbone' must be 'none' for model.decoder=unet (it reads only the image), got 'tiny'"
+)
+WHY = "(base and --set values apply to every cell, baselines included)"
+PAPER = ROOT / "sweeps" / "configs" / "paper.yaml"
+
+
+def test_a_set_that_breaks_the_baseline_cell_is_refused_naming_it():
+    """--set model.backbone=tiny reaches the UNet baseline too: the model would refuse it, so the sweep does, up
+    front, naming that cell and why a value it never set reached it."""
+    with pytest.raises(ConfigError) as info:
+        load_spec(PAPER, overrides={"model.backbone": "tiny"})
+    message = str(info.value)
+    assert message.startswith("trial {'model.decoder': 'unet', 'model.mode': 'finetune'} {'data.fraction': 0.01}")
+    assert UNET_NEEDS_NONE in message and message.endswith(WHY) and "\n" not in message
+    # A cell's own bad pairing, and a registers flag its family refuses, are caught the same way.
+    with pytest.raises(ConfigError, match=r"trial \{'model.backbone': 'none', 'model.decoder': 'linear'\}"):
+        parse_spec(sweep_spec(baselines=[{"model.backbone": "none", "model.decoder": "linear"}]))
+    dinov3 = {"model.backbone": "tiny-dinov3", "model.registers": True, "data.image_size": 64}
+    with pytest.raises(ConfigError, match="config key 'model.registers' must be false for backbone 'tiny-dinov3'"):
+        parse_spec(sweep_spec(), overrides=dinov3)
+
+
+def test_the_dry_run_refuses_it_at_once_in_one_line():
+    cmd = [sys.executable, str(ROOT / "sweeps" / "fewshot.py"), "--config", str(PAPER), "--set", "model.backbone=tiny",
+           "--dry-run"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stdout + out.stderr
+    assert "trial {'model.decoder': 'unet'" in lines[0] and UNET_NEEDS_NONE in lines[0] and WHY in lines[0]
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):
