@@ -6,6 +6,8 @@ The driver, in the order a sweep runs:
 - ``runner``: the driver itself: check, start Ray, build caches, open the parent run, run the stages, finish.
 - ``spec``: the sweep YAML → the trials' flat configs (Tune's param space) and their resources.
 - ``plan``: the sweep file with the flags applied, its storage root and data, checked before anything starts.
+- ``plan_report``: the study's plan that ``--dry-run`` prints, priced by ``estimate`` (GPU time, storage,
+  MLflow points per trial) from ``costs`` (FLOPs and parameters on paper) and laid on N GPUs by ``timeline``.
 - ``state``: the sweep's own files that ``--resume`` reads (state, screening, timings), written atomically.
 - ``storage``: storage roots (local, ``s3://``, ``gs://``) and the registry of their schemes;
   ``object_store``: the retry policy of object stores and S3 through boto3.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,15 @@ from lasegseg.data.splits import split_patients
 from lasegseg.errors import ConfigError, DataError
 from lasegseg.paths import DEFAULT_STORAGE, STORAGE_ENV, cache_root, stable_storage_root
 from lasegseg.sweep.cluster import in_job_working_dir
+from lasegseg.sweep.estimate import PlanOptions, plan_options
+from lasegseg.sweep.plan_report import print_plan
 from lasegseg.sweep.spec import Resources, SweepSpec, gpu_share, load_spec
 from lasegseg.sweep.storage import Storage, parse_storage
 
 RESOURCE_FLAGS = ("cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures")
 PHANTOM_CASES = 12
+LIST_ALL = 50  # --dry-run lists every trial up to this many, else the first LIST_HEAD
+LIST_HEAD = 20
 
 
 @dataclass
@@ -32,6 +36,7 @@ class SweepPlan:
         sweep_dir: the sweep's local folder: ``root`` itself when local, else a local working copy.
         trials: every trial's flat config.
         overrides: the ``--set`` values.
+        options: the ``--plan-*`` flags of the study's plan that ``--dry-run`` prints.
     """
 
     spec: SweepSpec
@@ -40,11 +45,13 @@ class SweepPlan:
     sweep_dir: Path
     trials: list[dict[str, Any]]
     overrides: dict[str, Any]
+    options: PlanOptions = field(default_factory=PlanOptions)
 
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     """Parse the sweep file and flags, find the data and expand the trials; nothing is started."""
     overrides = parse_overrides(args.set)
+    options = plan_options(args)
     args.config = str(Path(args.config).resolve())  # Ray may change the working folder once it is joined
     spec = load_spec(args.config, overrides=overrides)
     apply_resource_flags(args, spec.resources)
@@ -52,7 +59,7 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     root = storage_root(args.storage_path).join(name)
     sweep_dir = Path(root.path) if not root.remote else cache_root() / "sweeps" / name
     spec.base["data.path"] = resolve_data(args, spec, sweep_dir)
-    return SweepPlan(spec, name, root, sweep_dir, spec.trials(), overrides)
+    return SweepPlan(spec, name, root, sweep_dir, spec.trials(), overrides, options)
 
 
 def storage_root(flag: str | None) -> Storage:
@@ -94,10 +101,18 @@ def resolve_data(args: argparse.Namespace, spec: SweepSpec, sweep_dir: Path) -> 
 
 
 def print_trials(plan: SweepPlan) -> int:
-    """``--dry-run``: one line per trial, with its GPU share when it asks for one."""
-    for flat in plan.trials:
+    """``--dry-run``: the trials, one line each with its GPU share when it asks for one, then the study's plan.
+
+    Past :data:`LIST_ALL` trials only the first :data:`LIST_HEAD` are listed (``--list`` lists them all): a
+    thousand lines would push the plan, what a user reads before starting, out of the terminal.
+    """
+    shown = plan.trials if plan.options.list_all or len(plan.trials) <= LIST_ALL else plan.trials[:LIST_HEAD]
+    for flat in shown:
         gpus = plan.spec.resources.for_trial(flat)["gpu"]
         print("  " + run_name(from_flat(flat)) + (f"  [{gpus:g} GPU]" if gpus else ""))
+    if len(shown) < len(plan.trials):
+        print(f"  … and {len(plan.trials) - len(shown)} more (--list lists every trial)")
+    print_plan(plan.spec, plan.trials, plan.options)
     return 0
 
 

@@ -32,7 +32,25 @@ def test_the_plan_holds_the_trials_their_data_and_their_folder(phantom_dir, tmp_
     assert plan.spec.resources.max_concurrent == 3 and screen_note(plan.spec) == ""
     assert print_trials(plan) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 20 and lines[0].startswith("  linear·frozen·p2·lr0.001·s")
+    assert lines[0].startswith("  linear·frozen·p2·lr0.001·s") and all(line.startswith("  ") for line in lines[:20])
+    assert lines[20] == "trials: 20 = grid 20"  # then the study's plan
+
+
+def test_a_long_list_of_trials_is_cut_unless_asked_for(phantom_dir, tmp_path, capsys):
+    argv = ["--config", str(DEMO), "--data", str(phantom_dir), "--storage-path", str(tmp_path)]
+    sweep = plan_sweep(build_parser().parse_args(argv))
+    trials = sweep.trials
+    sweep.trials = trials * 2  # 40 trials: listed in full
+    print_trials(sweep)
+    assert capsys.readouterr().out.splitlines()[40].startswith("trials: ")
+    sweep.trials = trials * 3  # 60: the first 20, then how many more
+    print_trials(sweep)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[20] == "  … and 40 more (--list lists every trial)" and lines[21].startswith("trials: ")
+    listed = plan_sweep(build_parser().parse_args([*argv, "--list"]))
+    listed.trials = trials * 3
+    print_trials(listed)
+    assert capsys.readouterr().out.splitlines()[60].startswith("trials: ")
 
 
 def test_a_missing_data_folder_is_refused(tmp_path):

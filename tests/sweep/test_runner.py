@@ -16,7 +16,7 @@ def test_a_dry_run_lists_the_trials_and_starts_nothing(phantom_dir, tmp_path, ca
     assert runner.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"sweep 'lasegseg-demo': 20 trials; results: {tmp_path / 'runs' / 'lasegseg-demo'}"
-    assert len(out) == 21 and all(line.startswith("  ") for line in out[1:])
+    assert all(line.startswith("  ") for line in out[1:21]) and out[21] == "trials: 20 = grid 20"  # then the plan
     assert not (tmp_path / "runs").exists()  # no folder, no store, no Ray
 
 
