@@ -64,8 +64,9 @@ def print_time(cost: StudyCost, opts: PlanOptions, timeline: Schedule) -> None:
     """GPU-hours per kind of trial, each kind's wall time alone on the cards, and the whole study's."""
     card, ds = CARDS[opts.card], cost.dataset
     print(
-        f"GPU time on {opts.gpus} × {card.name} ({card.peak_tflops:g} TFLOP/s dense bf16; FLOPs at MFU {opts.mfu:g}) "
-        f"for {ds.cases} cases × {ds.slices} slices (train {ds.train} / val {ds.val} / test {ds.test} patients)"
+        f"GPU time on {opts.gpus} × {card.name} ({card.peak_tflops:g} TFLOP/s dense bf16), FLOPs at MFU {opts.mfu:g}; "
+        f"{ds.cases} cases × {ds.slices} slices\n  (train {ds.train} / val {ds.val} / test {ds.test} patients; "
+        "--plan-card, --plan-mfu, --plan-cases, --plan-slices)"
     )
     rows = [["stage", "backbone", "mode", "trials", "GPU share", "h per trial", "GPU-h", f"alone on {opts.gpus}",
              "source"]]  # fmt: skip
@@ -120,8 +121,8 @@ def print_storage(cost: StudyCost, opts: PlanOptions, timeline: Schedule | None)
     artifacts = sum(t.artifact_bytes for t in staged)
     tuned = sum(t.artifact_bytes for t in staged if t.mode == "finetune" and t.backbone != "none")
     print(
-        f"  MLflow artifacts: {_bytes(artifacts)}, {_bytes(tuned)} of it fine-tuned trials (model.safetensors: "
-        "fp32 weights of what trained; overlays.png ~0.9 MB; metrics and per-patient tables)"
+        f"  MLflow artifacts: {_bytes(artifacts)}, {_bytes(tuned)} of it fine-tuned backbones: every trial logs "
+        "model.safetensors\n    (fp32 weights of what trained), overlays.png (~0.9 MB), metrics and per-patient tables"
     )
 
 
@@ -131,7 +132,7 @@ def print_tracking(trials: Sequence[TrialCost]) -> None:
     points = sum(t.metric_points for t in staged)
     per = sorted({t.metric_points for t in staged})
     print(f"MLflow: {len(staged) + 1} runs (one parent), {len(Config().to_flat())} params each, {points:,} metric "
-          f"points ({per[0]}–{per[-1]} per trial: per-epoch series and final values)")  # fmt: skip
+          f"points ({per[0]}–{per[-1]} per trial)")  # fmt: skip
 
 
 def _table(rows: list[list[str]], right: set[int], indent: int = 2) -> None:

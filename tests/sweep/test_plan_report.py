@@ -21,7 +21,8 @@ def test_the_plan_of_a_small_sweep(capsys):
     assert out[0] == "trials: 6 = grid 6"
     assert out[1].split() == ["stage", "backbone", "frozen", "finetune", "lora", "total"]
     assert out[2].split() == ["grid", "dinov2-small", "3", "3", "0", "6"]
-    assert out[3].startswith("GPU time on 2 × A100 (312 TFLOP/s dense bf16; FLOPs at MFU 0.5) for 100 cases × 100")
+    assert out[3] == "GPU time on 2 × A100 (312 TFLOP/s dense bf16), FLOPs at MFU 0.5; 100 cases × 100 slices"
+    assert out[4].startswith("  (train 60 / val 20 / test 20 patients;")
     rows = {tuple(line.split()[:3]): line.split() for line in out if line.startswith("  ") and len(line.split()) > 8}
     assert rows[("features", "dinov2-small", "frozen")][-1] == "FLOPs"
     assert rows[("grid", "dinov2-small", "finetune")][3:5] == ["3", "1"]  # trials, GPU share
@@ -34,8 +35,8 @@ def test_the_plan_of_a_small_sweep(capsys):
     state_row = [line for line in out if line.startswith("    dinov2-small")][1]
     assert state_row.split() == ["dinov2-small", "24.6", "KB", "353", "MB", "–"]
     assert "    at most 706 MB at once on 2 GPUs; a finished trial keeps a marker only (6 × 8 KB = 48 KB)" in out
-    assert out[-1] == f"MLflow: 7 runs (one parent), {len(Config().to_flat())} params each, 576 metric points (96–96 " \
-        "per trial: per-epoch series and final values)"  # fmt: skip
+    params = len(Config().to_flat())
+    assert out[-1] == f"MLflow: 7 runs (one parent), {params} params each, 576 metric points (96–96 per trial)"
 
 
 def test_without_plan_gpus_the_plan_says_how_to_get_gpu_time(capsys):
