@@ -3,10 +3,12 @@ storage and MLflow lines with the small sweep's numbers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lasegseg.config import Config
 from lasegseg.sweep.estimate import PlanOptions
 from lasegseg.sweep.plan_report import print_plan
-from lasegseg.sweep.spec import parse_spec
+from lasegseg.sweep.spec import load_spec, parse_spec
 from tests.sweep.test_estimate import HAND, OPTS
 
 
@@ -58,3 +60,12 @@ def test_a_screened_sweep_counts_its_screen_by_cell(capsys):
         ["grid", "dinov2-small", "3", "3", "0", "6"],
         ["grid", "none", "(UNet)", "0", "3", "0", "3"],
     ]
+
+
+def test_the_readme_shows_the_plan_of_the_paper_grid_on_16_h100s(capsys):
+    root = Path(__file__).resolve().parents[2]
+    command = "python sweeps/fewshot.py --config sweeps/configs/paper.yaml --dry-run --plan-gpus 16\n"
+    shown = (root / "README.md").read_text().split(command, 1)[1].split("```", 1)[0]
+    spec = load_spec(root / "sweeps" / "configs" / "paper.yaml")
+    print_plan(spec, spec.trials(), PlanOptions(gpus=16))
+    assert shown == capsys.readouterr().out
