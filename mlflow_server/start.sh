@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Start an MLflow tracking server for lasegseg sweeps, secure by default.
 #
-#   mlflow_server/start.sh local [--auth]   sqlite + local artifacts under $MLFLOW_STATE_DIR, proxied artifact
-#                                           serving, bound to 127.0.0.1 (--auth adds the basic-auth app)
+#   mlflow_server/start.sh local [--auth]   sqlite + local artifacts under $MLFLOW_STATE_DIR (or, when
+#                                           MLFLOW_ARTIFACTS_DESTINATION is set, in that bucket, as production
+#                                           does), proxied artifact serving, bound to 127.0.0.1 (--auth adds the
+#                                           basic-auth app)
 #   mlflow_server/start.sh production       PostgreSQL backend, S3-compatible artifact destination, proxied
 #                                           artifacts, basic-auth app, allowed hosts; settings from the
 #                                           environment only (see mlflow_server/production.env.example)
@@ -63,9 +65,19 @@ if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
 fi
 
 args=(server --host "$host" --port "$port" --workers "$workers" --serve-artifacts)
+# One S3 endpoint for everything: the sweeps' storage and the artifacts read the standard AWS_ENDPOINT_URL(_S3).
+s3_endpoint() {
+  if [ -z "${MLFLOW_S3_ENDPOINT_URL:-}" ] && [ -n "${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" ]; then
+    export MLFLOW_S3_ENDPOINT_URL="${AWS_ENDPOINT_URL_S3:-$AWS_ENDPOINT_URL}"
+  fi
+}
 if [ "$mode" = local ]; then
   backend="sqlite:///$state/mlflow.db"
-  args+=(--backend-store-uri "$backend" --artifacts-destination "$state/mlartifacts")
+  dest="${MLFLOW_ARTIFACTS_DESTINATION:-$state/mlartifacts}"
+  case "$dest" in
+    s3://*) s3_endpoint ;;
+  esac
+  args+=(--backend-store-uri "$backend" --artifacts-destination "$dest")
 else
   backend="${MLFLOW_BACKEND_STORE_URI:-}"
   [ -n "$backend" ] || die "MLFLOW_BACKEND_STORE_URI is not set (e.g. postgresql://mlflow@db-host:5432/mlflow)"
@@ -78,10 +90,7 @@ else
   # The store URI may hold a database password: it reaches mlflow through its environment variable, never
   # the command line (visible to every user in `ps`). Prefer PGPASSWORD or ~/.pgpass over a password in the URI.
   export MLFLOW_BACKEND_STORE_URI="$backend"
-  # One S3 endpoint for everything: the sweeps' storage and the artifacts read the standard AWS_ENDPOINT_URL(_S3).
-  if [ -z "${MLFLOW_S3_ENDPOINT_URL:-}" ] && [ -n "${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}" ]; then
-    export MLFLOW_S3_ENDPOINT_URL="${AWS_ENDPOINT_URL_S3:-$AWS_ENDPOINT_URL}"
-  fi
+  s3_endpoint
   args+=(--artifacts-destination "$dest")
 fi
 

@@ -103,6 +103,26 @@ def test_local_server_takes_a_sweep_over_http_and_stops_cleanly(phantom_dir, tmp
         server.stop()
 
 
+def test_local_server_sends_artifacts_to_the_bucket_named_by_mlflow_artifacts_destination(phantom_dir, tmp_path):
+    """Local mode (sqlite) with MLFLOW_ARTIFACTS_DESTINATION=s3://…: the artifacts go to the bucket through the
+    server, whose endpoint comes from AWS_ENDPOINT_URL as in production; the sweep needs no bucket keys."""
+    from tests.object_store import S3Server
+
+    s3 = S3Server(tmp_path).start()
+    env = _env(tmp_path / "state", _free_port(), MLFLOW_ARTIFACTS_DESTINATION=f"s3://{s3.bucket}/mlartifacts",
+               **s3.env)  # fmt: skip
+    server = Server(env, "local")
+    try:
+        no_keys = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+        _tiny_sweep(phantom_dir, tmp_path, no_keys, server.url)
+        _assert_sweep_runs(_runs_via_rest(server.url, "fault"))
+        assert any(k.startswith("mlartifacts/") and k.endswith("model/model.safetensors") for k in s3.keys())
+        assert not (tmp_path / "state" / "mlartifacts").exists()  # nothing kept beside the sqlite store
+    finally:
+        server.stop()
+        s3.stop()
+
+
 def test_basic_auth_rejects_a_wrong_password_and_logs_with_the_right_one(tmp_path):
     pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (Flask-WTF)")
     password = secrets.token_urlsafe(16)
