@@ -274,14 +274,6 @@ def frozen_backbone(model: ModelConfig | Mapping[str, Any]) -> bool:
     return mode == Mode.FROZEN and backbone != "none"
 
 
-def merge_trial(config: dict[str, Any]) -> dict[str, Any]:
-    """The flat config of a Tune trial: ``config["trial"]`` with the learning rate Optuna sampled, if any."""
-    flat = dict(config["trial"])
-    if "optim.lr" in config:
-        flat["optim.lr"] = float(config["optim.lr"])
-    return flat
-
-
 def run_name(cfg: Config) -> str:
     """A readable, deterministic name such as ``multiscale·finetune·p5·s2``."""
     if cfg.data.patients:

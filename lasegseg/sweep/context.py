@@ -7,14 +7,15 @@ so it pickles by value and never carries a credential: workers get those from th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lasegseg.data.pseudonym import Pseudonymizer
+from lasegseg.sweep.study_table import StudyTable
 
 Stage = Literal["trial", "screen"]
+"""A trial's role: ``trial`` (the seeded grid) or ``screen`` (learning-rate screening), its MLflow run's tag."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class TrialContext:
     Args:
         tracking_uri: the MLflow store every trial logs to.
         experiment_id, parent_run_id: the sweep's experiment and parent run.
-        stage: ``trial`` (the seeded grid) or ``screen`` (learning-rate screening): the role of the trials' runs.
+        table: the study's trials: a Tune trial's config names its row (:mod:`lasegseg.sweep.study_table`).
         threads: torch's intra-op threads per trial (0 leaves torch's default).
         cache_paths: ``{preprocessing key: folder}`` of the slice caches the driver opened (see
             :func:`lasegseg.sweep.caches.preprocessing_key`).
@@ -39,7 +40,7 @@ class TrialContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    stage: Stage = "trial"
+    table: StudyTable | None = None
     threads: int = 0
     cache_paths: Mapping[str, str] = field(default_factory=dict)
     feature_paths: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -47,10 +48,6 @@ class TrialContext:
     feature_index: str = ""
     pseudonym_salt: str = ""
     case_ids: tuple[str, ...] = ()
-
-    def for_stage(self, stage: Stage) -> TrialContext:
-        """This context for the trials of ``stage``."""
-        return dataclasses.replace(self, stage=stage)
 
     def alias(self) -> Pseudonymizer | None:
         """The sweep's pseudonymiser (``--pseudonymize``), else None."""

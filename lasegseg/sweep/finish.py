@@ -29,8 +29,12 @@ from lasegseg.tracking.client import client, display_uri
 log = logging.getLogger("lasegseg.sweep")
 
 
-def finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
-    """Aggregate over seeds, close the parent run and say where everything is; 0 when every trial finished."""
+def finish(plan: SweepPlan, state: dict[str, Any], failed: list[str], failed_cells: list[str] = ()) -> int:
+    """Aggregate over seeds, close the parent run and say where everything is; 0 when every trial finished.
+
+    ``failed_cells`` are the screening cells none of whose trials finished: their grids never ran. They are named,
+    one line each, and tagged on the parent run.
+    """
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     try:
         trials = load_trials(uri, plan.name, parent)  # once, for the summary and the comparison
@@ -41,6 +45,8 @@ def finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
         summary = None
     if summary is not None:
         print_comparison(uri, plan.name, plan.sweep_dir, parent, trials)
+    if failed_cells:
+        client(uri).set_tag(parent, "lasegseg.failed_cells", ", ".join(failed_cells))
     client(uri).set_terminated(parent, "FINISHED" if summary is not None else "FAILED")
     save_state(plan, {**state, "status": "finished"})
     push_files(plan)
@@ -49,8 +55,11 @@ def finish(plan: SweepPlan, state: dict[str, Any], failed: list[str]) -> int:
     print(ui_hint(shown, state["experiment_id"]))
     if summary is not None:
         print(f"study report (one HTML page): lasegseg report --experiment {plan.name} --tracking-uri {shown}")
+    for cell in failed_cells:
+        print(f"failed cell {cell}: every screening trial failed, so its grid did not run", file=sys.stderr)
     if failed:
         print(f"{len(failed)} trial(s) failed: " + ", ".join(failed), file=sys.stderr)
+    if failed or failed_cells:
         return 1
     return 0 if summary is not None else 1
 

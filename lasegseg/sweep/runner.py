@@ -18,6 +18,7 @@ from typing import Any
 
 from lasegseg import process
 from lasegseg.data.pseudonym import KEY_FILE, Pseudonymizer, load_or_create_salt
+from lasegseg.errors import ConfigError
 from lasegseg.paths import CACHE_ENV, default_tracking_uri
 from lasegseg.paths import tracking_uri as resolve_tracking_uri
 from lasegseg.sweep.caches import build_node_caches, loads_backbone, open_slice_caches
@@ -26,6 +27,7 @@ from lasegseg.sweep.context import TrialContext
 from lasegseg.sweep.flags import build_parser
 from lasegseg.sweep.plan import SweepPlan, check_pool, plan_sweep, print_trials, screen_note
 from lasegseg.sweep.state import FEATURE_INDEX, load_state, save_state
+from lasegseg.sweep.study_table import StudyTable
 from lasegseg.sweep.worker import PREWARM_ENV, WARM_BACKBONE_CODE_ENV
 from lasegseg.tracking.client import check_reachable, client, tracking_env
 from lasegseg.tracking.store import ensure_experiment, seed_sqlite_store, start_parent
@@ -79,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
     pseudonymize = bool(args.pseudonymize or (args.resume and state.get("pseudonymize")))
     salt = _pseudonym_salt(plan.sweep_dir, cases) if pseudonymize else None
     warming.join()
-    state = _open_parent_run(args, plan, tracking_uri, state, pseudonymize)
+    table = _study_table(plan, state, args.resume)
+    state = {**_open_parent_run(args, plan, tracking_uri, state, pseudonymize), "study": table.digest()}
     save_state(plan, state)
     ctx = TrialContext(
-        state["tracking_uri"], state["experiment_id"], state["parent_run_id"],
+        state["tracking_uri"], state["experiment_id"], state["parent_run_id"], table=table,
         threads=max(1, int(plan.spec.resources.cpus_per_trial)),
         cache_paths={k: str(c.path) for k, c in caches.items()}, feature_paths=feature_paths,
         feature_readers=slot_readers(plan.trials), feature_index=str(plan.sweep_dir / FEATURE_INDEX) if local else "",
@@ -97,7 +100,19 @@ def run(args: argparse.Namespace) -> int:
     # then reach a core worker that is shutting down, and Ray ends the process with status 1.
     from lasegseg.sweep.finish import finish  # deferred: start-up (pandas, scipy, matplotlib; see _warm_finish)
 
-    return finish(plan, state, outcome["failed"])
+    return finish(plan, state, outcome["failed"], outcome["failed_cells"])
+
+
+def _study_table(plan: SweepPlan, state: dict[str, Any], resume: bool) -> StudyTable:
+    """The study's trials; on ``--resume``, refused unless they are the ones the first run had (a Tune trial names
+    its config by its row: a changed sweep file would make a row mean another trial)."""
+    table = StudyTable.of(plan.spec)
+    if resume and state.get("study") not in (None, table.digest()):
+        raise ConfigError(
+            f"{plan.spec.source or 'the sweep file'}: its trials changed since the sweep started; --resume continues "
+            "the same study only (start a new one under another --experiment name)"
+        )
+    return table
 
 
 def _pseudonym_salt(sweep_dir: Path, case_ids: list[str]) -> bytes:

@@ -14,9 +14,9 @@ A sweep file::
       - {model.backbone: none, model.decoder: unet}
     seeds: [0, 1, 2]
     screen:                         # optional stage 1: learning rate per (backbone, decoder, mode) cell
-      search: optuna                # Optuna TPE through Ray Tune's OptunaSearch
-      low: 1.0e-5
-      high: 1.0e-2
+      search: grid                  # grid: `trials` rates log-spaced in [low, high], the same for every cell;
+      low: 1.0e-5                   # optuna: Optuna TPE per cell, `startup` random points first, then
+      high: 1.0e-2                  #   model-based, `parallel` of a cell's trials at once (constant liar)
       trials: 8
       scheduler: asha               # early stopping is allowed here only
       set: {train.epochs: 10}       # overrides for screening trials
@@ -46,14 +46,27 @@ MAX_SPEC_NODES = 100_000
 # PyYAML's scanner is quadratic in the nesting depth of flow collections ([[[...]]]); real sweeps nest two deep.
 MAX_FLOW_DEPTH = 100
 TOP_KEYS = {"name", "description", "base", "grid", "fewshot", "baselines", "seeds", "screen", "resources"}
-SCREEN_KEYS = {"search", "low", "high", "trials", "scheduler", "set", "grace_period"}
+SCREEN_KEYS = {"search", "low", "high", "trials", "scheduler", "set", "grace_period", "startup", "parallel"}
+SEARCHES = ("grid", "optuna")
 RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "frozen_gpus_per_trial", "max_concurrent", "max_failures"}
 CELL_KEYS = ("model.backbone", "model.registers", "model.decoder", "model.mode")
 
 
 @dataclass
 class Screen:
-    """Stage 1: Optuna TPE over ``optim.lr`` per (backbone, decoder, mode) cell."""
+    """Stage 1: the learning rate of each (backbone, decoder, mode) cell, chosen on validation.
+
+    Args:
+        low, high: the range of rates.
+        trials: screening trials per cell.
+        scheduler: ``asha`` (early stopping, per cell) or ``fifo``.
+        grace_period: epochs before ASHA may stop a trial.
+        overrides: flat config keys of screening trials (``screen.set``).
+        search: ``grid`` (``trials`` rates log-spaced over [low, high], the same for every cell) or ``optuna``
+            (Optuna's TPE per cell: ``startup`` random rates, then model-based ones, ``parallel`` of a cell's trials
+            at once so that each new rate sees the earlier results).
+        startup, parallel: see ``search``.
+    """
 
     low: float
     high: float
@@ -61,6 +74,9 @@ class Screen:
     scheduler: str = "asha"
     grace_period: int = 2
     overrides: dict[str, Any] = field(default_factory=dict)
+    search: str = "grid"
+    startup: int = 3
+    parallel: int = 2
 
 
 @dataclass
@@ -275,8 +291,9 @@ def _screen(value: Any, grid: dict[str, list[Any]]) -> Screen | None:
         return None
     raw = _mapping(value, "screen")
     _unknown(raw, SCREEN_KEYS, "screen.")
-    if raw.get("search", "optuna") != "optuna":
-        raise ConfigError(f"sweep key 'screen.search' must be 'optuna', got {raw.get('search')!r}")
+    search = raw.get("search", "grid")
+    if search not in SEARCHES:
+        raise ConfigError(f"sweep key 'screen.search' must be one of {', '.join(SEARCHES)}, got {search!r}")
     if "optim.lr" in grid:
         raise ConfigError(
             "sweep key 'screen': the learning rate is either a grid (grid.optim.lr) or screened, not both"
@@ -296,7 +313,21 @@ def _screen(value: Any, grid: dict[str, list[Any]]) -> Screen | None:
     grace = raw.get("grace_period", 2)
     if not isinstance(grace, int) or grace < 1:
         raise ConfigError(f"sweep key 'screen.grace_period' must be an integer >= 1, got {grace!r}")
-    return Screen(low, high, trials, scheduler, grace, _flat_map(raw.get("set"), "screen.set"))
+    startup, parallel = _positive(raw, "startup", 3), _positive(raw, "parallel", 2)
+    if search == "optuna" and startup >= trials:
+        raise ConfigError(
+            f"sweep key 'screen.startup' ({startup}) must be below screen.trials ({trials}): Optuna's TPE draws its "
+            "first `startup` rates at random, so with no trials left after them the search is random"
+        )
+    overrides = _flat_map(raw.get("set"), "screen.set")
+    return Screen(low, high, trials, scheduler, grace, overrides, search, startup, parallel)
+
+
+def _positive(raw: dict[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"sweep key 'screen.{key}' must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _resources(value: Any) -> Resources:

@@ -7,29 +7,28 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from lasegseg.config import from_flat, merge_trial, run_name
 from lasegseg.fsio import atomic_write
 from lasegseg.sweep.state import TIMINGS_FILE
+from lasegseg.sweep.study_table import StudyTable
 
+TIMING = "timing"
 TIMING_FIELDS = (
     "trial_id", "run_name", "tune_started_at", "scheduled_at", "started_at", "first_step_at", "fixed_cost_s",
     "worker_pid", "worker_started_at", "worker_prewarmed", "node_ip", "node_id", "device", "slice_cache_built",
-    "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s", "fit_s", "checkpoint_s",
+    "features_built", "backbone_loaded", "tracking_start_s", "end_cost_s", "fit_s", "checkpoint_s", "ended_at",
 )  # fmt: skip
 """``fixed_cost_s``: Tune scheduling the trial → its first optimizer step. ``tracking_start_s``: opening its MLflow
 run (part of the fixed cost). ``end_cost_s``: its test patients scored → Tune recording it complete (model, files,
-overlays, MLflow artifacts and final metrics, the last report). The two last are the trial's bookkeeping."""
-
-
-def trial_run_name(trial) -> str:
-    """The readable name of a Tune trial's config (its MLflow run's name), from its entry of the param space."""
-    return run_name(from_flat(merge_trial(trial.config), validate=False))
+overlays, MLflow artifacts and final metrics, the last report). The two last are the trial's bookkeeping.
+``ended_at``: when Tune recorded the attempt ended (complete, stopped early or failed): with ``scheduled_at``, the
+slot-time each attempt held."""
 
 
 class Timings(tune.Callback):
@@ -42,11 +41,16 @@ class Timings(tune.Callback):
     before ``tune_started_at`` (this Tune run's start) was not started for the trial. Rows of earlier runs of the
     sweep (``--resume``) are kept.
 
+    The trial reports these in one JSON string, ``result["timing"]`` (a string, so that Tune keeps no per-metric
+    statistics of it in its experiment state).
+
     Args:
         sweep_dir: the sweep's local folder.
+        table: the study's trials (their names).
     """
 
-    def __init__(self, sweep_dir: Path) -> None:
+    def __init__(self, sweep_dir: Path, table: StudyTable) -> None:
+        self.table = table
         self.path = Path(sweep_dir) / TIMINGS_FILE
         self.scheduled: dict[str, float] = {}
         self.tune_started_at = time.time()
@@ -65,12 +69,13 @@ class Timings(tune.Callback):
         self.scheduled[trial.trial_id] = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        result = timing(result)
         if "first_step_at" not in result or trial.trial_id not in self.scheduled:
             return
         scheduled = self.scheduled.pop(trial.trial_id)
         first = float(result["first_step_at"])
         self.rows.append({
-            "trial_id": trial.trial_id, "run_name": trial_run_name(trial),
+            "trial_id": trial.trial_id, "run_name": self.table.name(trial.config),
             "tune_started_at": f"{self.tune_started_at:.3f}",
             "scheduled_at": f"{scheduled:.3f}", "started_at": f"{float(result['trial_started_at']):.3f}",
             "first_step_at": f"{first:.3f}", "fixed_cost_s": f"{first - scheduled:.3f}" if first else "",
@@ -87,16 +92,32 @@ class Timings(tune.Callback):
         atomic_write(self.path, _csv_text(self.rows))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
+        last = timing(trial.last_result or {})
         scored = float(last.get("scored_at") or 0.0)
         row = next((r for r in reversed(self.rows) if r["trial_id"] == trial.trial_id), None)
-        if row is None or not scored:
+        if row is None:
+            return
+        row["ended_at"] = f"{time.time():.3f}"
+        if not scored:  # stopped early (ASHA): never scored
+            atomic_write(self.path, _csv_text(self.rows))
             return
         row["end_cost_s"] = f"{time.time() - scored:.3f}"
         # This attempt's epochs (training + validation) and the part of it its training-state saves took.
         row["fit_s"] = f"{float(last.get('fit_s') or 0.0):.3f}"
         row["checkpoint_s"] = f"{float(last.get('checkpoint_s') or 0.0):.3f}"
         atomic_write(self.path, _csv_text(self.rows))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        row = next((r for r in reversed(self.rows) if r["trial_id"] == trial.trial_id), None)
+        if row is not None:
+            row["ended_at"] = f"{time.time():.3f}"
+            atomic_write(self.path, _csv_text(self.rows))
+
+
+def timing(result: dict[str, Any]) -> dict[str, Any]:
+    """The timing fields a trial reported (``result["timing"]``, JSON), {} when it reported none."""
+    text = result.get(TIMING)
+    return json.loads(text) if isinstance(text, str) and text else {}
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

@@ -19,14 +19,17 @@ from typing import Any
 import torch
 from ray import tune
 
-from lasegseg.config import Config, from_flat, merge_trial, run_name
+from lasegseg import metric_table
+from lasegseg.config import Config, from_flat, run_name
 from lasegseg.data.cache import open_cache
 from lasegseg.data.cache_read import SliceCache
 from lasegseg.errors import DataError
 from lasegseg.fsio import atomic_write, pid_alive
 from lasegseg.paths import cache_root
 from lasegseg.sweep.caches import preprocessing_key, publish_features, published_features
-from lasegseg.sweep.context import TrialContext
+from lasegseg.sweep.context import Stage, TrialContext
+from lasegseg.sweep.study_table import METRIC, ROW
+from lasegseg.sweep.timings import TIMING
 from lasegseg.sweep.worker import placement, worker_info
 from lasegseg.tracking.buffer import pending_path
 from lasegseg.tracking.tracker import TrialTracker
@@ -76,13 +79,13 @@ def _quiet_checkpoint_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _tracker(ctx: TrialContext, cfg: Config) -> TrialTracker:
+def _tracker(ctx: TrialContext, cfg: Config, stage: Stage) -> TrialTracker:
     """This trial's MLflow tracker, keyed by the Tune trial id so that a retry finds its run again; its params are
     the config's flat view."""
     trial_id = tune.get_context().get_trial_id()
     return TrialTracker(
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, run_name(cfg), cfg.to_flat(),
-        stage=ctx.stage, buffer_path=pending_path(ctx.experiment_id, trial_id),
+        stage=stage, buffer_path=pending_path(ctx.experiment_id, trial_id),
     )  # fmt: skip
 
 
@@ -103,33 +106,50 @@ def _epoch_reporter(tracker, run_id: str, first_report: dict[str, Any], timings:
         if saved is not None:
             atomic_write(saved / RUN_FILE, json.dumps({"run_id": run_id}))
         tracker.log_epoch(epoch, metrics)
-        report = {**metrics, "epoch": epoch, "done": False}
+        # Tune gets what its scheduler and a resume need; every metric is in MLflow.
+        report = _scheduled(metrics)
         if not timings.get("reported"):
             # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
-            report |= {**first_report, "first_step_at": timings.get("first_step_at", 0.0),
-                       "features_built": bool(timings.get("features_built")),
-                       "backbone_loaded": bool(timings.get("backbone_loaded", True))}  # fmt: skip
+            report[TIMING] = json.dumps({**first_report, "first_step_at": timings.get("first_step_at", 0.0),
+                                         "features_built": bool(timings.get("features_built")),
+                                         "backbone_loaded": bool(timings.get("backbone_loaded", True))})  # fmt: skip
             timings["reported"] = True
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
 
     return on_epoch
 
 
-def _report_final(results: dict[str, Any], epochs: int, run_id: str, work: Path) -> None:
+def _report_final(results: dict[str, Any], run_id: str, work: Path) -> None:
     """The last report: test metrics, and a checkpoint that holds only the MLflow run id.
 
     A finished trial needs no training state, so Tune (num_to_keep=1) drops the last epoch's weights and optimizer
     moments (hundreds of MB per trial with a fine-tuned ViT-S, GBs with ViT-g), and a restore of this trial finds
     its finished run instead.
     """
-    final = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     marker = work / "finished"
     marker.mkdir()
     atomic_write(marker / RUN_FILE, json.dumps({"run_id": run_id}))
+    spent = {k: float(results.get(k) or 0.0) for k in ("scored_at", "checkpoint_s", "fit_s")}
     tune.report(
-        {**final, "epoch": epochs - 1, "done": True, "mlflow_run_id": run_id},
+        {**_final(results), "mlflow_run_id": run_id, TIMING: json.dumps(spent)},
         checkpoint=tune.Checkpoint.from_directory(str(marker)),
     )
+
+
+def _scheduled(metrics: dict[str, Any]) -> dict[str, float]:
+    """The validation score ASHA and the screen's choice read, when the epoch has one."""
+    value = metrics.get(METRIC)
+    return {METRIC: float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def _final(results: dict[str, Any]) -> dict[str, float]:
+    """A finished trial's report to Tune: its validation score (the screen's choice) and its test Dice (one line
+    per finished trial on the driver); every other metric is in its MLflow run."""
+    test = metric_table.primary().test_mean
+    out = _scheduled(results)
+    if isinstance(results.get(test), (int, float)):
+        out[test] = float(results[test])
+    return out
 
 
 def _train(
@@ -177,8 +197,8 @@ def run_tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Train one trial; report every epoch with a checkpoint; record success or failure in MLflow.
 
     Args:
-        config: Tune's param space entry: ``{"trial": flat config}`` plus ``"optim.lr"`` when Optuna samples the
-            rate; it becomes the trial's :class:`~lasegseg.config.Config` here.
+        config: the Tune trial's config, ``{"i": row of ctx.table, "optim.lr": rate}`` (see
+            :mod:`lasegseg.sweep.study_table`); it becomes the trial's :class:`~lasegseg.config.Config` here.
         ctx: the sweep's side of the trial (where it logs, the caches of its node).
     """
     # Before this trial's own work: was the process warm when the trial came? And where does it run?
@@ -191,21 +211,21 @@ def run_tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     _remove_orphaned_scratch()
     work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
-        cfg = from_flat(merge_trial(config))
+        cfg = from_flat(ctx.table.flat(config))
         t_track = time.perf_counter()
-        tracker = _tracker(ctx, cfg)
+        tracker = _tracker(ctx, cfg, "screen" if ctx.table.is_screen(int(config[ROW])) else "trial")
         resume_dir, known_run = _restored(work)
         run_id = tracker.start(known_run, {f"lasegseg.{k}": first_report[k] for k in ("node_ip", "node_id", "device")})
         finished = tracker.finished_results()
         first_report["tracking_start_s"] = time.perf_counter() - t_track
         if finished is not None:
             # The trial completed before the driver died but Tune never recorded it: report, do not retrain.
-            tune.report({**finished, "epoch": cfg.train.epochs - 1, "done": True, "mlflow_run_id": run_id})
+            tune.report({**_final(finished), "mlflow_run_id": run_id})
             return
         if resume_dir is not None and not (resume_dir / "state.json").is_file():
             resume_dir = None  # the final marker of a run MLflow does not hold as finished: train it again
         results = _train(cfg, ctx, tracker, run_id, work, resume_dir, first_report)
-        _report_final(results, cfg.train.epochs, run_id, work)
+        _report_final(results, run_id, work)
     except Exception as exc:
         if tracker is not None:
             message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"

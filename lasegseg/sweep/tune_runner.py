@@ -1,26 +1,32 @@
-"""Ray Tune stages: optional learning-rate screening (Optuna TPE + ASHA) and the seeded few-shot grid.
+"""The study on Ray Tune: every cell's learning-rate screen side by side, and each cell's seeded grid as soon as its
+own screen ends, in one Tune run (see :mod:`lasegseg.sweep.search` for the order and :mod:`lasegseg.sweep.scheduler`
+for the early stopping).
 
-The trials' flat configs are Tune's param space: ``{"trial": flat config}``, plus ``"optim.lr"`` when Optuna samples
-the rate. That is the one place a trial's config is flat on its way to the trainable, which makes it a
+A Tune trial's config is ``{"i": row, "optim.lr": rate}``: the row of the study's table
+(:mod:`lasegseg.sweep.study_table`), which every worker is handed once, holds its flat config. That keeps Tune's
+experiment state, rewritten and synced to storage for the whole sweep, small; the trainable makes the row a
 :class:`~lasegseg.config.Config` on arrival.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from lasegseg.config import from_flat, run_name
-from lasegseg.sweep.context import Stage, TrialContext
+from lasegseg.sweep.context import TrialContext
+from lasegseg.sweep.scheduler import StudyScheduler
+from lasegseg.sweep.search import StudySearcher
 from lasegseg.sweep.spec import Resources, SweepSpec, cell_key
 from lasegseg.sweep.state import load_screening, save_screening
 from lasegseg.sweep.storage import Storage
-from lasegseg.sweep.timings import Timings, trial_run_name
+from lasegseg.sweep.study_table import METRIC, ROW, StudyTable
+from lasegseg.sweep.timings import Timings
 from lasegseg.sweep.trainable import run_tune_trial
+from lasegseg.sweep.tune_state import STATE_LOG_ENV, CompactFinished, periodic_state_saves, trace_state_saves
 from lasegseg.tracking.client import client
 
 _LOST_CHECKPOINT = "does not exist on storage anymore"
@@ -31,17 +37,21 @@ def _trainable(ctx: TrialContext, res: Resources):
     trainable = tune.with_parameters(run_tune_trial, ctx=ctx)
     if res.gpus_per_trial <= 0 or res.frozen_gpus_per_trial in (None, res.gpus_per_trial):
         return tune.with_resources(trainable, res.for_trial({}))
+    table = ctx.table
 
     # Frozen-backbone trials ask for a GPU share (resources.frozen_gpus_per_trial), so several train on one GPU.
     def per_trial(config: dict[str, Any]):
-        request = res.for_trial(config["trial"])
+        request = res.for_trial(table.flat(config))
         return tune.PlacementGroupFactory([{"CPU": request["cpu"], "GPU": request["gpu"]}])
 
     return tune.with_resources(trainable, per_trial)
 
 
 def _trial_name(trial) -> str:
-    return f"{trial_run_name(trial)}·{trial.trial_id}"
+    """Tune's name of a trial: its row of the study's table and its trial id. A module function, not a closure over
+    the table: Tune pickles the name creator into every trial's entry of its experiment state (8 KB per trial with
+    the table inside)."""
+    return f"row{trial.config.get(ROW, '?')}·{trial.trial_id}"
 
 
 def _dirname(trial) -> str:
@@ -51,29 +61,32 @@ def _dirname(trial) -> str:
 class _Lines(tune.Callback):
     """One line per finished or failed trial instead of Tune's wide tables."""
 
+    def __init__(self, table: StudyTable) -> None:
+        self.table = table
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        r = trial.last_result or {}
+        r, name = trial.last_result or {}, self.table.name(trial.config)
         if "test_dice_mean" in r:
             print(
-                f"  done   {trial.trial_id}  {trial_run_name(trial)}: val Dice {r.get('val_dice', float('nan')):.3f}, "
+                f"  done   {trial.trial_id}  {name}: val Dice {r.get(METRIC, float('nan')):.3f}, "
                 f"test Dice {r['test_dice_mean']:.3f} ({r.get('time_total_s', 0):.0f} s)",
                 flush=True,
             )
         else:
-            print(f"  ended  {trial.trial_id}  {trial_run_name(trial)} (stopped early)", flush=True)
+            print(f"  ended  {trial.trial_id}  {name} (stopped early)", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"  FAILED {trial.trial_id}  {trial_run_name(trial)}: see {trial.path}", flush=True)
+        print(f"  FAILED {trial.trial_id}  {self.table.name(trial.config)}: see {trial.path}", flush=True)
 
 
-def _run_config(name: str, root: Storage, sweep_dir: Path, res: Resources) -> tune.RunConfig:
+def _run_config(name: str, root: Storage, sweep_dir: Path, res: Resources, table: StudyTable) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
         storage_path=root.join("tune").tune_path(),
         storage_filesystem=root.filesystem(),
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[_Lines(), Timings(sweep_dir)],
+        callbacks=[_Lines(table), Timings(sweep_dir, table), CompactFinished()],
         verbose=0,
     )
 
@@ -97,99 +110,75 @@ def _fit(tuner_factory, restore: Storage, resume: bool, trainable):
     return grid
 
 
-def _screening_tuner(spec: SweepSpec, base: dict[str, Any], trainable, name: str, root: Storage, sweep_dir: Path):
-    """The Tuner of one cell's screening: Optuna TPE over ``optim.lr``, stopped early by ASHA if asked."""
-    from ray.tune.search.optuna import OptunaSearch  # deferred: heavy (optuna, ~0.2 s): only a sweep that screens
-
-    screen, res = spec.screen, spec.resources
-    scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=base["train.epochs"] + 1, grace_period=screen.grace_period)
-        if screen.scheduler == "asha"
-        else FIFOScheduler()
-    )
-    return tune.Tuner(
-        trainable,
-        param_space={"trial": base, "optim.lr": tune.loguniform(screen.low, screen.high)},
-        tune_config=tune.TuneConfig(
-            metric="val_dice", mode="max", num_samples=screen.trials,
-            search_alg=OptunaSearch(seed=base["seed"]), scheduler=scheduler,
-            max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
-            trial_dirname_creator=_dirname,
-        ),
-        run_config=_run_config(name, root, sweep_dir, res),
-    )  # fmt: skip
-
-
-def screen_learning_rates(
-    spec: SweepSpec, ctx: TrialContext, root: Storage, sweep_dir: Path, resume: bool
-) -> dict[tuple, float]:
-    """One Optuna TPE search over ``optim.lr`` per (backbone, decoder, mode) cell; returns the best rates.
-
-    The rate chosen for each cell is recorded as soon as its search ends, so a resumed sweep skips the cells done.
-    """
-    chosen = load_screening(sweep_dir)
-    out: dict[tuple, float] = {}
-    for i, base in enumerate(spec.screening_cells()):
-        key = cell_key(base)
-        if json.dumps(key) in chosen:
-            out[key] = chosen[json.dumps(key)]
-            continue
-        trainable = _trainable(ctx.for_stage("screen"), spec.resources)
-        name = f"screen_{i}_{'_'.join(str(k) for k in key if k is not False)}".replace("/", "-")
-
-        def factory(base=base, trainable=trainable, name=name):
-            return _screening_tuner(spec, base, trainable, name, root, sweep_dir)
-
-        grid = _fit(factory, root.join("tune", name), resume, trainable)
-        best = grid.get_best_result(metric="val_dice", mode="max", scope="all")
-        if best is None or best.config is None:
-            raise RuntimeError(f"screening of cell {key} produced no result")
-        out[key] = float(best.config["optim.lr"])
-        chosen[json.dumps(key)] = out[key]
-        save_screening(sweep_dir, chosen)
-    return out
-
-
 def run_stages(
     spec: SweepSpec, ctx: TrialContext, root: Storage, sweep_dir: Path, resume: bool = False
 ) -> dict[str, Any]:
-    """Screen (if asked), then run the full seeded grid without early stopping; returns failed trial names.
+    """Run the study (screen, if asked, and the seeded grid) as one Tune run; returns what failed.
 
     Args:
         spec: the sweep.
-        ctx: what every trial is handed besides its config.
+        ctx: what every trial is handed besides its config; its ``table`` is the study's trials.
         root: the sweep's storage root (``<storage>/<name>``), where Tune keeps its state and checkpoints.
         sweep_dir: the sweep's local folder (its own files).
-        resume: continue each stage from its storage.
+        resume: continue the study from its storage.
+
+    Returns:
+        ``{"failed": names of failed trials, "failed_cells": names of cells whose screen failed, "n": trials run}``.
     """
-    lr_by_cell = screen_learning_rates(spec, ctx, root, sweep_dir, resume) if spec.screen else None
-    if lr_by_cell:
-        c = client(ctx.tracking_uri)
-        for key, lr in lr_by_cell.items():
-            c.log_param(ctx.parent_run_id, f"screen.lr.{'/'.join(map(str, key))}", f"{lr:.3g}")
-    trials = spec.trials(lr_by_cell=lr_by_cell)
-    res = spec.resources
-    stage: Stage = "trial"
-    trainable = _trainable(ctx.for_stage(stage), res)
+    table, res = ctx.table, spec.resources
+    trainable = _trainable(ctx, res)
+    chosen = load_screening(sweep_dir) if resume else {}
+
+    def on_cell(cell: int, rate: float | None) -> None:
+        name = table.cell_name(cell)
+        if rate is None:
+            print(f"  FAILED cell {name}: every screening trial failed; its grid trials will not run", flush=True)
+            return
+        print(f"  screened {name}: lr {rate:.3g}; its grid trials start", flush=True)
+        chosen[json.dumps(cell_key(table.rows[cell]))] = rate
+        save_screening(sweep_dir, chosen)
+        client(ctx.tracking_uri).log_param(ctx.parent_run_id, f"screen.lr.{name}", f"{rate:.3g}")
+
+    searcher = StudySearcher(table, spec.screen, on_cell)
+    max_t = (table.rows[0]["train.epochs"] + 1) if table.cells else 1
 
     def factory():
         return tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(trials)},
+            param_space={},
             tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=-1, search_alg=searcher,
+                scheduler=StudyScheduler(table, spec.screen, max_t),
                 max_concurrent_trials=res.max_concurrent or None, trial_name_creator=_trial_name,
                 trial_dirname_creator=_dirname, reuse_actors=True,
             ),
-            run_config=_run_config("grid", root, sweep_dir, res),
+            run_config=_run_config("study", root, sweep_dir, res, table),
         )  # fmt: skip
 
-    grid = _fit(factory, root.join("tune", "grid"), resume, trainable)
-    failed = [_result_name(r) for r in grid if r.error is not None]
-    return {"failed": failed, "n": len(grid)}
+    periodic_state_saves()
+    if os.environ.get(STATE_LOG_ENV):
+        trace_state_saves(os.environ[STATE_LOG_ENV])
+    grid = _fit(factory, root.join("tune", "study"), resume, trainable)
+    failed = [_result_name(r, table) for r in grid if r.error is not None]
+    cells = [table.cell_name(c) for c in _failed_cells(grid, table)]
+    return {"failed": failed, "failed_cells": cells, "n": len(grid)}
 
 
-def _result_name(result) -> str:
+def _failed_cells(grid, table: StudyTable) -> list[int]:
+    """Screening cells none of whose trials finished without error (their grid never ran)."""
+    ok: set[int] = set()
+    seen: set[int] = set()
+    for r in grid:
+        row = int((r.config or {}).get(ROW, -1))
+        if 0 <= row < table.cells:
+            seen.add(row)
+            if r.error is None:
+                ok.add(row)
+    return sorted(seen - ok)
+
+
+def _result_name(result, table: StudyTable) -> str:
     try:
-        return run_name(from_flat(result.config["trial"], validate=False))
+        return table.name(result.config)
     except Exception:  # noqa: BLE001 - only used for a message
         return str(result.path)

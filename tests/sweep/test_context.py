@@ -9,6 +9,7 @@ import pytest
 from ray import cloudpickle
 
 from lasegseg.sweep.context import TrialContext
+from lasegseg.sweep.study_table import StudyTable
 
 SLOT = "tiny|False|auto|28"
 SALT = "a-salt-of-16-bytes-at-least"
@@ -29,12 +30,13 @@ def test_it_pickles_by_value_as_ray_ships_it(dumps, loads):
     assert clone == ctx and clone is not ctx and type(clone) is TrialContext
 
 
-def test_it_is_frozen_and_a_stage_is_a_copy():
-    ctx = _ctx()
+def test_it_is_frozen_and_carries_the_studys_table():
+    table = StudyTable(({"seed": 0, "optim.lr": 1e-3},), 0, (-1,))
+    ctx = _ctx(table=table)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        ctx.stage = "screen"
-    screen = ctx.for_stage("screen")
-    assert (screen.stage, ctx.stage) == ("screen", "trial") and dataclasses.replace(screen, stage="trial") == ctx
+        ctx.threads = 4
+    clone = cloudpickle.loads(cloudpickle.dumps(ctx))
+    assert clone.table == table and clone.table.flat({"i": 0, "optim.lr": 0.01}) == {"seed": 0, "optim.lr": 0.01}
 
 
 def test_lookups_of_a_nodes_features():

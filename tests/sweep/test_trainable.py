@@ -13,6 +13,8 @@ import pytest
 from lasegseg.config import Config
 from lasegseg.sweep import trainable
 from lasegseg.sweep.context import TrialContext
+from lasegseg.sweep.study_table import ROW, StudyTable
+from lasegseg.sweep.timings import TIMING, timing
 from lasegseg.tracking import client, store
 
 
@@ -51,7 +53,8 @@ def _run(monkeypatch, tmp_path, ctx, flat, checkpoint=None, trial_id: str = "abc
     fake.trial_dir.mkdir(exist_ok=True)
     for name in ("get_context", "get_checkpoint", "report"):
         monkeypatch.setattr(tune, name, getattr(fake, name))
-    trainable.run_tune_trial({"trial": flat}, ctx)
+    table = StudyTable((flat,), 0, (-1,))
+    trainable.run_tune_trial({ROW: 0}, dataclasses.replace(ctx, table=table))
     return fake
 
 
@@ -63,25 +66,27 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
                                "model.decoder": "linear", "model.mode": "frozen"}).to_flat()  # fmt: skip
     first = _run(monkeypatch, tmp_path, sweep_ctx, flat)
     epochs, (final, marker) = first.reports[:-1], first.reports[-1]
-    assert [m["epoch"] for m, _ in epochs] == [0, 1] and all(not m["done"] for m, _ in epochs)
+    # Tune hears what its scheduler and the driver's timings need, nothing more: the rest is in MLflow.
+    assert len(epochs) == 2 and all(set(m) <= {"val_dice", TIMING} for m, _ in epochs) and TIMING in epochs[0][0]
+    assert set(final) == {"val_dice", "test_dice_mean", "mlflow_run_id", TIMING}
     # Resumable while it trains: the first epoch always saves; the next waits until 19× that save's cost passed.
     assert epochs[0][1] is not None and (epochs[0][1] / "state.json").is_file()
     assert all(kept is None or (kept / "state.json").is_file() for _, kept in epochs)
-    assert final["done"] and sorted(p.name for p in marker.iterdir()) == [trainable.RUN_FILE]
+    assert sorted(p.name for p in marker.iterdir()) == [trainable.RUN_FILE]
     run_id = json.loads((marker / trainable.RUN_FILE).read_text())["run_id"]
     assert run_id == final["mlflow_run_id"]
 
     # Restored from the marker (the driver died before Tune recorded the end): one report, no training.
     again = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
     ((metrics, kept),) = again.reports
-    assert metrics["done"] and kept is None
+    assert kept is None
     assert metrics["test_dice_mean"] == pytest.approx(final["test_dice_mean"])
     assert metrics["mlflow_run_id"] == run_id
 
     # A marker whose run MLflow does not hold as finished is trained again, in the same run, from epoch 0.
     client.client(sweep_ctx.tracking_uri).update_run(run_id, status="RUNNING")
     retried = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
-    assert [m["epoch"] for m, _ in retried.reports] == [0, 1, 1] and retried.reports[-1][0]["done"]
+    assert len(retried.reports) == 3 and "test_dice_mean" in retried.reports[-1][0]
     assert retried.reports[-1][0]["mlflow_run_id"] == run_id
 
 
@@ -98,7 +103,8 @@ def test_a_local_sweeps_first_frozen_trial_publishes_its_features_for_the_next(
     flat = Config().replace(**{"data.path": str(phantom_dir), "data.image_size": 28, "train.epochs": 1,
                                "model.decoder": "linear", "model.mode": "frozen"}).to_flat()  # fmt: skip
     first = _run(monkeypatch, tmp_path, ctx, flat)
-    assert first.reports[0][0]["backbone_loaded"] is True and first.reports[0][0]["features_built"] is True
+    said = timing(first.reports[0][0])
+    assert said["backbone_loaded"] is True and said["features_built"] is True
     assert len(list((tmp_path / "index").glob("*.json"))) == 1
 
     def refuse(*args, **kwargs):
@@ -107,5 +113,6 @@ def test_a_local_sweeps_first_frozen_trial_publishes_its_features_for_the_next(
     monkeypatch.setattr(segmenter, "load_backbone", refuse)
     other = {**flat, "model.decoder": "conv", "seed": 1}
     second = _run(monkeypatch, tmp_path, ctx, other, trial_id="abc_00001")
-    assert second.reports[0][0]["backbone_loaded"] is False and second.reports[0][0]["features_built"] is False
-    assert second.reports[-1][0]["done"]
+    said = timing(second.reports[0][0])
+    assert said["backbone_loaded"] is False and said["features_built"] is False
+    assert "test_dice_mean" in second.reports[-1][0]
