@@ -23,7 +23,7 @@ from lasegseg.config_checks import Mode, validate_model
 from lasegseg.errors import ModelError
 from lasegseg.models.backbones import Backbone, BackboneStub, build_backbone, fingerprint, lora_target_modules
 from lasegseg.models.decoders import create_decoder, decoder_levels
-from lasegseg.models.sources import NONE, check_backbone_name
+from lasegseg.models.sources import NONE, check_backbone_name, stand_ins_enabled
 from lasegseg.paths import cache_root
 
 NUM_CLASSES = 2
@@ -183,7 +183,8 @@ def load_backbone(name: str, *, registers: bool = False) -> Backbone:
         name: as for :func:`~lasegseg.models.backbones.build_backbone`.
         registers: as for :func:`~lasegseg.models.backbones.build_backbone`.
     """
-    key = (name, registers, str(cache_root()), _folder_stamp(name))
+    # The stand-in switch is part of the key: one name is two models with it on and off.
+    key = (name, registers, str(cache_root()), _folder_stamp(name), stand_ins_enabled())
     template = _BACKBONE_TEMPLATE.get(key)
     if template is None:
         template = build_backbone(name, registers=registers)

@@ -34,6 +34,7 @@ from lasegseg.tracking.store import ensure_experiment, seed_sqlite_store, start_
 from lasegseg.train.feature_plan import slot_readers
 
 log = logging.getLogger("lasegseg.sweep")
+STAND_IN_TAG = "lasegseg.stand_in_backbones"
 
 
 def main(argv: list[str] | None = None, prog: str = "fewshot.py") -> int:
@@ -214,9 +215,13 @@ def _open_parent_run(
         params = {"sweep.config": args.config, "sweep.trials": len(plan.trials),
                   "data.path": plan.spec.base["data.path"], "sweep.pseudonymize": pseudonymize,
                   **{f"sweep.set.{k}": v for k, v in plan.overrides.items()}}  # fmt: skip
-        parent_run_id = start_parent(
-            tracking_uri, experiment_id, plan.name, params=params, tags={"lasegseg.sweep_dir": plan.root.uri}
-        )
+        # deferred: heavy (lasegseg.models imports torch modules; --dry-run needs none)
+        from lasegseg.models.sources import stand_ins_enabled
+
+        tags = {"lasegseg.sweep_dir": plan.root.uri}
+        if stand_ins_enabled():  # the runs are a rehearsal on stand-ins, not results of the named backbones
+            tags[STAND_IN_TAG] = "true"
+        parent_run_id = start_parent(tracking_uri, experiment_id, plan.name, params=params, tags=tags)
         client(tracking_uri).log_artifact(parent_run_id, args.config)
     return {"status": "running", "parent_run_id": parent_run_id, "experiment_id": experiment_id,
             "tracking_uri": tracking_uri, "name": plan.name, "pseudonymize": pseudonymize}  # fmt: skip

@@ -247,3 +247,38 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(phantom_dir, tmp_pat
         assert len(parents) == 1 and len(trials) == 1 and trials[0].info.status == "FINISHED"
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_a_screened_study_goes_on_past_a_failed_cell_and_names_it(phantom_dir, tmp_path):
+    """Two cells screen side by side: one on a stand-in of a named backbone, one whose backbone folder exists on no
+    node (the config is valid; the model fails in every screening trial). The good cell's grid runs at its chosen
+    rate; the failed cell's grid never starts; the exit names it in one line; the parent run carries the tags."""
+    sweep = tmp_path / "study.yaml"
+    sweep.write_text(json.dumps({
+        "name": "cells", "base": {"data.image_size": 28, "train.epochs": 1, "train.batch_size": 8},
+        "grid": {"model.backbone": ["dinov2-small"], "model.decoder": ["linear"], "model.mode": ["frozen"]},
+        "fewshot": [{"data.patients": 2}], "seeds": [0, 1],
+        "baselines": [{"model.backbone": str(tmp_path / "no-such-backbone"), "model.decoder": "linear",
+                       "model.mode": "finetune"}],
+        "screen": {"low": 1e-4, "high": 1e-2, "trials": 2, "scheduler": "fifo", "set": {"train.epochs": 1}},
+        "resources": {"max_concurrent": 2, "max_failures": 0},
+    }))  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, str(FEWSHOT), "--config", str(sweep), "--data", str(phantom_dir), "--tracking-uri", uri,
+           "--storage-path", str(tmp_path / "runs"), "--stand-in-backbones"]  # fmt: skip
+    proc = subprocess.run(cmd, env=sweep_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("failed cell ")]
+    assert failed == [f"failed cell {tmp_path / 'no-such-backbone'}/linear/finetune: every screening trial failed, "
+                      "so its grid did not run"]  # fmt: skip
+    assert "screened dinov2-small/linear/frozen: lr " in proc.stdout
+    client, exp, parents, grid = sweep_runs(uri, "cells")
+    (parent,) = parents
+    assert parent.data.tags["lasegseg.failed_cells"].endswith("no-such-backbone/linear/finetune")
+    assert parent.data.tags["lasegseg.stand_in_backbones"] == "true"
+    chosen = float(parent.data.params["screen.lr.dinov2-small/linear/frozen"])
+    assert len(grid) == 2 and all(r.info.status == "FINISHED" for r in grid)  # the good cell's 2 seeds
+    assert [float(r.data.params["optim.lr"]) for r in grid] == pytest.approx([chosen, chosen])
+    runs = client.search_runs([exp.experiment_id], "tags.`lasegseg.role` = 'screen'")
+    screens = [r for r in runs if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert sorted(r.info.status for r in screens) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
