@@ -21,7 +21,7 @@ from lasegseg.errors import LasegsegError
 from lasegseg.fsio import atomic_write
 from lasegseg.results.aggregate import summarize
 from lasegseg.results.comparison_tables import comparison_notes, format_markdown
-from lasegseg.results.per_patient import PER_PATIENT_FILE, artifact_uris, download_per_patient, patient_matrix
+from lasegseg.results.per_patient import PER_PATIENT_FILE, artifact_uris, fetch_tables, patient_matrix, write_table
 from lasegseg.results.trials import (
     cell_keys,
     experiment_id,
@@ -249,11 +249,13 @@ class Comparison:
         table: :func:`compare_cells` (one row per cell, the reference first).
         notes: :func:`comparison_notes`.
         tables: ``{run_id: per_patient table}`` of the runs read, for other metrics (the report's dot plots).
+        one_by_one: how many of them were read from their own runs, not from the parent run's table.
     """
 
     table: pd.DataFrame
     notes: list[str]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    one_by_one: int = 0
 
     def markdown(self) -> str:
         """:func:`format_markdown` of the table and notes."""
@@ -301,7 +303,7 @@ def compare_trials(
     with tracking(tracking_uri) as client:
         uris = artifact_uris(client, experiment_id(client, tracking_uri, experiment), parent_run_id)
     uris = {r: uris[r] for r in trials["run_id"] if r in uris}
-    tables, missing = download_per_patient(tracking_uri, uris)
+    tables, missing, one_by_one = fetch_tables(tracking_uri, uris, parent_run_id)
     if missing:
         log.warning(
             "%d of %d finished trial run(s) have no readable %s (first: %s); comparing without them",
@@ -318,7 +320,7 @@ def compare_trials(
     table = compare_groups(matrix, summary, groups, metric=metric, resamples=resamples, seed=seed, tie=tie)
     table.attrs["skipped"] = {"missing_file": len(missing), **counts}
     notes = comparison_notes(table, reason, resamples=resamples, seed=seed, tie=tie)
-    return Comparison(table, notes, tables)
+    return Comparison(table, notes, tables, one_by_one)
 
 
 def compare(
@@ -372,6 +374,8 @@ def compare(
         seed=seed, resamples=resamples, tie=tie,
     )  # fmt: skip
     paths = write_comparison(result.table, result.notes, out_dir)
+    if result.one_by_one and parent_run_id is not None:  # the next reader fetches one table, not one per run
+        paths["per_patient"] = write_table(result.tables, out_dir)
     if log_to_parent:
         log_to_sweep_run(tracking_uri, experiment, parent_run_id, paths.values(), "summary", "the comparison")
     return result.table, result.notes

@@ -71,16 +71,24 @@ def nan_to_none(value: Any) -> Any:
 
 
 def select_best(
-    tracking_uri: str, experiment: str, metric: str = "val_dice", parent_run_id: str | None = None
+    tracking_uri: str,
+    experiment: str,
+    metric: str = "val_dice",
+    parent_run_id: str | None = None,
+    trials: pd.DataFrame | None = None,
 ) -> Selection:
     """The best cell of ``experiment`` by the mean over seeds of ``metric``, and its runs best first.
+
+    ``trials``: :func:`~lasegseg.results.trials.load_trials` of the experiment (and parent run) when the caller has
+    them already (the report), so that every run is not read from the store twice.
 
     Raises:
         LasegsegError: test or unknown metric, unreachable store, unknown experiment, no finished trial, or a metric
             no finished trial logged.
     """
     check_metric(metric)
-    trials = load_trials(tracking_uri, experiment, parent_run_id)
+    if trials is None:
+        trials = load_trials(tracking_uri, experiment, parent_run_id)
     if trials[metric].isna().all():
         raise LasegsegError(f"metric '{metric}' was not logged by any finished trial of experiment '{experiment}'")
     summary = summarize(trials)

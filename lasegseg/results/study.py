@@ -99,7 +99,9 @@ def _add_comparison(study: Study, metric: str) -> None:
 
 
 def _add_best(study: Study) -> None:
-    selection = select_best(study.tracking_uri, study.experiment, metric_table.primary().val, study.parent_run_id)
+    selection = select_best(
+        study.tracking_uri, study.experiment, metric_table.primary().val, study.parent_run_id, trials=study.trials
+    )
     run = selection.trials.iloc[0]
     best: dict[str, Any] = {"run_id": str(run["run_id"]), "run_name": str(run["run_name"]), "cell": selection.cell}
     with tempfile.TemporaryDirectory(prefix="lasegseg-report-") as tmp:
