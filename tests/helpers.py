@@ -178,3 +178,66 @@ def dinov2_demo(image_size: int = 28) -> list[str]:
     """``--set`` flags that cut demo.yaml to its DINOv2 cells at ``image_size``: with the backbone and the image size
     pinned, the DINOv3 cell becomes a copy of a DINOv2 cell, which the sweep runs once."""
     return ["--set", "model.backbone=tiny", "--set", f"data.image_size={image_size}"]
+
+
+def _proc_net_address(text: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (or IPv6's 32 hex digits), as the kernel prints it in /proc/net, to ``("127.0.0.1", 8080)``:
+    each 32-bit word of the address is in the host's byte order."""
+    import ipaddress
+
+    addr, port = text.split(":")
+    raw = b"".join(int(addr[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(addr), 8))
+    return str(ipaddress.ip_address(raw)), int(port, 16)
+
+
+def listeners(pids) -> list[tuple[str, int]]:
+    """Sorted (ip, port) of the listening sockets the processes ``pids`` hold open: TCP in LISTEN, and UDP sockets
+    bound but not connected. Read from /proc/<pid>/fd (socket inodes) and each process's /proc/<pid>/net tables."""
+    found: set[tuple[str, int]] = set()
+    for pid in pids:
+        inodes = set()
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+        for proto, listening in (("tcp", "0A"), ("tcp6", "0A"), ("udp", "07"), ("udp6", "07")):
+            try:
+                rows = Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                cols = row.split()
+                if cols[3] == listening and cols[9] in inodes:
+                    found.add(_proc_net_address(cols[1]))
+    return sorted(found)
+
+
+def off_loopback(pids) -> list[tuple[str, int]]:
+    """The listeners of ``pids`` on any address but 127.0.0.1 or ::1 (0.0.0.0 and :: are every interface)."""
+    return [(ip, port) for ip, port in listeners(pids) if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (zombies, killed but not yet reaped, are not alive)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    alive = []
+    for proc in procs:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except psutil.Error:
+            pass
+    return alive
