@@ -1,24 +1,26 @@
-"""A real S3 API server on loopback for the tests (moto's server mode), behind a proxy that can take it away.
+"""A real S3 server on loopback for the tests: SeaweedFS, started and stopped by ``cluster/s3.sh`` as a user would,
+behind a proxy that can take it away.
 
 Clients talk to the proxy's port; ``outage()`` closes the proxy's listening socket and every open connection, so
-clients see a refused connection, as when the server is stopped, while the store keeps its objects (moto's server
-holds them in memory), and ``restore()`` listens on the same port again.
+clients see a refused connection, as when the server is stopped, while the store keeps its objects, and
+``restore()`` listens on the same port again. The server itself is untouched, so the fault works on any real server.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
+import random
+import re
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
-from tests.helpers import free_port
+from tests.helpers import free_port, port_free
+
+ROOT = Path(__file__).resolve().parents[1]
+S3_SH = ROOT / "cluster" / "s3.sh"
 
 
 class TcpProxy:
@@ -42,7 +44,9 @@ class TcpProxy:
     def outage(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.close()
+            # shutdown() first: a bare close() leaves the socket listening until the accept() blocked on it returns,
+            # so one more connection would get through.
+            _close(listener)
         with self._lock:
             conns, self._conns = self._conns, set()
         for conn in conns:
@@ -85,17 +89,39 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
+def s3_sh(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """``cluster/s3.sh ARGS`` from the project root, with this venv's ``weed`` and python first on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(["bash", str(S3_SH), *args], env={**os.environ, **env, "PATH": path}, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+def s3_ports(base: int) -> dict[str, int]:
+    """Every port ``cluster/s3.sh`` gives a server whose S3 endpoint is ``base``, by name (``s3``, ``filer``, …)."""
+    proc = s3_sh("ports", env={"LASEGSEG_S3_PORT": str(base)}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return {name: int(port) for name, port in (line.split("=") for line in proc.stdout.split())}
+
+
+def free_s3_port() -> int:
+    """An S3 port whose server's ports are all free now (above Ray's worker ports, 10002-19999)."""
+    for _ in range(100):
+        base = random.randrange(20000, 30000)
+        if all(port_free(p) for p in s3_ports(base).values()):
+            return base
+    raise RuntimeError("no free block of ports for an S3 server")
+
+
 class S3Server:
-    """``moto_server`` on loopback with one bucket; ``env`` is what a client process needs to reach it."""
+    """SeaweedFS on loopback (``cluster/s3.sh``) with one bucket and random keys of its own, which it demands of
+    every request; ``env`` is what a client process needs to reach it through the proxy."""
 
     def __init__(self, root: Path, bucket: str = "lasegseg-test") -> None:
         self.root, self.bucket = root, bucket
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.state = root / "s3"
+        self.port = free_s3_port()
         self.proxy = TcpProxy(self.port)
-        # Random credentials: moto accepts any, and a test can look for them wherever they must not appear.
-        self.access_key = "AKIA" + secrets.token_hex(8).upper()
-        self.secret_key = secrets.token_urlsafe(30)
+        self.access_key = self.secret_key = ""  # made by the server's first start
 
     @property
     def endpoint(self) -> str:
@@ -109,25 +135,26 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }  # fmt: skip
 
+    @property
+    def script_env(self) -> dict[str, str]:
+        """The settings ``cluster/s3.sh`` reads for this server."""
+        return {"LASEGSEG_S3_DIR": str(self.state), "LASEGSEG_S3_PORT": str(self.port),
+                "LASEGSEG_S3_BUCKET": self.bucket}  # fmt: skip
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while ``cluster/s3.sh`` knows it as running."""
+        pidfile = self.state / "weed.pid"
+        return int(pidfile.read_text()) if pidfile.exists() else None
+
     def start(self, timeout: float = 60.0) -> S3Server:
-        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-        log = open(self.root / "moto.log", "a")  # noqa: SIM115 - owned by the server process
-        self.proc = subprocess.Popen(
-            [exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.time() + timeout
-        while True:
-            assert self.proc.poll() is None, (self.root / "moto.log").read_text()[-2000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2).read()  # noqa: S310 - loopback
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise AssertionError("moto server did not start") from None
-                time.sleep(0.2)
+        env = {**self.script_env, "LASEGSEG_S3_START_TIMEOUT": str(int(timeout))}
+        proc = s3_sh("start", env=env, timeout=timeout + 60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        exports = dict(re.findall(r"^export (\w+)=(\S+)$", proc.stdout, flags=re.M))
+        assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{self.port}", proc.stdout
+        self.access_key, self.secret_key = exports["AWS_ACCESS_KEY_ID"], exports["AWS_SECRET_ACCESS_KEY"]
         self.proxy.restore()
-        self.client().create_bucket(Bucket=self.bucket)
         return self
 
     def client(self):
@@ -153,6 +180,5 @@ class S3Server:
 
     def stop(self) -> None:
         self.proxy.outage()
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait(timeout=30)
+        proc = s3_sh("stop", env=self.script_env, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr

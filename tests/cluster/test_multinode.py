@@ -1,8 +1,8 @@
 """A sweep across a CPU head and two worker nodes with logical GPUs, storing to S3, tracking to an MLflow server.
 
 Everything is real and on loopback: three Ray nodes started by ``cluster/local.sh`` (each worker with its own cache
-folder standing in for a node's disk), moto's S3 server, an MLflow server. Then a node is killed mid-trial and the
-S3 server goes away for 20 s mid-sweep.
+folder standing in for a node's disk), SeaweedFS's S3 server started by ``cluster/s3.sh``, an MLflow server. Then a
+node is killed mid-trial and the S3 server goes away for 20 s mid-sweep.
 """
 
 from __future__ import annotations
