@@ -106,8 +106,9 @@ def _epoch_reporter(tracker, run_id: str, first_report: dict[str, Any], timings:
         if saved is not None:
             atomic_write(saved / RUN_FILE, json.dumps({"run_id": run_id}))
         tracker.log_epoch(epoch, metrics)
-        # Tune gets what its scheduler and a resume need; every metric is in MLflow.
-        report = _scheduled(metrics)
+        # Tune gets what its scheduler and a resume need (and the epoch, which its result log then shows); every
+        # metric is in MLflow.
+        report = {**_scheduled(metrics), "epoch": epoch}
         if not timings.get("reported"):
             # The driver's trial_timings.csv: entry and first optimizer step of this attempt, wall clock.
             report[TIMING] = json.dumps({**first_report, "first_step_at": timings.get("first_step_at", 0.0),

@@ -154,8 +154,8 @@ def test_fixed_costs_split_cold_first_trials_of_each_worker_from_warm(tmp_path, 
     runs = [harness.SweepRun("g", 2, 1.0, 0, 0, two, tmp_path), harness.SweepRun("g", 1, 1.0, 0, 0, one, tmp_path),
             harness.SweepRun("g", 1, 1.0, 0, 0, missing, tmp_path)]  # fmt: skip
     # Tune's experiment state of the 2-worker sweep: it started 5 s before trial "a" (started 10.0, first step 14.0).
-    (two / "tune" / "grid").mkdir(parents=True)
-    (two / "tune" / "grid" / "experiment_state-x.json").write_text(json.dumps({"stats": {"start_time": 5.0}}))
+    (two / "tune" / "study").mkdir(parents=True)
+    (two / "tune" / "study" / "experiment_state-x.json").write_text(json.dumps({"stats": {"start_time": 5.0}}))
     cold, cold_from_start, warm = bench_fixed.fixed_costs(runs)
     assert sorted(cold) == [1.5, 2.5, 4.0] and sorted(warm) == [0.2, 0.3, 0.5]
     assert sorted(cold_from_start) == [2.5, 8.0, 9.0]  # c1: first step 9.5 - 7.0 (the driver's record)

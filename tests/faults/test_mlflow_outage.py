@@ -263,7 +263,7 @@ def test_sweep_survives_a_20_s_mlflow_outage(phantom_dir, tmp_path):
     cmd = [sys.executable, str(FEWSHOT), "--config", str(cfg), "--data", str(phantom_dir), "--tracking-uri",
            server.url, "--storage-path", str(tmp_path / "runs")]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    grid = tmp_path / "runs" / "outage" / "tune" / "grid"
+    grid = tmp_path / "runs" / "outage" / "tune" / "study"
     pending = Path(os.environ["LASEGSEG_CACHE"]) / "mlflow-pending"
     try:
         deadline = time.time() + 300

@@ -64,7 +64,7 @@ def test_trial_killed_mid_epoch_resumes_in_its_run_and_ends_as_if_never_killed(p
            "--storage-path", str(tmp_path / "runs")]  # fmt: skip
     scratch_before = _scratch()
     proc = subprocess.Popen(cmd, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    grid = tmp_path / "runs" / "fault" / "tune" / "grid"
+    grid = tmp_path / "runs" / "fault" / "tune" / "study"
     killed, killed_after = None, None
     deadline = time.time() + 600
     while killed is None and time.time() < deadline and proc.poll() is None:
@@ -118,7 +118,7 @@ def test_killed_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
     proc = subprocess.Popen(
         cmd, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    grid = tmp_path / "runs" / "lasegseg-demo" / "tune" / "grid"
+    grid = tmp_path / "runs" / "lasegseg-demo" / "tune" / "study"
     deadline = time.time() + 900
     done_before: set[str] = set()
     while time.time() < deadline and proc.poll() is None:

@@ -67,7 +67,8 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
     first = _run(monkeypatch, tmp_path, sweep_ctx, flat)
     epochs, (final, marker) = first.reports[:-1], first.reports[-1]
     # Tune hears what its scheduler and the driver's timings need, nothing more: the rest is in MLflow.
-    assert len(epochs) == 2 and all(set(m) <= {"val_dice", TIMING} for m, _ in epochs) and TIMING in epochs[0][0]
+    assert [m["epoch"] for m, _ in epochs] == [0, 1] and TIMING in epochs[0][0]
+    assert all(set(m) <= {"val_dice", "epoch", TIMING} for m, _ in epochs)
     assert set(final) == {"val_dice", "test_dice_mean", "mlflow_run_id", TIMING}
     # Resumable while it trains: the first epoch always saves; the next waits until 19× that save's cost passed.
     assert epochs[0][1] is not None and (epochs[0][1] / "state.json").is_file()
@@ -86,7 +87,7 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
     # A marker whose run MLflow does not hold as finished is trained again, in the same run, from epoch 0.
     client.client(sweep_ctx.tracking_uri).update_run(run_id, status="RUNNING")
     retried = _run(monkeypatch, tmp_path, sweep_ctx, flat, tune.Checkpoint.from_directory(str(marker)))
-    assert len(retried.reports) == 3 and "test_dice_mean" in retried.reports[-1][0]
+    assert [m.get("epoch") for m, _ in retried.reports] == [0, 1, None] and "test_dice_mean" in retried.reports[-1][0]
     assert retried.reports[-1][0]["mlflow_run_id"] == run_id
 
 
