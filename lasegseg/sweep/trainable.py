@@ -132,7 +132,7 @@ def _report_final(results: dict[str, Any], run_id: str, work: Path) -> None:
     atomic_write(marker / RUN_FILE, json.dumps({"run_id": run_id}))
     spent = {k: float(results.get(k) or 0.0) for k in ("scored_at", "checkpoint_s", "fit_s")}
     tune.report(
-        {**_final(results), "mlflow_run_id": run_id, TIMING: json.dumps(spent)},
+        {**_final(results), "done": True, "mlflow_run_id": run_id, TIMING: json.dumps(spent)},
         checkpoint=tune.Checkpoint.from_directory(str(marker)),
     )
 
@@ -221,7 +221,7 @@ def run_tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         first_report["tracking_start_s"] = time.perf_counter() - t_track
         if finished is not None:
             # The trial completed before the driver died but Tune never recorded it: report, do not retrain.
-            tune.report({**_final(finished), "mlflow_run_id": run_id})
+            tune.report({**_final(finished), "done": True, "mlflow_run_id": run_id})
             return
         if resume_dir is not None and not (resume_dir / "state.json").is_file():
             resume_dir = None  # the final marker of a run MLflow does not hold as finished: train it again

@@ -69,7 +69,7 @@ def test_finished_trial_leaves_a_run_marker_and_is_not_retrained_from_it(phantom
     # Tune hears what its scheduler and the driver's timings need, nothing more: the rest is in MLflow.
     assert [m["epoch"] for m, _ in epochs] == [0, 1] and TIMING in epochs[0][0]
     assert all(set(m) <= {"val_dice", "epoch", TIMING} for m, _ in epochs)
-    assert set(final) == {"val_dice", "test_dice_mean", "mlflow_run_id", TIMING}
+    assert set(final) == {"val_dice", "test_dice_mean", "done", "mlflow_run_id", TIMING} and final["done"]
     # Resumable while it trains: the first epoch always saves; the next waits until 19× that save's cost passed.
     assert epochs[0][1] is not None and (epochs[0][1] / "state.json").is_file()
     assert all(kept is None or (kept / "state.json").is_file() for _, kept in epochs)
