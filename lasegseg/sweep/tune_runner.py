@@ -156,6 +156,10 @@ def run_stages(
         )  # fmt: skip
 
     periodic_state_saves()
+    # Tune's per-trial result logs (result.json, progress.csv, TensorBoard events: 5 files a trial) sit in the folder
+    # its state saves upload whole each time, so a 1,400-trial study re-uploaded ~7,000 files every save; every
+    # per-epoch metric is in the trial's MLflow run. TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 turns them back on.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if os.environ.get(STATE_LOG_ENV):
         trace_state_saves(os.environ[STATE_LOG_ENV])
     grid = _fit(factory, root.join("tune", "study"), resume, trainable)

@@ -258,7 +258,9 @@ def test_sweep_survives_a_20_s_mlflow_outage(phantom_dir, tmp_path):
         "model.decoder: linear, model.mode: frozen}\nseeds: [0, 1]\n"
         "resources: {cpus_per_trial: 1, max_concurrent: 2, max_failures: 0}\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LASEGSEG_MLFLOW_RETRY_SECONDS": "120"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LASEGSEG_MLFLOW_RETRY_SECONDS": "120",
+           # Tune's per-trial result logs (off in a sweep), saved to the storage folder on every controller step.
+           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0", "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, str(FEWSHOT), "--config", str(cfg), "--data", str(phantom_dir), "--tracking-uri",
            server.url, "--storage-path", str(tmp_path / "runs")]  # fmt: skip

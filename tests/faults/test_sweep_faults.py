@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FEWSHOT = ROOT / "sweeps" / "fewshot.py"
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
+# These tests watch Tune's per-trial result logs, which a sweep leaves off (every metric is in MLflow).
+TUNE_RESULT_LOGS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0"}
 
 
 def _result_lines(trial_dir: Path) -> list[dict]:
@@ -65,7 +67,7 @@ def test_trial_killed_mid_epoch_resumes_in_its_run_and_ends_as_if_never_killed(p
     scratch_before = _scratch()
     # Tune's result log reaches the storage folder with its state saves: on every controller step here, so that the
     # test sees each epoch as it ends (a sweep saves every 10 s or more).
-    env = {**sweep_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    env = {**sweep_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0", **TUNE_RESULT_LOGS}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     grid = tmp_path / "runs" / "fault" / "tune" / "study"
     killed, killed_after = None, None
@@ -121,7 +123,12 @@ def test_killed_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
         *dinov2_demo(28), "--set", "seed=0", "--max-concurrent", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        env={**sweep_env(), **TUNE_RESULT_LOGS},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     grid = tmp_path / "runs" / "lasegseg-demo" / "tune" / "study"
     deadline = time.time() + 900
@@ -140,7 +147,9 @@ def test_killed_driver_resumes_only_unfinished_trials(phantom_dir, tmp_path):
                        if r.info.status == "FINISHED"}  # fmt: skip
     assert len(finished_before) >= 3
 
-    resumed = subprocess.run(cmd + ["--resume"], env=sweep_env(), capture_output=True, text=True, timeout=1500)
+    resumed = subprocess.run(
+        cmd + ["--resume"], env={**sweep_env(), **TUNE_RESULT_LOGS}, capture_output=True, text=True, timeout=1500
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for name in done_before:  # finished trials were not run again…
         assert sum(bool(ln.get("done")) for ln in _result_lines(grid / name)) == 1

@@ -19,7 +19,7 @@ def _trial(trial_id: str, **flat):
 
 
 def _cb(path, trial) -> timings.Timings:
-    return timings.Timings(path, StudyTable((trial.flat,), 0, (-1,)))
+    return timings.Timings(path, StudyTable((trial.flat,), 0, (-1,)), flush_s=0.0)
 
 
 def _said(**fields) -> dict:
@@ -78,3 +78,17 @@ def test_timings_file_has_one_row_per_attempt_with_fixed_cost(tmp_path):
     again.on_trial_result(0, [b], b, _said(trial_started_at=time.time(), first_step_at=time.time()))
     with open(tmp_path / timings.TIMINGS_FILE, newline="") as fh:
         assert [r["trial_id"] for r in csv.DictReader(fh)] == ["t_00000", "t_00000", "t_00001"]
+
+
+def test_the_file_is_written_at_most_every_flush_period_and_at_the_end(tmp_path):
+    a = _trial("t_00000")
+    cb = timings.Timings(tmp_path, StudyTable((a.flat,), 0, (-1,)), flush_s=3600.0)
+    for i in range(3):
+        t = _trial(f"t_{i:05d}")
+        cb.on_trial_start(iteration=0, trials=[t], trial=t)
+        cb.on_trial_result(0, [t], t, _said(trial_started_at=time.time(), first_step_at=time.time()))
+    with open(tmp_path / timings.TIMINGS_FILE, newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 1  # the first write, then nothing for the period
+    cb.on_experiment_end(trials=[])
+    with open(tmp_path / timings.TIMINGS_FILE, newline="") as fh:
+        assert [r["trial_id"] for r in csv.DictReader(fh)] == ["t_00000", "t_00001", "t_00002"]
