@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lasegseg.config_checks import BACKBONE_FAMILIES
+
 NUM_CLASSES = 2
 TAPS = 4  # every family's layer table taps four blocks (lasegseg.models.families)
 
@@ -43,7 +45,7 @@ class VitShape:
     positions: int = 0
 
 
-_V2, _V3 = 14, 16  # the families' patch sizes
+_V2, _V3 = BACKBONE_FAMILIES["dinov2"].patch_size, BACKBONE_FAMILIES["dinov3"].patch_size
 # facebook/dinov2-* and facebook/dinov3-vit*16-pretrain-lvd1689m config.json; the tiny models of families.py.
 VIT_SHAPES: dict[str, VitShape] = {
     "tiny": VitShape(128, 4, 512, False, _V2, 0, 65),
