@@ -131,10 +131,14 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("servers")
     s3 = S3Server(root).start()
     mlflow = MlflowServer(root, free_port())
-    mlflow.start()
-    yield s3, mlflow
-    mlflow.kill()
-    s3.stop()
+    try:
+        mlflow.start()
+        yield s3, mlflow
+    finally:
+        try:
+            mlflow.kill()
+        finally:
+            s3.stop()
 
 
 def trial_runs(uri: str, experiment: str):
