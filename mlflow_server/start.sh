@@ -132,6 +132,9 @@ fi
 [ "$allowed" != "*" ] || die "MLFLOW_ALLOWED_HOSTS='*' disables host-header checks; list the real host names"
 [ -z "$allowed" ] || args+=(--allowed-hosts "$allowed")
 
+# MLflow 3's job runner (GenAI scorers, trace roll-ups) starts about ten consumer processes of ~250 MB each beside
+# the server; lasegseg's runs use none of it. MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns it back on.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 # A session of its own, so stop.sh can end the server and every worker it forked as one process group.
 setsid "$MLFLOW" "${args[@]}" >"$logfile" 2>&1 </dev/null &
 pid=$!

@@ -12,11 +12,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import free_port as _free_port
 from tests.helpers import port_free as _port_free
-from tests.helpers import postgres_test_uri
+from tests.helpers import postgres_test_uri, process_tree
 from tests.sweep.test_sweep_e2e import _one_trial_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +97,9 @@ def test_local_server_takes_a_sweep_over_http_and_stops_cleanly(phantom_dir, tmp
     server = Server(env, "local")
     try:
         assert server.url.startswith("http://127.0.0.1:")
+        # The server alone (uvicorn and its worker): none of MLflow's job-runner consumers (~250 MB each).
+        commands = [" ".join(psutil.Process(p).cmdline()) for p in process_tree(server.pid)]
+        assert commands and not [c for c in commands if "huey" in c], commands
         _tiny_sweep(phantom_dir, tmp_path, env, server.url)
         _assert_sweep_runs(_runs_via_rest(server.url, "fault"))
         assert any((tmp_path / "state" / "mlartifacts").rglob("model.safetensors"))  # proxied artifact upload
