@@ -1,7 +1,8 @@
 """lasegseg benchmarks: each prints a ratio measured in one run on this machine (min / median over repeats).
 
     python bench/run.py --quick                  # CPU, under 10 minutes on 2 cores
-    python bench/run.py --only naive,fixed       # some: plain step data sweep memory naive fixed floor bounds
+    python bench/run.py --only naive,fixed       # some: plain step data sweep memory naive fixed floor bounds scale
+    python bench/run.py --only scale --full      # the paper's study rehearsed at N ≈ 16, 128 and its full 1,406 trials
     python bench/run.py --quick --json out.json  # also write every row as JSON
 
 0. plain  — the loop a new user writes first (bench/naive.py --variant plain, no tracking, no validation) vs
@@ -26,6 +27,11 @@
 8. bounds — what no Ray-based sweep here can go below: a new local Ray cluster's first torch optimizer step from
             process launch (row 2's goal: ≤ 5 s), and the memory of the worker process every concurrent trial adds
             (row 6's goal: ≤ 300 MiB); no Tune, MLflow, data or lasegseg in either.
+9. scale  — sweeps/configs/paper.yaml rehearsed end to end (stand-in backbones, small per-trial sizes, derived by code)
+            on a 3-node loopback cluster with 16 logical GPUs, SeaweedFS and the MLflow server, at N ≈ 16 and ≈ 128
+            trials (--full: and the full grid), resumed after a SIGKILL at N ≈ 128: the growth of every cost with N,
+            judged against the study's goals; with bounds, fixed and memory in the same run, rows 2 and 6 against
+            the bounds floor. Not part of --quick's default set: run it with --only scale.
 
 Every process runs with OMP_NUM_THREADS=1 and one CPU per trial (the 4-trial memory run uses 0.5 so that four fit
 on two cores). Sweeps share their runs between benchmarks within one invocation; each sweep starts from an empty
@@ -61,6 +67,7 @@ from bench import (  # noqa: E402
     bench_memory,
     bench_naive_grid,
     bench_plain,
+    bench_scale,
     bench_step,
     bench_sweep,
 )
@@ -78,14 +85,17 @@ RUNNERS = {
     "fixed": bench_fixed.measure,
     "floor": bench_floor.measure,
     "bounds": bench_bounds.measure,
+    "scale": bench_scale.measure,
 }
 BENCHMARKS = tuple(RUNNERS)
+# Run only when named (--only): the rehearsal takes tens of minutes.
+ON_REQUEST = ("scale",)
 
 
 def parse_only(text: str | None) -> list[str]:
     """``--only step,naive`` → the benchmarks to run in their canonical order (all when empty)."""
     if not text:
-        return list(BENCHMARKS)
+        return [n for n in BENCHMARKS if n not in ON_REQUEST]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON here")
     parser.add_argument("--epochs", type=int, default=None, help="override the grids' epochs (smoke runs)")
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (sweep logs, outputs)")
+    parser.add_argument("--full", action="store_true", help="scale: rehearse the full grid (1,406 trials) too")
     parser.add_argument("--backbone", default="tiny", choices=sorted(BENCH_BACKBONES),
                         help="the grids' backbone: the tiny DINOv2, or a random one of ViT-S's shape")  # fmt: skip
     args = parser.parse_args(argv)
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.keep) if args.keep else Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
         bench = Bench(tmp, args.quick, report, args.epochs, backbone=args.backbone)
+        bench.scale_full = args.full
         for g in bench.grids.values():
             print(f"grid {g.name}: {g.size} trials ({len(g.decoders)} decoders × {len(g.modes or [g.mode])} modes × "
                   f"{len(g.lrs)} lr × "

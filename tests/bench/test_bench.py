@@ -123,7 +123,8 @@ def test_report_rows_judge_goals_and_print_a_summary(capsys):
 
 
 def test_only_accepts_each_benchmark_and_refuses_others():
-    assert run.parse_only(None) == list(run.BENCHMARKS)
+    assert run.parse_only(None) == [n for n in run.BENCHMARKS if n != "scale"]  # the rehearsal runs when named
+    assert run.parse_only("scale,bounds") == ["bounds", "scale"]  # after the rows whose floors it judges
     assert run.parse_only("fixed, naive") == ["naive", "fixed"]
     for name in run.BENCHMARKS:
         assert run.parse_only(name) == [name]
@@ -239,3 +240,111 @@ def test_the_bounds_probe_times_a_new_clusters_first_torch_step_and_its_workers_
     out = bench_bounds.probe()
     assert 0 < out["first_step_s"] < time.time() - launched  # launch → step, within the probe's own lifetime
     assert 100 * 2**20 < out["uss"] < out["uss_mlflow"]  # torch is in the worker; MLflow's client adds to it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scale: the rehearsal's study and arithmetic
+
+
+def test_the_rehearsal_study_is_paper_yaml_with_only_per_trial_sizes_changed_and_its_grid_cut_to_a_prefix(tmp_path):
+    from bench import scale_study
+    from lasegseg.sweep.spec import load_spec
+
+    paper = scale_study.paper_spec()
+    full, changes = scale_study.derive(paper, scale_study.SIZES["full"])
+    assert paper == scale_study.paper_spec()  # untouched
+    screen = {**paper["screen"], "grace_period": 1, "set": {**paper["screen"]["set"], "train.epochs": 2}}
+    sized = {**paper, "base": {**paper["base"], **scale_study.SHRUNK}, "screen": screen}
+    assert full == sized and len(changes) == 5 and changes[0] == "base.data.image_size: 448 -> 112"
+    counts = {}
+    for size in scale_study.SIZES:
+        path, n, _ = scale_study.write_study(tmp_path, size)
+        spec = load_spec(path)  # the driver's own reading of the derived file
+        counts[size] = n
+        assert n == len(spec.trials()) + len(spec.screening_cells()) * spec.screen.trials
+        assert spec.resources == load_spec(scale_study.PAPER).resources and spec.seeds[0] == 0
+    assert counts == {"16": 16, "128": 128, "full": 1406}
+    cut, changes = scale_study.derive(paper, scale_study.SIZES["128"])
+    assert cut["grid"]["model.mode"] == paper["grid"]["model.mode"] and cut["grid"]["model.backbone"] == [
+        "dinov2-giant"
+    ]
+    assert cut["fewshot"] == paper["fewshot"][:8] and cut["baselines"] == paper["baselines"]
+    assert "fewshot: 10 entries -> the first 8" in " ".join(changes)
+
+
+def _attempt(tid, sched, first, end, **kw):
+    row = {"trial_id": tid, "tune_started_at": "100.0", "scheduled_at": str(sched), "started_at": str(sched + 0.1),
+           "first_step_at": str(first), "ended_at": str(end), "tracking_start_s": "0.1", "end_cost_s": "0.4",
+           "fit_s": "2.0"}  # fmt: skip
+    return {**row, **{k: str(v) for k, v in kw.items()}}
+
+
+def test_slots_are_rebuilt_from_the_attempts_and_each_overhead_is_measured_on_its_own_slot():
+    from bench import scale_metrics as sm
+
+    assert sm.assign_slots([(0, 5), (1, 3), (3.5, 6), (5, 9)]) == [(0, None), (1, None), (1, 3), (0, 5)]
+    rows = [_attempt("a", 101, 102, 105), _attempt("b", 103, 104, 106), _attempt("c", 105.5, 106.5, 108),
+            {"trial_id": "d", "scheduled_at": "107"}]  # fmt: skip  # d never ended: left out
+    over = sm.overheads(rows)
+    assert over["scheduling"] == pytest.approx([1.0, 3.0, 0.5])  # a, b from Tune's start (100), c after a's end
+    assert over["gap"] == pytest.approx([2.0, 4.0, 1.5])
+    assert over["setup"] == pytest.approx([0.9, 0.9, 0.9]) and over["bookkeeping"] == pytest.approx([0.5] * 3)
+    assert sm.med_p95([1.0, 2.0, 3.0]) == (2.0, pytest.approx(2.9)) and sm.percentile([], 95) is None
+
+
+def test_idle_share_counts_free_slots_only_while_trials_are_pending():
+    from bench import scale_metrics as sm
+
+    # 2 slots, 3 trials, Tune starts at 100: [100, 101) both idle with 3 pending (2 slot-s), then a and b run;
+    # a ends at 104 and c starts at 105 (1 slot-s idle with c pending), b ends at 106 with nothing pending (no
+    # idle after), c ends at 108. Wall 8 s × 2 slots.
+    rows = [_attempt("a", 101, 101.5, 104), _attempt("b", 101, 101.5, 106), _attempt("c", 105, 105.5, 108)]
+    assert sm.idle_share(rows, total=3, slots=2) == pytest.approx(3 / 16)
+    # A retried trial (two attempts) finishes once, at its last attempt's end.
+    retried = [_attempt("a", 101, 101.5, 102), _attempt("a", 102, 102.5, 104)]
+    assert sm.idle_share(retried, total=1, slots=1) == pytest.approx(1 / 4)
+    assert sm.idle_share([], total=3, slots=2) is None
+
+
+def test_state_saves_requests_runs_and_the_bucket_are_summed_as_the_table_prints_them():
+    from bench import scale_metrics as sm
+
+    saves = sm.state_saves("1.0,0.25,0\n2.0,1.5,1\n\n")
+    assert saves == {"state_saves": 2, "state_save_max_s": 1.5, "state_save_total_s": 1.75, "state_saves_forced": 1}
+    log = (
+        'INFO: 127.0.0.1:1 - "POST /api/2.0/mlflow/runs/log-batch HTTP/1.1" 200 OK\n'
+        'INFO: 127.0.0.1:1 - "GET /api/2.0/mlflow/runs/get?run_id=x HTTP/1.1" 200 OK\n'
+        'INFO: 127.0.0.1:2 - "GET /api/2.0/mlflow/runs/get?run_id=y HTTP/1.1" 200 OK\nstartup line\n'
+    )
+    assert sm.count_requests(log) == {"total": 3, "top": [("GET /api/2.0/mlflow/runs/get", 2),
+                                                          ("POST /api/2.0/mlflow/runs/log-batch", 1)]}  # fmt: skip
+    run = {"status": "FINISHED", "role": "trial", "end": 5}
+    before = [
+        {**run, "run_id": "1", "config": "c1"}, {**run, "run_id": "2", "config": "c2"},
+        {**run, "run_id": "3", "config": "c3", "status": "RUNNING"}, {**run, "run_id": "p", "role": "sweep", "config": ""},
+    ]  # fmt: skip
+    after = [{**before[0]}, {**before[1], "end": 9}, {**before[2], "status": "FINISHED"}, before[3],
+             {**run, "run_id": "4", "config": "c3"}]  # fmt: skip
+    assert [r["run_id"] for r in sm.rerun(before, after)] == ["2"]  # 1 untouched; 3 was not FINISHED before
+    checks = sm.run_checks(after)
+    assert checks["runs_doubled"] == 1 and checks["runs_doubled_keys"] == ["trial:c3"]
+    assert checks["runs_by_status"] == {"FINISHED": 4} and checks["runs_by_role"] == {"trial": 4, "sweep": 1}
+    p = "s/la"
+    objects = [(f"{p}/tune/study/experiment_state-2026.json", 900), (f"{p}/tune/study/trial_a/checkpoint_000002/"
+               "mlflow_run.json", 40), (f"{p}/tune/study/trial_b/checkpoint_000001/state.json", 300),
+               (f"{p}/tune/study/trial_b/checkpoint_000001/model.pt", 5000), (f"{p}/summary.csv", 10),
+               ("mlartifacts/1/r/artifacts/model.safetensors", 7000)]  # fmt: skip
+    out = sm.bucket_summary(objects, p)
+    assert (out["state_json_bytes"], out["training_state_files"], out["training_state_trials"]) == (900, 2, 1)
+    assert out["markers"] == 1 and out["summary_in_bucket"] == ["summary.csv"] and out["bucket_bytes"] == 13250
+    assert out["bucket_by_part"] == {"s": 6250, "mlartifacts": 7000}
+
+
+def test_loopback_includes_ipv4_loopback_mapped_into_ipv6_and_the_resume_clock_starts_at_the_launch():
+    from bench import scale_metrics as sm
+
+    assert all(sm.loopback(ip) for ip in ("127.0.0.1", "127.0.0.53", "::1", "::ffff:7f00:1", "::ffff:127.0.0.1"))
+    assert not any(sm.loopback(ip) for ip in ("0.0.0.0", "::", "192.0.2.2", "::ffff:c000:202"))
+    rows = [_attempt("a", 101, 102, 105), _attempt("b", 130, 131, 140)]
+    assert sm.first_new(rows, since=120) == 10 and sm.first_new(rows, since=200) is None
+    assert sm.driver_tail(rows, launched=90, wall=60) == 10
