@@ -128,9 +128,8 @@ class LocalCluster:
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """An S3 API server and an MLflow tracking server, both on loopback, shared by the cluster tests."""
-    root = tmp_path_factory.mktemp("servers")
-    s3 = S3Server(root).start()
-    mlflow = MlflowServer(root, free_port())
+    s3 = S3Server(tmp_path_factory.mktemp("s3")).start()  # its folder holds its keys: apart from MLflow's files
+    mlflow = MlflowServer(tmp_path_factory.mktemp("mlflow"), free_port())
     try:
         mlflow.start()
         yield s3, mlflow

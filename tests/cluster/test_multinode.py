@@ -91,7 +91,7 @@ def test_a_submitted_sweep_runs_on_the_gpu_nodes_and_stores_to_s3(three, servers
 
     keys = s3.keys("runs/multinode/")
     assert {"runs/multinode/summary.md", "runs/multinode/sweep_state.json"} <= set(keys)
-    assert any(k.startswith("runs/multinode/tune/grid/") for k in keys)
+    assert any(k.startswith("runs/multinode/tune/study/") for k in keys)  # the study is one Tune run
     assert json.loads(s3.read("runs/multinode/sweep_state.json"))["status"] == "finished"
     _assert_no_secrets(output, s3, mlflow)
 
