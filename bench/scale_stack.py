@@ -58,8 +58,9 @@ def free_port() -> int:
 
 
 def ray_ports(gcs: int, workers: int = WORKERS) -> list[int]:
-    """Every fixed port ``cluster/local.sh`` gives a cluster on ``gcs``: GCS, dashboard, and six per worker node."""
-    return [gcs, gcs + 50] + [gcs + 100 * i + k for i in range(1, workers + 1) for k in range(1, 7)]
+    """Every fixed port ``cluster/local.sh`` gives a cluster on ``gcs``: GCS, dashboard, the head's agent, and six per
+    worker node."""
+    return [gcs, gcs + 50, gcs + 51] + [gcs + 100 * i + k for i in range(1, workers + 1) for k in range(1, 7)]
 
 
 def s3_ports(base: int) -> list[int]:
@@ -239,6 +240,7 @@ class Stack:
         self.gcs = _free_block(ray_ports, 41000, 49000, step=1000)
         env = self.client_env(
             RAY_GCS_PORT=str(self.gcs), RAY_DASHBOARD_PORT=str(self.gcs + 50),
+            RAY_DASHBOARD_AGENT_PORT=str(self.gcs + 51),
             LASEGSEG_CLUSTER_DIR=str(self.cluster_dir), LASEGSEG_CACHE=str(self.head_cache),
         )  # fmt: skip
         cpus = max(1, round(GPUS_PER_WORKER * CPUS_PER_TRIAL))

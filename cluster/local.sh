@@ -11,9 +11,9 @@
 #   cluster/local.sh submit-line [-- SWEEP ARGS]  print the line again (default args: --config sweeps/configs/demo.yaml)
 #   cluster/local.sh stop                         stop every node; no process or port is left behind
 #
-# Environment: RAY_GCS_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_NUM_CPUS / RAY_NUM_GPUS (the single head:
-# detected), LASEGSEG_CLUSTER_DIR (.lasegseg/cluster: node cache folders and logs). Variables exported before
-# `start` (AWS_*, MLFLOW_*) reach every node's processes. The token lives in ~/.ray/auth_token (created on first
+# Environment: RAY_GCS_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_DASHBOARD_AGENT_PORT (52365: the head's agent),
+# RAY_NUM_CPUS / RAY_NUM_GPUS (the single head: detected), LASEGSEG_CLUSTER_DIR (.lasegseg/cluster: node cache
+# folders and logs). Variables exported before `start` (AWS_*, MLFLOW_*) reach every node's processes. The token lives in ~/.ray/auth_token (created on first
 # start; `ray get-auth-token` prints it). Every node is on 127.0.0.1 and listens there alone, so no other machine can
 # join (clusters of machines: cluster/aws.yaml, gcp.yaml, kuberay/); a driver started by hand on this machine
 # (RAY_ADDRESS=127.0.0.1:6379) needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to find its node there (jobs' drivers have it).
@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=token
 gcs="${RAY_GCS_PORT:-6379}"
 dash="${RAY_DASHBOARD_PORT:-8265}"
+agent="${RAY_DASHBOARD_AGENT_PORT:-52365}"  # the head's dashboard agent (jobs run through it)
 state="${LASEGSEG_CLUSTER_DIR:-$PWD/.lasegseg/cluster}"
 tmp="${TMPDIR:-/tmp}/lasegseg-ray-$gcs"  # worker nodes' Ray temp dirs (short: Ray puts Unix sockets there)
 RAY="$(command -v ray || true)"
@@ -77,6 +78,16 @@ start_workers() {  # N G C: worker nodes with their own cache folders and their 
   done
 }
 
+wait_listening() {  # PORT WHAT: until 127.0.0.1:PORT accepts a connection (60 s)
+  local i
+  for ((i = 0; i < 600; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "cluster/local.sh: error: $2 did not listen on 127.0.0.1:$1 within 60 s (see $state/head.log)" >&2
+  return 1
+}
+
 start() {
   local workers=0 gpus=1 cpus="" sweep=()
   while [ $# -gt 0 ]; do
@@ -100,7 +111,11 @@ start() {
     [ -z "${RAY_NUM_CPUS:-}" ] || opts+=("--num-cpus=$RAY_NUM_CPUS")
     [ -z "${RAY_NUM_GPUS:-}" ] || opts+=("--num-gpus=$RAY_NUM_GPUS")
   fi
+  opts+=("--dashboard-agent-listen-port=$agent")
   ray_start "${opts[@]}" >"$state/head.log" 2>&1 || { cat "$state/head.log" >&2; exit 1; }
+  # `ray start` returns before the head's dashboard agent, which takes job submissions, listens; a job submitted in
+  # between is refused ("No available agent to submit job"). Wait for it and for the jobs API.
+  wait_listening "$agent" "the head's dashboard agent" && wait_listening "$dash" "the dashboard" || exit 1
   start_workers "$workers" "$gpus" "$cpus"
   if [ "$workers" -gt 0 ]; then
     echo "Ray cluster up: a head (no trials, no GPUs) and $workers worker node(s) with $gpus GPU(s) and $cpus" \

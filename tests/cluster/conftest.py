@@ -28,7 +28,7 @@ FAST_FAILURE_DETECTION = {
 def _port_block() -> int:
     """A base port whose GCS, dashboard and per-node agent ports (see cluster/local.sh) are all free."""
     for base in range(21000 + (os.getpid() % 20) * 1000, 60000, 1000):
-        used = [base, base + 50] + [base + 100 * i + k for i in (1, 2, 3) for k in range(1, 7)]
+        used = [base, base + 50, base + 51] + [base + 100 * i + k for i in (1, 2, 3) for k in range(1, 7)]
         if all(_port_free(p) for p in used):
             return base
     raise RuntimeError("no free port block for a local Ray cluster")
@@ -45,6 +45,7 @@ class LocalCluster:
         self.dash = self.gcs + 50
         self.env = {**sweep_env(), **FAST_FAILURE_DETECTION, **extra_env, "HOME": str(self.home),
                     "RAY_GCS_PORT": str(self.gcs), "RAY_DASHBOARD_PORT": str(self.dash),
+                    "RAY_DASHBOARD_AGENT_PORT": str(self.gcs + 51),
                     "LASEGSEG_CLUSTER_DIR": str(self.state), "LASEGSEG_CACHE": str(self.head_cache),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
 
