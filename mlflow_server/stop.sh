@@ -25,7 +25,14 @@ if alive; then
   done
   if alive; then
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
+    for _ in $(seq 1 100); do  # a killed process is gone once the kernel has torn it down: wait up to 10 s
+      alive || break
+      sleep 0.1
+    done
+  fi
+  if alive; then
+    echo "mlflow_server/stop.sh: error: process group $pid is still alive after KILL" >&2
+    exit 1
   fi
 fi
 rm -f "$pidfile"
