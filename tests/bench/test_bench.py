@@ -321,7 +321,8 @@ def test_state_saves_requests_runs_and_the_bucket_are_summed_as_the_table_prints
     run = {"status": "FINISHED", "role": "trial", "end": 5}
     before = [
         {**run, "run_id": "1", "config": "c1"}, {**run, "run_id": "2", "config": "c2"},
-        {**run, "run_id": "3", "config": "c3", "status": "RUNNING"}, {**run, "run_id": "p", "role": "sweep", "config": ""},
+        {**run, "run_id": "3", "config": "c3", "status": "RUNNING"},
+        {**run, "run_id": "p", "role": "sweep", "config": ""},
     ]  # fmt: skip
     after = [{**before[0]}, {**before[1], "end": 9}, {**before[2], "status": "FINISHED"}, before[3],
              {**run, "run_id": "4", "config": "c3"}]  # fmt: skip
