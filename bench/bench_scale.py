@@ -221,9 +221,13 @@ def _judge_resume(b: Bench, r: Rehearsal) -> None:
     b.report.add("scale", "resume: trials rerun", v.get("resume_rerun"), unit="", goal="≤ 0",
                  detail=", ".join(v.get("resume_rerun_names", [])))  # fmt: skip
     b.report.add("scale", "resume: runs doubled (config hash + role)", v.get("runs_doubled"), unit="", goal="≤ 0")
-    finished = v.get("runs_by_status", {}).get("FINISHED", 0)
-    b.report.add("scale", "resume: runs not FINISHED exactly once", r.trials - finished + v.get("runs_doubled", 0),
-                 unit="", goal="≤ 0", detail=f"statuses {v.get('runs_by_status')}")  # fmt: skip
+    statuses = v.get("runs_by_status", {})
+    not_once = sum(n for s, n in statuses.items() if s != "FINISHED") + v.get("runs_doubled", 0)
+    not_once += abs(v.get("runs_trials", 0) - r.trials)  # runs of trials the study does not have (or missing ones)
+    b.report.add("scale", "resume: runs not FINISHED exactly once", not_once, unit="", goal="≤ 0",
+                 detail=f"{v.get('runs_trials')} trial runs for {r.trials} trials, statuses {statuses}")  # fmt: skip
+    b.report.add("scale", "resume: training-state files left in bucket", v.get("training_state_files"), unit="",
+                 goal="≤ 0", detail=f"{v.get('markers')} markers")  # fmt: skip
 
 
 def _judge_floors(b: Bench) -> None:

@@ -165,6 +165,9 @@ def rehearse(
             checks(stack, r)
         r.values["pids"] = stack.pids()
         ports = stack.ports()
+    deadline = time.monotonic() + 20  # a node's agents may outlive its raylet by a few seconds
+    while (stack.pids() or not all(port_free(p) for p in ports)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     r.values["left_running"] = stack.pids()
     r.values["ports_open"] = [p for p in ports if not port_free(p)]
     r.values["rehearsal_s"] = time.perf_counter() - t0
