@@ -95,8 +95,15 @@ def _parent_tables(tracking_uri: str, parent_run_id: str, run_ids: set[str]) -> 
     """The parent run's saved rows of ``run_ids`` ({} when it has no table yet or it cannot be read)."""
     # deferred: heavy (MLflow, ~1 s: the statistics need none of it)
     import mlflow.artifacts
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    try:  # listed first: a missing key behind an S3-proxying server answers 500, which MLflow retries for minutes
+        listed = MlflowClient(tracking_uri).list_artifacts(parent_run_id, "summary")
+    except (MlflowException, OSError):
+        return {}
+    if f"summary/{PER_PATIENT_TABLE}" not in {a.path for a in listed}:
+        return {}
     with tempfile.TemporaryDirectory(prefix="lasegseg-compare-") as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(

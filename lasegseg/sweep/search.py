@@ -77,7 +77,10 @@ class CellSearch:
         return len(self.asked) - 1, rate
 
     def tell(self, index: int, value: float | None) -> None:
-        self.told[index] = value if value is not None and math.isfinite(value) else None
+        value = value if value is not None and math.isfinite(value) else None
+        if self.told.get(index) is not None:  # told again (a restored trial): the best of what it reported
+            value = self.told[index] if value is None else max(self.told[index], value)
+        self.told[index] = value
         self._study = None  # rebuilt from asked/told on the next ask: one source of truth
 
     def best(self) -> float | None:
@@ -170,8 +173,9 @@ class StudySearcher(Searcher):
         if not error and isinstance(value, (int, float)) and math.isfinite(value):
             entry[2] = value if entry[2] is None else max(entry[2], value)
         cell = self.cells[entry[0]]
+        was_done = cell.done
         cell.tell(entry[1], None if error else entry[2])
-        if cell.done:
+        if cell.done and not was_done:  # a cell's rate is chosen once: its grid may already run at it
             self.on_cell(entry[0], cell.best())
 
     def failed_cells(self) -> list[int]:

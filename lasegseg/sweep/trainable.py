@@ -221,7 +221,9 @@ def run_tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         first_report["tracking_start_s"] = time.perf_counter() - t_track
         if finished is not None:
             # The trial completed before the driver died but Tune never recorded it: report, do not retrain.
-            tune.report({**_final(finished), "done": True, "mlflow_run_id": run_id})
+            # MLflow's latest val_dice is the last epoch's; the best epoch's (what Tune saw before) is best_val_dice.
+            scores = {**finished, METRIC: finished.get(f"best_{METRIC}", finished.get(METRIC))}
+            tune.report({**_final(scores), "done": True, "mlflow_run_id": run_id})
             return
         if resume_dir is not None and not (resume_dir / "state.json").is_file():
             resume_dir = None  # the final marker of a run MLflow does not hold as finished: train it again

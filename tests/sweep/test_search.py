@@ -121,3 +121,18 @@ def test_tpe_holds_back_a_cells_trials_beyond_its_parallel_limit():
     assert cell.can_ask()
     grid = CellSearch(Screen(1e-5, 1e-1, trials=8), seed=0)
     assert all(grid.can_ask() and grid.ask() for _ in range(8)) and not grid.can_ask()
+
+
+def test_a_cells_rate_is_chosen_once_even_when_a_restored_trial_reports_again():
+    """A resumed study re-reports a finished screening trial (restored from its marker, scored from MLflow): the
+    cell's rate, which its grid may already run at, stays the one chosen, and it is announced once."""
+    searcher, table, ended = _searcher()
+    screen, _ = _suggest_all(searcher, "s")
+    scores = {1e-4: 0.2, 1e-3: 0.6, 1e-2: 0.4}
+    for tid, config in screen.items():
+        searcher.on_trial_complete(tid, {"val_dice": scores[config[LR]] if config[ROW] == 0 else 0.5})
+    assert ended == [(0, 1e-3), (1, 1e-4)]
+    again = next(tid for tid, c in screen.items() if c[ROW] == 0 and c[LR] == 1e-3)
+    searcher.live[again] = [0, 1, None]  # Tune restores the trial; it reports a lower score this time
+    searcher.on_trial_complete(again, {"val_dice": 0.1})
+    assert ended == [(0, 1e-3), (1, 1e-4)] and searcher.chosen()[0] == 1e-3
