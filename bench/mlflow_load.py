@@ -49,7 +49,8 @@ def serve(backend_uri: str, workdir: Path, workers: int = 2, timeout: float = 12
     cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
            "--artifacts-destination", str(workdir / "artifacts")]  # fmt: skip
     # The store URI may hold a password: it goes through the environment, never the command line.
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri}
+    # As mlflow_server/start.sh: without MLflow 3's job runner (about ten ~250 MB consumer processes) by default.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri}
     log_path = workdir / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
